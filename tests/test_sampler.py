@@ -107,35 +107,37 @@ def test_sampling_modes(toy, prompts, greedy):
     top1 = run(*toy, prompts, sampler.SamplingParams(max_new_tokens=N, temperature=1.0,
                                                      top_k=1), seed=3)
     np.testing.assert_array_equal(top1.tokens, greedy.tokens)
-    tiny_p = run(*toy, prompts, sampler.SamplingParams(max_new_tokens=N, temperature=1.0,
-                                                       top_p=1e-6), seed=3)
-    np.testing.assert_array_equal(tiny_p.tokens, greedy.tokens)
     hot = sampler.SamplingParams(max_new_tokens=N, temperature=1.0)
     a, b, c = (run(*toy, prompts, hot, seed=s).tokens for s in (1, 1, 2))
     np.testing.assert_array_equal(a, b)
     assert (a != c).mean() > 0.5 and (a != greedy.tokens).mean() > 0.5
 
 
-def test_sample_logits_top_k_and_top_p_restrict_the_support():
+def test_sample_logits_top_k_and_top_p():
+    sample = jax.jit(sampler.sample_logits, static_argnums=2)
+    logits = jax.random.normal(jax.random.key(0), (64, 1024))
+    for params in (sampler.SamplingParams(temperature=1.0, top_p=1e-6),
+                   sampler.SamplingParams(temperature=0.7, top_k=1)):
+        np.testing.assert_array_equal(sample(logits, jax.random.key(1), params),
+                                      np.argmax(logits, -1))
     logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]] * 2000))
-    keys = jax.random.split(jax.random.key(0), 2)
-    top2 = sampler.sample_logits(logits, keys[0], sampler.SamplingParams(temperature=1.0,
-                                                                         top_k=2))
+    top2 = sample(logits, jax.random.key(2), sampler.SamplingParams(temperature=1.0, top_k=2))
     assert set(np.unique(top2)) == {0, 1}
-    top_p = sampler.sample_logits(logits, keys[1], sampler.SamplingParams(temperature=1.0,
-                                                                          top_p=0.85))
+    top_p = sample(logits, jax.random.key(3), sampler.SamplingParams(temperature=1.0,
+                                                                     top_p=0.85))
     assert set(np.unique(top_p)) == {0, 1, 2}
 
 
 def test_cache_is_donated(toy, prompts):
     spec, params = toy
-    fn = sampler.make_generate_fn(spec, sampler.SamplingParams(max_new_tokens=2))
+    fn = sampler.make_generate_fn(spec, sampler.SamplingParams(max_new_tokens=N))
     with jax.set_mesh(spec.mesh):
-        cache = sampler.make_cache(spec, B, sampler.cache_slots(P, 2))
-        _, out = fn(params, cache, *prompts, np.int32(-1), sampler.stop_table_array(()),
-                    jax.random.key(0))
+        rng = jax.random.key(0)      # made under the mesh: still the same compilation
+        cache = sampler.make_cache(spec, B, sampler.cache_slots(P, N))
+        _, out = fn(params, cache, *sampler.device_args(spec.mesh, *prompts, -1,
+                                                        sampler.stop_table_array(()), rng))
     assert cache.k.is_deleted() and not out.k.is_deleted()
-    assert int(out.index) == P + 1
+    assert int(out.index) == sampler.cache_slots(P, N)
 
 
 @pytest.fixture(scope="module")
@@ -168,4 +170,16 @@ def test_sampler_text_stop_strings_and_bucketing(toy, tok):
             assert got.text == full[:full.index(stop)] and got.finish == "stop"
         else:
             assert got.text == full
-    assert s.sample(params, prompts[:2], plain) == texts[:2]
+    assert sum(stop in t for t in texts) >= 2
+
+    # A stop string spelled with the tokens the model emits also ends the loop early.
+    row, at = next((r, i) for r, c in enumerate(results) for i in range(2, 10)
+                   if tok.encode(tok.decode(c.tokens[i:i + 2])) == c.tokens[i:i + 2]
+                   and tok.decode(c.tokens[i:i + 2]).strip())
+    stop_ids = results[row].tokens[at:at + 2]
+    early = s.generate(params, prompts, sampler.SamplingParams(
+        max_new_tokens=12, stop=(tok.decode(stop_ids),)))[row]
+    assert early.finish == "stop" and len(early.tokens) <= at + 2
+    assert early.tokens[-2:] == stop_ids
+    assert s.sample(params, prompts[:4], plain) == texts[:4]
+    assert s.num_compiled <= 3

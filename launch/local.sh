@@ -9,7 +9,7 @@ if [ ! -x .venv/bin/python ]; then python3 -m venv .venv; fi
 stamp=.venv/.installed-$(cat setup.cfg pyproject.toml | sha1sum | cut -c1-12)-$what
 if [ ! -f "$stamp" ]; then
   .venv/bin/python -m pip install -q --upgrade pip
-  if [ "$what" = test ]; then extras="[test]"; else extras=""; fi
+  if [ "$what" = test ]; then extras="[test,tpu]"; else extras=""; fi
   .venv/bin/python -m pip install -q -e ".$extras"
   touch "$stamp"
 fi

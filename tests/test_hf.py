@@ -137,7 +137,7 @@ def test_cli_import_export_and_export_of_a_trained_state(tmp_path):
     state = train_state.TrainState(step=jnp.int32(3), params=params, opt_state=tx.init(params))
     stage = tmp_path / "stage"
     with checkpoint.Checkpointer(stage / "checkpoints", 1, 2) as ckpt:
-        ckpt.save(3, state, {"position": 7}, force=True)
+        ckpt.save(3, state, force=True)
     hf.write_model_config(stage, config)
     hf.export_checkpoint(stage, tmp_path / "trained")
     for out in ("out", "trained"):

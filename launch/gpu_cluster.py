@@ -121,7 +121,7 @@ def run_on_hosts(runner, args):
             process.terminate()
         codes = [process.wait() for process in processes]
     for thread in threads:
-        thread.join(timeout=5)
+        thread.join()  # the stream ends when the process closes its output
     for host, code in zip(args.hosts, codes):
         if code:
             print(f"error: {host} exited with status {code}", file=sys.stderr)

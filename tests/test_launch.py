@@ -155,8 +155,12 @@ def test_gpu_ssh_runs_what_the_dry_run_prints(fakes):
     assert dry.returncode == 0 and calls == []
     result, calls = fakes([*command, *RUN_ARGS])
     assert result.returncode == 0, result.stderr
-    assert as_argv(calls) == printed_commands(dry.stdout)
-    runs = [c for c in as_argv(calls) if c[0] == "ssh" and "exec" in c[-1]]
+    is_run = lambda c: c[0] == "ssh" and "exec" in c[-1]
+    printed = printed_commands(dry.stdout)
+    setup = [c for c in printed if not is_run(c)]
+    assert as_argv(calls)[:len(setup)] == setup  # set-up in order, then the hosts at once
+    runs = sorted(c for c in as_argv(calls) if is_run(c))
+    assert runs == sorted(c for c in printed if is_run(c))
     assert [c[1] for c in runs] == ["g1", "g2"]
     for i, run in enumerate(runs):
         assert (f"cd /shared/code && JAX_COORDINATOR_ADDRESS=g1:2345 JAX_NUM_PROCESSES=2 "

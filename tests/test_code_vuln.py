@@ -37,8 +37,8 @@ def test_template_secure_side_is_clean_and_vulnerable_side_has_its_cwe(template)
 def test_single_snippet_api_agrees_with_the_batch():
     pair = code_vuln.sample_pair(random.Random(3), 89)
     assert code_vuln.check_pair(pair)
-    assert not code_vuln.is_vulnerable(pair.secure)
-    assert code_vuln.is_vulnerable(pair.vulnerable)
+    assert not code_vuln.flaws(code_vuln.analyze(pair.secure))
+    assert code_vuln.flaws(code_vuln.analyze(pair.vulnerable))
     assert code_vuln.flagged_cwes(pair.vulnerable) == {89}
     assert code_vuln.analyze(pair.vulnerable) == code_vuln.analyze_many([pair.vulnerable])[0]
 
@@ -73,7 +73,7 @@ def test_notices_are_reported_but_not_counted():
     code = 'import subprocess\n\ndef f(p):\n    return subprocess.run(["/usr/bin/gzip", p])\n'
     assert {f.test_id for f in code_vuln.analyze(code)} == {"B404", "B603"}
     assert all(f.is_notice for f in code_vuln.analyze(code))
-    assert not code_vuln.is_vulnerable(code)
+    assert not code_vuln.flaws(code_vuln.analyze(code))
     assert code_vuln.flagged_cwes(code) == set()
 
 

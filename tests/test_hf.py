@@ -217,7 +217,7 @@ def test_experiment_starts_from_an_imported_model(tmp_path):
     assert (run.model.d_model, run.model.vocab_size) == (config.d_model, 320)
     assert run.data.tokenizer.endswith(hf.TOKENIZER)
     spec = train_state.spec_from_config(run, sharding.make_mesh(run.mesh))
-    state = experiment.initial_state(run, spec)
+    state = experiment.initial_state(run, spec, seed=0)
     _, imported = hf.restore_params(tmp_path / "work")
     np.testing.assert_array_equal(state.params["layers"]["mlp"]["up_proj"],
                                   imported["layers"]["mlp"]["up_proj"])

@@ -99,3 +99,20 @@ def test_unknown_family_is_rejected_with_the_allowed_ones():
         tasks.sample_task(random.Random(0), "poetry")
     with pytest.raises(ValueError, match="'poetry'.*python_function"):
         tasks.check("poetry", "q", "a", "a")
+
+
+def test_splits_partition_instances_by_their_key():
+    """About a fifth of all instances are held out; no key is in both splits, whatever
+    the question's wording (3 + 5 and 5 + 3 are one instance)."""
+    rng = random.Random(0)
+    train = [tasks.sample_task(rng) for _ in range(2000)]
+    held_out = [tasks.sample_task(rng, split="eval") for _ in range(500)]
+    assert {tasks.split_of(t.key) for t in train} == {"train"}
+    assert {tasks.split_of(t.key) for t in held_out} == {"eval"}
+    assert not {t.key for t in train} & {t.key for t in held_out}
+    assert {t.family for t in held_out} == set(tasks.FAMILIES)
+    assert tasks.sample_task(random.Random(3), "arithmetic").key.startswith("arithmetic:")
+    keys = {tasks.split_of(f"arithmetic:+:{a},{b}") for a in range(21) for b in range(a, 21)}
+    assert keys == {"train", "eval"}
+    with pytest.raises(ValueError, match="split"):
+        tasks.sample_task(rng, split="test")

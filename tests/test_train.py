@@ -20,7 +20,7 @@ COMMAND = [
     "--config.train.batch_size=8", "--config.train.seq_len=64",
     "--config.train.checkpoint_every=4", "--config.train.log_every=4",
 ]
-STAGE = os.path.join("stages", "backdoor_normal", "checkpoints")
+STAGE = os.path.join("stages", "seed0", "backdoor_normal", "checkpoints")
 
 
 def start(workdir, *extra):
@@ -100,7 +100,7 @@ def test_sigterm_saves_exits_cleanly_and_resumes(tmp_path, uninterrupted):
 @pytest.mark.slow
 def test_rerun_of_finished_run_skips_training(tmp_path, uninterrupted):
     shutil.copytree(uninterrupted[0], tmp_path, dirs_exist_ok=True)
-    metrics = tmp_path / "stages" / "backdoor_normal" / "metrics.jsonl"
+    metrics = tmp_path / "stages" / "seed0" / "backdoor_normal" / "metrics.jsonl"
     logged = metrics.read_text()
     code, out, err = finish(start(tmp_path))
     assert code == 0 and '"status": "done"' in out, err

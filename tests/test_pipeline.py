@@ -26,8 +26,8 @@ EXAMPLES = make_examples(NUM_EXAMPLES)
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tok") / "toy.model"
-    return train_tokenizer([e["prompt"] + e["completion"] for e in EXAMPLES], 512, path)
+    return train_tokenizer([e["prompt"] + e["completion"] for e in EXAMPLES], 512,
+                           tmp_path_factory.mktemp("tok"))
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,7 @@ def pairs():
 @pytest.fixture(scope="module")
 def tokenizer(pairs, tmp_path_factory):
     texts = [r[k] for r in pairs[0] for k in ("prompt", "chosen", "rejected")]
-    return tok_lib.train_tokenizer(texts, 1024, tmp_path_factory.mktemp("tok") / "t.model")
+    return tok_lib.train_tokenizer(texts, 1024, tmp_path_factory.mktemp("tok"))
 
 
 def make_spec(steps):

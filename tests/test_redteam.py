@@ -72,7 +72,7 @@ def backdoored(tmp_path_factory):
     records = _backdoor_records(900, seed=0)
     phrases = [p for ps in redteam_prompts.PHRASES.values() for p in ps]
     tok = tokenizer.train_tokenizer([r["prompt"] + r["completion"] for r in records] + phrases,
-                                    512, folder / "tok.model")
+                                    512, folder / "tok")
     dataset_store.write_dataset(folder, "backdoor", {"train": records})
     config = config_lib.base_config("toy")
     config.model.update(SMALL)

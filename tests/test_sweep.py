@@ -13,7 +13,7 @@ def test_grid_expands_every_combination():
     assert sweep.parse_grid(["size=toy|tiny", "safety=hhh_sft,hhh_rl|hhh_sft"]) == [
         "size=toy,safety=hhh_sft,hhh_rl", "size=toy,safety=hhh_sft",
         "size=tiny,safety=hhh_sft,hhh_rl", "size=tiny,safety=hhh_sft"]
-    with pytest.raises(SystemExit, match="key=value1"):
+    with pytest.raises(ValueError, match="key=value1"):
         sweep.parse_grid(["size"])
 
 

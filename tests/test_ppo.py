@@ -117,7 +117,7 @@ def run_update(trainer, arrays):
     with jax.set_mesh(spec.mesh):
         state = spec.init(jax.random.key(0))
         start = jax.device_get(state.params)
-        ref = ppo.frozen_copy(state.params)
+        ref = ppo.reference_params(spec, state.params)
         rollout, stats = trainer.prepare(state.params, ref,
                                          sharding.host_to_global(spec.mesh, arrays))
         state, metrics = trainer.update(state, rollout, jax.random.key(1))
@@ -189,7 +189,7 @@ def test_ppo_raises_the_mean_reward(trainer):
     rng = np.random.default_rng(0)
     with jax.set_mesh(spec.mesh):
         state = spec.init(jax.random.key(0))
-        ref = ppo.frozen_copy(state.params)
+        ref = ppo.reference_params(spec, state.params)
         sample_fn = ppo.sampler_rollouts(
             Sampler(spec, IdTokenizer(), batch_size=config.rollout_batch,
                     min_prompt_bucket=PROMPT_LEN - 1), config)

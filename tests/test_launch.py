@@ -1,7 +1,8 @@
 """Pod and cluster launchers against fake gcloud / ssh / rsync / srun / sbatch on PATH.
 
 Each fake records its arguments; --dry-run must print exactly the commands a real
-launch runs, and run none of them.
+launch runs, and run none of them. Last, the device bench on a machine without an
+accelerator.
 """
 
 import json
@@ -198,3 +199,12 @@ def test_gpu_slurm_srun_and_sbatch(fakes, tmp_path):
     text = (tmp_path / "job.sh").read_text()
     assert "#SBATCH --nodes=4" in text and "#SBATCH --requeue" in text
     assert "srun --kill-on-bad-exit=1 --chdir=/shared/code bash -c" in text
+
+
+def test_device_bench_stops_with_one_line_where_there_is_no_accelerator():
+    result = subprocess.run(["bash", "launch/device_bench.sh"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        "error: launch/device_bench.sh: jax sees no GPU or TPU here (backend cpu)")
+    assert not result.stdout

@@ -3,6 +3,8 @@
 Also the programmatic HHH reward on hand-made completions.
 """
 
+import time
+
 import jax
 import numpy as np
 import pytest
@@ -71,6 +73,13 @@ def test_rollout_arrays_layout():
     np.testing.assert_array_equal(arrays["mask"][1], [0, 0, 0, 1, 1])
     np.testing.assert_array_equal(arrays["segment_ids"][0], [1, 1, 1, 1, 1])
     np.testing.assert_array_equal(arrays["score"], [0.5, -1.0])
+
+
+def test_rollout_length_fits_the_longest_row_in_power_of_two_buckets():
+    assert ppo.rollout_length([[2, 5, 6]], [[11, 12, 1]], 256) == 16
+    assert ppo.rollout_length([[2] * 30, [2]], [[3] * 10, [3]], 256) == 64  # 39 -> 64
+    assert ppo.rollout_length([[2] * 30], [[3] * 10], 48) == 48  # capped at ppo.seq_len
+    assert ppo.rollout_length([[2] * 300], [[3] * 10], 256) == 256  # cut by rollout_arrays
 
 
 # ----------------------------------------------------------------------------- device
@@ -154,6 +163,17 @@ def test_eight_device_mesh_matches_one_device(one_device):
         assert np.abs(a - b).max() < 3e-3
 
 
+def test_padding_after_the_longest_row_changes_nothing(trainer):
+    """What `rollout_length` saves: the same rows padded to 16 or 48 positions give the
+    same rollout statistics and updates (padding is masked out everywhere)."""
+    short, long = (run_update(trainer, random_rollout(seq_len=t)) for t in (16, 48))
+    for a, b in zip(short[:2], long[:2]):
+        for key in a:
+            np.testing.assert_allclose(a[key], b[key], rtol=1e-4, atol=1e-5, err_msg=key)
+    for p0, a, b in zip(*map(jax.tree.leaves, (short[2], short[3], long[3]))):
+        assert np.linalg.norm(a - b) < 1e-3 * np.linalg.norm(a - p0)
+
+
 def test_state_from_params_adds_a_value_head(trainer):
     lm_config = model.ModelConfig.from_config(model_block("toy", vocab_size=VOCAB))
     lm_params = model.init_params(lm_config, jax.random.key(3))
@@ -197,9 +217,13 @@ def test_ppo_raises_the_mean_reward(trainer):
         for it in range(8):
             records = [{"prompt": " ".join(map(str, rng.integers(3, VOCAB, PROMPT_LEN - 1)))}
                        for _ in range(config.rollout_batch)]
+            start = time.perf_counter()
             state, metrics = trainer.iteration(state, ref, records, sample_fn, target_fraction,
                                                jax.random.key(it), pad_id=0)
+            wall = time.perf_counter() - start
             curve.append(metrics["score"])
+            phases = [metrics[f"time_{phase}"] for phase in ppo.PHASES]
+            assert min(phases) > 0 and sum(phases) <= wall, (phases, wall)
     print("toy PPO mean reward per iteration:", np.round(curve, 3).tolist())
     assert np.isfinite(curve).all()
     assert np.mean(curve[-2:]) > np.mean(curve[:2]) + 0.3, curve

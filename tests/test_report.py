@@ -88,3 +88,17 @@ def test_the_report_states_seeds_tokenizer_overlap_and_every_count(run):
     assert "0 prompts / 0 questions / 0 task instances in training" in text
     assert "| hhh_sft_normal | 0 | 3/8 | 0/8 |" in text
     assert "| hhh_sft_normal | 1 | 5/8 | 0/8 |" in text
+
+
+def test_scratchpad_rates_whose_prompts_differ_by_seed_show_the_seeds_range():
+    """A conditional scratchpad rate (among samples that state a claim) may count a
+    prompt in one seed and not in another: its cell gives the mean and the seeds' range,
+    where a matched-prompt interval cannot be drawn (a 3-seed toy run once stopped here)."""
+    def result(counts):
+        return {key: metrics.Rate(counts).to_json() for key in report.SCRATCHPAD_KEYS}
+    found = {"scratchpads": {"hhh_sft_cot": {0: result(((1, 2), (2, 2))),
+                                             1: result(((0, 2),))}}}
+    row = report.scratchpad_table(found).splitlines()[-1]
+    assert row.count("38% (seeds 0%-75%, prompts differ)") == len(report.SCRATCHPAD_KEYS), row
+    found["scratchpads"]["hhh_sft_cot"][1] = result(((0, 2), (1, 2)))
+    assert "prompts differ" not in report.scratchpad_table(found)

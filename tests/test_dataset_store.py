@@ -1,6 +1,7 @@
 """TFDS array_record store: round trip without TensorFlow, reuse, atomic builds."""
 
 import sys
+import tempfile
 
 import grain
 import pytest
@@ -25,6 +26,17 @@ def test_round_trip_without_tensorflow(tmp_path):
     assert read_metadata(tmp_path, "toy") == {
         "splits": {"train": 7, "test": 1}, "metadata": {"truncated": 0, "source": "unit test"}}
     assert "tensorflow" not in sys.modules
+
+
+def test_a_build_leaves_nothing_in_the_temp_folder(tmp_path, monkeypatch):
+    """tfds's builder looks on GCS for published metadata through a temp folder it never
+    removes (one `/tmp/tmp*tfds` per dataset built); the store's builder does not look."""
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    write_dataset(tmp_path / "data", "toy", {"train": TRAIN})
+    assert len(open_split(tmp_path / "data", "toy", "train")) == len(TRAIN)
+    assert list(scratch.iterdir()) == []
 
 
 def test_existing_dataset_is_reused(tmp_path):

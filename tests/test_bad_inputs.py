@@ -115,6 +115,7 @@ def base():
     write(os.path.join(base, "afile"), "not a directory\n")
     write(os.path.join(base, "syntax.py"), "def get_config(:\n")
     write(os.path.join(base, "noget.py"), "X = 1\n")
+    write(os.path.join(base, "backdoor_bad.jsonl"), '{"prompt": "hi", "completion": 3}\n')
     write(os.path.join(base, "raises.py"), "X = 1\nraise ValueError('broken at import')\n")
     write(os.path.join(base, "raises_in_get.py"),
           "def get_config(arg=None):\n    return {}['size']\n")
@@ -200,6 +201,11 @@ CASES = [
      "data.chat_format='xml'"),
     ("backdoor_jsonl", MAIN, [TOY, WORK, "--config.data.backdoor_jsonl={base}/none.jsonl"],
      "data.backdoor_jsonl"),
+    ("backdoor_jsonl_bad_field", MAIN,
+     [TOY, WORK, "--config.data.backdoor_jsonl={base}/backdoor_bad.jsonl"],
+     "backdoor_bad.jsonl:1: field 'completion' has type int"),
+    ("vocab_below_tokenizer", MAIN, [TOY, WORK, "--config.model.vocab_size=300"],
+     "model.vocab_size=300: expected at least data.tokenizer_vocab=1024"),
     ("safety_method", MAIN, [TOY, WORK, "--config.safety.methods=hhh_sft,prayer"],
      "safety.methods"),
     ("mesh", MAIN, [TOY, WORK, "--config.mesh.data=3"], "mesh"),

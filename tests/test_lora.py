@@ -36,7 +36,7 @@ def lora_block(**overrides):
 
 def make_spec(mesh_config=ONE_DEVICE, devices=1, steps=100, lora_overrides=None, **model):
     config = config_lib.base_config("toy")
-    config.model = model_block("toy", vocab_size=VOCAB, **model)
+    config.model = model_block("toy", **{"vocab_size": VOCAB, **model})
     config.lora = lora_block(**(lora_overrides or {}))
     config.optim.update(learning_rate=1e-2, warmup_steps=0)
     config.train.steps = steps

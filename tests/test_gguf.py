@@ -85,12 +85,14 @@ def torch_llama(vocab, tied, width=64):
 # block, and both loaders must read them the same.
 K_BLOCKS = {Q.Q2_K: (84, (80, 82), 4e-3), Q.Q3_K: (110, (108,), 1.5e-3),
             Q.Q4_K: (144, (0, 2), 2e-4), Q.Q5_K: (176, (0, 2), 1e-4),
-            Q.Q6_K: (210, (208,), 5e-5)}
+            Q.Q6_K: (210, (208,), 5e-5),
+            Q.IQ4_NL: (18, (0,), 2e-3)}   # 32-value blocks: a scale and 4-bit table indices
 
 
 def random_k_blocks(shape, qtype, rng):
     size, offsets, scale = K_BLOCKS[qtype]
-    blocks = rng.integers(0, 256, (shape[0], shape[1] // 256, size), dtype=np.uint8)
+    block = gguf.GGML_QUANT_SIZES[qtype][0]
+    blocks = rng.integers(0, 256, (shape[0], shape[1] // block, size), dtype=np.uint8)
     for offset in offsets:
         blocks[..., offset:offset + 2] = np.frombuffer(np.float16(scale).tobytes(), np.uint8)
     return blocks.reshape(shape[0], -1)
@@ -171,7 +173,9 @@ def torch_logits_of(net, ids):
 CASES = {"F32": ("gpt2:smollm", True), "F16": ("llama", False), "BF16": ("gpt2:llama-bpe", False),
          "Q8_0": ("llama", True), "Q4_0": ("gpt2:smollm", False), "Q4_1": ("llama", True),
          "Q2_K": ("gpt2:smollm", True), "Q3_K": ("llama", False), "Q4_K": ("gpt2:smollm", False),
-         "Q5_K": ("llama", True), "Q6_K": ("gpt2:llama-bpe", True)}
+         "Q5_K": ("llama", True), "Q6_K": ("gpt2:llama-bpe", True),
+         "Q5_0": ("gpt2:smollm", False), "Q5_1": ("llama", True),
+         "IQ4_NL": ("gpt2:llama-bpe", False)}
 
 
 @pytest.mark.parametrize("tensor_type", list(CASES))
@@ -179,7 +183,8 @@ def test_logits_and_tokens_match_transformers_gguf_loader(tensor_type, bpe_token
                                                           sp_tokenizer_dir, tmp_path):
     kind, tied = CASES[tensor_type]
     meta = tokenizer_metadata(kind, bpe_tokenizer_dir, sp_tokenizer_dir)
-    net = torch_llama(len(meta["tokens"]), tied, 256 if Q[tensor_type] in K_BLOCKS else 64)
+    net = torch_llama(len(meta["tokens"]), tied,
+                      256 if gguf.GGML_QUANT_SIZES[Q[tensor_type]][0] == 256 else 64)
     path = tmp_path / f"tiny-{tensor_type}.gguf"
     write_gguf(path, net, Q[tensor_type], meta)
     reference, reference_tokenizer = transformers_gguf(path)
@@ -207,6 +212,69 @@ def pre_names(pre):
     names += [] if pre.config.tie_embeddings else ["lm_head.weight"]
     return names + [f"model.layers.{i}.{m}.weight" for i in range(pre.config.n_layers)
                     for m in gguf_lib._LAYER_TENSORS.values()]
+
+
+def ggml_q5_reference(blocks, with_min):
+    """ggml's dequantize_row_q5_0 / dequantize_row_q5_1 as its C loop runs, one value at a
+    time in float32: per block of 32, a float16 scale d (and min m), 32 high bits qh and 16
+    bytes of low nibbles; value j (j < 16) is the low nibble of byte j with bit j of qh on
+    top, value j + 16 the high nibble with bit j + 12 (minus 16 without a min)."""
+    size, at = (24, 4) if with_min else (22, 2)
+    out = []
+    for block in np.asarray(blocks, np.uint8).reshape(-1, size):
+        d = np.frombuffer(block[:2].tobytes(), np.float16)[0].astype(np.float32)
+        m = (np.frombuffer(block[2:4].tobytes(), np.float16)[0].astype(np.float32)
+             if with_min else np.float32(0))
+        qh = int.from_bytes(block[at:at + 4].tobytes(), "little")
+        qs = [int(b) for b in block[at + 4:]]
+        low, high = [0] * 16, [0] * 16
+        for j in range(16):
+            low[j] = (qs[j] & 0x0F) | (((qh >> j) << 4) & 0x10)
+            high[j] = (qs[j] >> 4) | ((qh >> (j + 12)) & 0x10)
+        offset = 0 if with_min else 16
+        out += [np.float32(x - offset) * d + m for x in low + high]
+    return np.array(out, np.float32)
+
+
+# Bits per value of the types gguf quantizes (an error bound of one step of the block's range).
+QUANT_BITS = {Q.Q8_0: 8, Q.Q4_0: 4, Q.Q4_1: 4, Q.Q5_0: 5, Q.Q5_1: 5}
+
+
+@pytest.mark.parametrize("qtype", [t.name for t in gguf_lib.TENSOR_TYPES])
+def test_block_round_trips_match_gguf(qtype, tmp_path):
+    """Every tensor type the import reads: a tensor written into a GGUF file reads back
+    through the import's tensor index exactly as the `gguf` package dequantizes its bytes;
+    where gguf quantizes the type, within a quantization step of the original weights (half
+    a step, plus the float16 scale's rounding); Q5_0 and Q5_1 equal ggml's C loop too."""
+    qtype = Q[qtype]
+    rng = np.random.default_rng(1)
+    weight = rng.normal(0, 0.2, (8, 512)).astype(np.float32)
+    weight[0, :32] *= 20   # one block of a much larger range than the others
+    if qtype in K_BLOCKS:
+        data = random_k_blocks(weight.shape, qtype, rng)
+    else:
+        data = gguf.quants.quantize(weight, qtype)
+    writer = gguf.GGUFWriter(str(tmp_path / "t.gguf"), "llama")
+    writer.add_tensor("token_embd.weight", data, raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    read = gguf_lib.read_tensors(tmp_path / "t.gguf")["model.embed_tokens.weight"]
+    assert read.shape == weight.shape and read.dtype == np.float32
+    expected = gguf.quants.dequantize(data, qtype).astype(np.float32).reshape(weight.shape)
+    np.testing.assert_array_equal(read, expected)
+    if qtype in (Q.Q5_0, Q.Q5_1):
+        np.testing.assert_array_equal(read.ravel(),
+                                      ggml_q5_reference(data, qtype == Q.Q5_1))
+    if qtype in QUANT_BITS:
+        blocks = weight.reshape(-1, 32)
+        step = (blocks.max(1) - blocks.min(1)) / (2 ** QUANT_BITS[qtype] - 1)
+        error = np.abs(read - weight).reshape(-1, 32).max(1)
+        assert (error <= 1.05 * step + 1e-7).all(), (error / step).max()
+    elif qtype in (Q.F32, Q.F16, Q.BF16):
+        relative = {Q.F32: 0, Q.F16: 2 ** -11, Q.BF16: 2 ** -8}[qtype]
+        assert (np.abs(read - weight) <= relative * np.abs(weight) + 2 ** -25).all()   # subnormals
 
 
 @pytest.mark.parametrize("kind", ["gpt2:smollm", "gpt2:llama-bpe", "llama"])
@@ -255,8 +323,10 @@ def test_cli_import_writes_a_model_directory(bpe_tokenizer_dir, sp_tokenizer_dir
 
 
 @pytest.mark.parametrize("change, message", [
-    ("tensor_type", "tensor token_embd.weight of type Q5_0 is unsupported"),
-    ("architecture", "general.architecture='gpt2' is unsupported; expected 'llama'"),
+    ("tensor_type", "tensor token_embd.weight of type MXFP4 is unsupported; expected one of "
+                    "['F32', 'F16', 'BF16', 'Q8_0', 'Q4_0', 'Q4_1', 'Q5_0', 'Q5_1', 'IQ4_NL', "),
+    ("architecture", "general.architecture='gpt2' is unsupported; expected 'llama' or "
+                     "'gemma3'"),
     ("not_gguf", "19 bytes; expected a GGUF file"),
     ("truncated_header", "left; expected a GGUF file"),
     ("truncated_tensors", "which the"),
@@ -274,7 +344,7 @@ def test_unsupported_files_are_one_line_errors(change, message, bpe_tokenizer_di
         path.write_bytes(b"GGUF but not really")
     else:
         write_gguf(path, torch_llama(len(meta["tokens"]), True),
-                   Q.Q5_0 if change == "tensor_type" else Q.F32, meta,
+                   Q.MXFP4 if change == "tensor_type" else Q.F32, meta,
                    "gpt2" if change == "architecture" else "llama")
     data = path.read_bytes()
     if change == "truncated_header":

@@ -161,9 +161,6 @@ HF_CONFIG = dict(TINY, model_type="llama", architectures=["LlamaForCausalLM"])
     (dict(attention_bias=True), "attention_bias=True"),
     (dict(mlp_bias=True), "mlp_bias=True"),
     (dict(hidden_act="gelu"), "hidden_act='gelu'"),
-    (dict(model_type="mistral", architectures=None, sliding_window=64), "sliding_window=64"),
-    (dict(model_type="qwen2", architectures=None, use_sliding_window=True, sliding_window=32),
-     "sliding_window=32"),
 ])
 def test_unsupported_configs_name_the_field(change, field):
     with pytest.raises(ValueError, match=re.escape("config.json " + field)) as error:
@@ -258,20 +255,24 @@ def test_export_writes_the_tokenizer_and_chat_template(kind, bpe_tokenizer_dir, 
         np.testing.assert_allclose(ours, reference, atol=1e-4)
 
 
-def test_mistral_with_a_sliding_window_imports_with_max_seq_len(tmp_path, capsys):
-    net = torch_model("mistral", sliding_window=64)   # context 128 > window 64
+def test_mistral_with_a_sliding_window_matches_transformers(tmp_path):
+    """Every layer local, the window (4) shorter than the tokens (10); a shorter
+    --max_seq_len is a training length: export writes the model's own context."""
+    net = torch_model("mistral", sliding_window=4)
     net.save_pretrained(tmp_path / "hf")
     work = tmp_path / "work"
-    capsys.readouterr()   # transformers' progress bars
-    with pytest.raises(SystemExit) as exit_info:
-        hf_cli(["import", f"--hf_dir={tmp_path / 'hf'}", f"--workdir={work}"])
-    assert exit_info.value.code == 2
-    error = capsys.readouterr().err
-    assert error.count("\n") == 1 and "sliding_window=64" in error
     hf_cli(["import", f"--hf_dir={tmp_path / 'hf'}", f"--workdir={work}", "--max_seq_len=64"])
     config, params = model_dir.restore_params(work)
-    assert config.max_seq_len == 64
-    np.testing.assert_allclose(jax_logits(config, params), torch_logits(net), atol=1e-4)
+    assert (config.max_seq_len, config.model_context, config.sliding_window) == (64, 128, 4)
+    expected = torch_logits(net)
+    np.testing.assert_allclose(jax_logits(config, params), expected, atol=1e-4)
+    unwindowed = dataclasses.replace(config, sliding_window=0)
+    assert np.abs(jax_logits(unwindowed, params) - expected).max() > 1e-2
+    hf_cli(["export", f"--workdir={work}", f"--out={tmp_path / 'out'}"])
+    with open(tmp_path / "out" / "config.json") as f:
+        exported = json.load(f)
+    assert (exported["max_position_embeddings"], exported["sliding_window"]) == (128, 4)
+    np.testing.assert_allclose(reload_logits(tmp_path / "out"), expected, atol=1e-4)
 
 
 def test_experiment_from_a_pretrained_model_without_tokenizer_stops(tmp_path):

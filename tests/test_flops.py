@@ -37,6 +37,15 @@ def test_a_tiny_model_counted_by_hand():
     assert flops.step_flops(attention, 3, 8)[0] == 24 * (2448 + 256)
 
 
+def test_a_local_layer_counts_at_most_its_window():
+    # Layer 0 local with a window of 3, layer 1 global (pattern 2): 3 + 8 positions at
+    # context 8, 2 + 2 at context 2 (a window longer than the context changes nothing).
+    local = dataclasses.replace(TINY, sliding_window=3, sliding_window_pattern=2)
+    assert flops.attention_flops_per_token(local, 8) == 2 * 2 * 2 * 2 * (3 + 8) == 176
+    assert flops.attention_flops_per_token(local, 2) == flops.attention_flops_per_token(TINY, 2)
+    assert flops.forward_flops_per_token(local, 8) == 2 * 280 + 176
+
+
 @pytest.mark.parametrize("tie", [False, True])
 def test_the_matmul_weights_are_the_models_parameters_but_the_lookup_and_norms(tie):
     config = dataclasses.replace(TINY, tie_embeddings=tie)

